@@ -1,0 +1,202 @@
+"""Execution scheduling: the variant-selection policy. Pure Python, no Triton import; unit-tested rule by rule.
+
+Inputs: the manifest (measured accuracy drop and latency per variant), the request's parameters, and the live
+state kept by :class:`LiveState` (variant health). Output: a :class:`Decision` with the variant, the predicted
+latency and the reason, which goes back to the client.
+
+Request parameters (Triton request parameters, e.g. ``client.infer(..., parameters={...})``):
+
+``variant``            force one variant (its Triton model name, or its precision such as ``int8``)
+``accuracy_budget``    maximum top-1 drop vs fp32 the caller accepts, percentage points, >= 0
+``latency_budget_ms``  latency target, milliseconds, > 0
+``objective``          ``min_latency`` (default) or ``max_accuracy``
+
+Rules, in order:
+  1. ``variant`` given: that variant (unknown name -> error naming the known ones).
+  2. candidates = healthy variants that the runtime executes natively (not emulated: fp16 on a CPU is out).
+  3. ``min_latency``: the fastest candidate whose measured top-1 drop <= ``accuracy_budget``.
+     ``max_accuracy``: the most accurate candidate whose predicted latency <= ``latency_budget_ms``.
+  4. Nothing fits: ``min_latency`` degrades to the most accurate candidate (accuracy is never traded away
+     beyond the budget); ``max_accuracy`` degrades to the fastest candidate within the accuracy budget, else the
+     fastest. The reason says which degradation happened.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tcsched.manifest import Manifest, VariantEntry
+
+Objective = Literal["min_latency", "max_accuracy"]
+OBJECTIVES = ("min_latency", "max_accuracy")
+KNOWN_PARAMETERS = ("variant", "accuracy_budget", "latency_budget_ms", "objective")
+
+
+class RequestError(ValueError):
+    """A request's parameters are invalid; the message names the parameter, the value and what is expected."""
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    variant: str | None = None
+    accuracy_budget_points: float = 1.0
+    latency_budget_ms: float | None = None
+    objective: Objective = "min_latency"
+
+
+@dataclass(frozen=True)
+class Decision:
+    variant: str
+    reason: str
+    predicted_latency_ms: float | None = None
+
+
+def _number(name: str, value: object, *, positive: bool) -> float:
+    if isinstance(value, bool):
+        raise RequestError(f"parameter {name!r} must be a number, got boolean {value}")
+    try:
+        x = float(value)  # Triton request parameters arrive as str, int or (2.51) double
+    except (TypeError, ValueError):
+        raise RequestError(f"parameter {name!r} must be a number, got {value!r}") from None
+    if not math.isfinite(x) or x < 0 or (positive and x == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise RequestError(f"parameter {name!r} must be a finite number {bound}, got {value!r}")
+    return x
+
+
+def parse_parameters(params: Mapping[str, object], defaults: RequestOptions) -> RequestOptions:
+    """Validate Triton request parameters into :class:`RequestOptions`.
+
+    Parameters not in :data:`KNOWN_PARAMETERS` are ignored (Triton and clients add their own, e.g.
+    ``sequence_id`` or ``headers``).
+
+    Raises:
+        RequestError: a known parameter with a bad type or value.
+    """
+    variant = params.get("variant", defaults.variant)
+    if variant is not None and (not isinstance(variant, str) or not variant.strip()):
+        raise RequestError(f"parameter 'variant' must be a non-empty string, got {variant!r}")
+    acc = defaults.accuracy_budget_points
+    if "accuracy_budget" in params:
+        acc = _number("accuracy_budget", params["accuracy_budget"], positive=False)
+    lat = defaults.latency_budget_ms
+    if "latency_budget_ms" in params:
+        lat = _number("latency_budget_ms", params["latency_budget_ms"], positive=True)
+    obj = params.get("objective", defaults.objective)
+    if obj not in OBJECTIVES:
+        raise RequestError(f"parameter 'objective' must be one of {list(OBJECTIVES)}, got {obj!r}")
+    return RequestOptions(
+        variant=variant.strip() if isinstance(variant, str) else None,
+        accuracy_budget_points=acc,
+        latency_budget_ms=lat,
+        objective=obj,  # type: ignore[arg-type]
+    )
+
+
+def predicted_latency_ms(entry: VariantEntry, batch_size: int) -> float | None:
+    """Measured p50 at ``batch_size``, linearly interpolated between measured batch sizes (extrapolated
+    proportionally above the largest). ``None`` when the variant has no latency profile."""
+    if entry.latency is None or not entry.latency.p50_ms_by_batch:
+        return None
+    pts = sorted(entry.latency.p50_ms_by_batch.items())
+    if batch_size <= pts[0][0]:
+        return pts[0][1]
+    for (b0, t0), (b1, t1) in zip(pts, pts[1:], strict=False):
+        if b0 <= batch_size <= b1:
+            return t0 + (t1 - t0) * (batch_size - b0) / (b1 - b0)
+    b, t = pts[-1]
+    return t * batch_size / b
+
+
+@dataclass
+class LiveState:
+    """Mutable online state: variants marked unhealthy until a monotonic deadline."""
+
+    cooldown_s: float = 30.0
+    unhealthy_until: dict[str, float] = field(default_factory=dict)
+
+    def mark_unhealthy(self, variant: str, now: float | None = None) -> None:
+        self.unhealthy_until[variant] = (time.monotonic() if now is None else now) + self.cooldown_s
+
+    def healthy(self, variant: str, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) >= self.unhealthy_until.get(variant, 0.0)
+
+
+class Policy:
+    """Chooses a variant for a batch of identical options. Stateless apart from :class:`LiveState`."""
+
+    def __init__(self, manifest: Manifest, state: LiveState | None = None):
+        self.manifest = manifest
+        self.state = state or LiveState()
+        self.reference = manifest.variant(manifest.reference_variant).name
+
+    def _drop(self, e: VariantEntry) -> float:
+        if e.name == self.reference:
+            return 0.0
+        return e.accuracy.top1_drop_points if e.accuracy is not None else math.inf
+
+    def rank(self, opts: RequestOptions, batch_size: int = 1, now: float | None = None) -> list[Decision]:
+        """Every usable variant, best first, each with the reason it holds that place.
+
+        The first is the decision; the rest are the fallbacks in order.
+
+        Raises:
+            RequestError: ``opts.variant`` names no variant.
+        """
+        m = self.manifest
+        if opts.variant is not None:
+            try:
+                forced = m.variant(opts.variant)
+            except KeyError as e:
+                raise RequestError(f"parameter 'variant': {e.args[0]}") from None
+            lat = predicted_latency_ms(forced, batch_size)
+            return [Decision(forced.name, "forced by the 'variant' parameter", lat)]
+
+        usable = [e for e in m.variants if e.serve_on_cpu_for_speed or m.target == "gpu"]
+        healthy = [e for e in usable if self.state.healthy(e.name, now)]
+        pool = healthy or usable  # all unhealthy: try anyway rather than fail
+        lat = {e.name: predicted_latency_ms(e, batch_size) for e in pool}
+
+        def speed(e: VariantEntry) -> float:
+            v = lat[e.name]
+            return math.inf if v is None else v
+
+        budget = opts.accuracy_budget_points
+        within_acc = [e for e in pool if self._drop(e) <= budget]
+        by_accuracy = sorted(pool, key=lambda e: (self._drop(e), speed(e)))
+        ordered: list[Decision] = []
+        if opts.objective == "min_latency":
+            for e in sorted(within_acc, key=speed):
+                ordered.append(
+                    Decision(e.name, f"fastest within accuracy budget {budget:g} points", lat[e.name])
+                )
+            if not ordered:
+                ordered.append(
+                    Decision(
+                        by_accuracy[0].name,
+                        f"no variant within accuracy budget {budget:g} points: most accurate",
+                        lat[by_accuracy[0].name],
+                    )
+                )
+        else:
+            lb = opts.latency_budget_ms
+            fits = [e for e in by_accuracy if lb is None or speed(e) <= lb]
+            for e in fits:
+                why = "most accurate" + ("" if lb is None else f" within latency budget {lb:g} ms")
+                ordered.append(Decision(e.name, why, lat[e.name]))
+            if not ordered:
+                fallback = sorted(within_acc, key=speed) or sorted(pool, key=speed)
+                e = fallback[0]
+                ordered.append(
+                    Decision(e.name, f"no variant within latency budget {lb:g} ms: fastest acceptable", lat[e.name])
+                )
+        seen = {d.variant for d in ordered}
+        for e in by_accuracy:  # fallbacks: the rest, most accurate first
+            if e.name not in seen:
+                ordered.append(Decision(e.name, "fallback", lat[e.name]))
+                seen.add(e.name)
+        return ordered

@@ -1,0 +1,109 @@
+"""Strategy decision, INT8: static QDQ quantization with ONNX Runtime's quantization tools.
+
+The int8 graph is plain ONNX with QuantizeLinear/DequantizeLinear pairs: ONNX Runtime runs it on the CPU and
+TensorRT compiles the same graph into an INT8 engine (explicit quantization, strongly typed network).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+CalibMethod = Literal["minmax", "percentile", "entropy"]
+
+
+class ArrayCalibrationReader:
+    """ONNX Runtime ``CalibrationDataReader`` over a float32 array [N, 3, H, W], ``batch_size`` images a call.
+
+    Calibration data is an iterable of ``dict[str, np.ndarray]`` (ONNX Runtime's convention).
+    """
+
+    def __init__(self, input_name: str, images: np.ndarray, batch_size: int = 8):
+        if images.ndim != 4 or images.dtype != np.float32:
+            raise ValueError(f"calibration images must be float32 [N, C, H, W], got {images.dtype} {images.shape}")
+        if len(images) == 0:
+            raise ValueError("calibration needs at least one image")
+        self.input_name = input_name
+        self.images = images
+        self.batch_size = batch_size
+        self._it: Iterator[dict[str, np.ndarray]] | None = None
+
+    def _gen(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(0, len(self.images), self.batch_size):
+            yield {self.input_name: self.images[i : i + self.batch_size]}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._it is None:
+            self._it = self._gen()
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = None
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self._gen()
+
+
+def quantize_int8(
+    fp32_model: str | os.PathLike,
+    output: str | os.PathLike,
+    calibration: np.ndarray,
+    input_name: str = "input",
+    method: CalibMethod = "percentile",
+    percentile: float = 99.999,
+    nodes_to_exclude: Sequence[str] = (),
+    op_types: Iterable[str] = ("Conv", "Gemm"),
+) -> Path:
+    """Write a QDQ int8 model: per-channel int8 weights, uint8 activations (asymmetric).
+
+    Args:
+        fp32_model: the fp32 ONNX graph.
+        output: where to write the int8 graph.
+        calibration: float32 [N, 3, H, W] preprocessed images.
+        method: ``minmax``; ``percentile`` (``percentile`` of |x|, histogram-based); ``entropy`` (KL, TensorRT's
+            method, with 2048 bins passed through so that it is not silently MinMax).
+        nodes_to_exclude: node names kept in float (the layer-aware mixed variant uses this).
+        op_types: operator types to quantize.
+
+    Raises:
+        ValueError: unknown method or a bad calibration array (before any work).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    if method not in methods:
+        raise ValueError(f"unknown calibration method {method!r}; expected one of {sorted(methods)}")
+    reader = ArrayCalibrationReader(input_name, calibration)
+    extra: dict = {"ActivationSymmetric": False, "WeightSymmetric": True}
+    if method == "percentile":
+        extra |= {"CalibPercentile": percentile, "CalibNumBins": 2048}
+    elif method == "entropy":
+        extra |= {"CalibNumBins": 2048, "CalibNumQuantizedBins": 128}
+    output = Path(output)
+    with tempfile.TemporaryDirectory(prefix="tcsched-quant-") as tmp:
+        prepped = Path(tmp) / "prepped.onnx"
+        quant_pre_process(str(fp32_model), str(prepped), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepped),
+            str(output),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(op_types),
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+            nodes_to_exclude=list(nodes_to_exclude),
+            extra_options=extra,
+        )
+    return output

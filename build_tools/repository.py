@@ -1,0 +1,190 @@
+"""Engine management: write the Triton model repository.
+
+Every ``config.pbtxt`` is a ``tritonclient.grpc.model_config_pb2.ModelConfig`` serialised with protobuf's
+``text_format``: never string concatenation, so what we write is by construction valid against Triton's
+``model_config.proto`` of the same release (2.51.0).
+
+Layout written (model names are fixed; the variant names come from the manifest)::
+
+    <repo>/manifest.json                       the typed manifest (tcsched.manifest.Manifest)
+    <repo>/classifier/config.pbtxt              ensemble: IMAGE (encoded bytes) -> LOGITS, VARIANT
+    <repo>/classifier/labels.txt                1000 ImageNet class names (classification extension)
+    <repo>/classifier/1/                        (ensembles need an empty version folder)
+    <repo>/preprocess/{config.pbtxt,1/model.py} Python backend: bytes -> float32 [3,224,224]
+    <repo>/scheduler/{config.pbtxt,1/model.py}  Python backend: picks a variant, calls it by BLS
+    <repo>/<variant>/{config.pbtxt,1/model.onnx[,1/model.py]}
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+ENSEMBLE = "classifier"
+PREPROCESS = "preprocess"
+SCHEDULER = "scheduler"
+LABELS_FILE = "labels.txt"
+
+VariantBackend = Literal["python", "onnxruntime"]
+
+
+@dataclass
+class ServingOptions:
+    """Knobs of the generated configs. Units in the names."""
+
+    max_batch_size: int = 8
+    max_queue_delay_microseconds: int = 2000
+    variant_backend: VariantBackend = "python"  # "onnxruntime": for the official Triton container
+    intra_op_num_threads: int = 2
+    preprocess_instances: int = 1
+    default_accuracy_budget_points: float = 1.0
+    bls_timeout_ms: int = 10_000
+    unhealthy_cooldown_s: float = 30.0
+    extra_scheduler_parameters: dict[str, str] = field(default_factory=dict)
+
+
+def _tensor(cls, name: str, dtype: int, dims: list[int], **kw):
+    t = cls(name=name, data_type=dtype, **kw)
+    t.dims.extend(dims)
+    return t
+
+
+def _set_params(cfg: mc.ModelConfig, params: dict[str, object]) -> None:
+    for k, v in params.items():
+        cfg.parameters[k].string_value = str(v)
+
+
+def render(cfg: mc.ModelConfig) -> str:
+    """Text-format config.pbtxt content for ``cfg``."""
+    return text_format.MessageToString(cfg)
+
+
+def parse(text: str) -> mc.ModelConfig:
+    """Parse config.pbtxt text into a ``ModelConfig`` (raises ``text_format.ParseError`` if invalid)."""
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def _dynamic_batching(cfg: mc.ModelConfig, opts: ServingOptions) -> None:
+    cfg.dynamic_batching.max_queue_delay_microseconds = opts.max_queue_delay_microseconds
+
+
+def variant_config(
+    name: str, opts: ServingOptions, input_name: str, output_name: str, chw: list[int], classes: int
+) -> mc.ModelConfig:
+    """Config of one ONNX variant: Python backend + ONNX Runtime (CPU), or Triton's onnxruntime backend."""
+    cfg = mc.ModelConfig(name=name, max_batch_size=opts.max_batch_size)
+    cfg.input.append(_tensor(mc.ModelInput, input_name, mc.TYPE_FP32, chw))
+    cfg.output.append(_tensor(mc.ModelOutput, output_name, mc.TYPE_FP32, [classes]))
+    _dynamic_batching(cfg, opts)
+    if opts.variant_backend == "python":
+        cfg.backend = "python"
+        cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
+        _set_params(cfg, {"onnx_file": "model.onnx", "intra_op_num_threads": opts.intra_op_num_threads})
+    else:
+        cfg.backend = "onnxruntime"
+        cfg.default_model_filename = "model.onnx"
+        cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO))
+        _set_params(cfg, {"intra_op_thread_count": opts.intra_op_num_threads})
+    return cfg
+
+
+def preprocess_config(opts: ServingOptions, chw: list[int]) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=PREPROCESS, backend="python", max_batch_size=opts.max_batch_size)
+    cfg.input.append(_tensor(mc.ModelInput, "IMAGE", mc.TYPE_STRING, [1]))
+    cfg.output.append(_tensor(mc.ModelOutput, "INPUT", mc.TYPE_FP32, chw))
+    _dynamic_batching(cfg, opts)
+    cfg.instance_group.append(
+        mc.ModelInstanceGroup(count=opts.preprocess_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    )
+    return cfg
+
+
+def scheduler_config(opts: ServingOptions, chw: list[int], classes: int) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=SCHEDULER, backend="python", max_batch_size=opts.max_batch_size)
+    cfg.input.append(_tensor(mc.ModelInput, "INPUT", mc.TYPE_FP32, chw))
+    cfg.output.append(_tensor(mc.ModelOutput, "LOGITS", mc.TYPE_FP32, [classes]))
+    cfg.output.append(_tensor(mc.ModelOutput, "VARIANT", mc.TYPE_STRING, [1]))
+    _dynamic_batching(cfg, opts)
+    cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
+    _set_params(
+        cfg,
+        {
+            "manifest_file": "../manifest.json",
+            "default_accuracy_budget": opts.default_accuracy_budget_points,
+            "bls_timeout_ms": opts.bls_timeout_ms,
+            "unhealthy_cooldown_s": opts.unhealthy_cooldown_s,
+            **opts.extra_scheduler_parameters,
+        },
+    )
+    return cfg
+
+
+def ensemble_config(opts: ServingOptions, classes: int) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=opts.max_batch_size)
+    cfg.input.append(_tensor(mc.ModelInput, "IMAGE", mc.TYPE_STRING, [1]))
+    cfg.output.append(_tensor(mc.ModelOutput, "LOGITS", mc.TYPE_FP32, [classes], label_filename=LABELS_FILE))
+    cfg.output.append(_tensor(mc.ModelOutput, "VARIANT", mc.TYPE_STRING, [1]))
+    pre = cfg.ensemble_scheduling.step.add(model_name=PREPROCESS, model_version=-1)
+    pre.input_map["IMAGE"] = "IMAGE"
+    pre.output_map["INPUT"] = "preprocessed"
+    sch = cfg.ensemble_scheduling.step.add(model_name=SCHEDULER, model_version=-1)
+    sch.input_map["INPUT"] = "preprocessed"
+    sch.output_map["LOGITS"] = "LOGITS"
+    sch.output_map["VARIANT"] = "VARIANT"
+    return cfg
+
+
+def thin_model_source(kind: Literal["preprocess", "scheduler", "ort_variant"]) -> str:
+    """Source of a thin ``model.py`` from ``backends/python_scheduler/triton_models``."""
+    return (resources.files("tcsched.scheduler") / "triton_models" / f"{kind}.py").read_text()
+
+
+def write_model(repo: Path, cfg: mc.ModelConfig, model_py: str | None = None) -> Path:
+    """Write ``<repo>/<cfg.name>/config.pbtxt`` (and ``1/model.py``); returns the model folder."""
+    d = repo / cfg.name
+    (d / "1").mkdir(parents=True, exist_ok=True)
+    (d / "config.pbtxt").write_text(render(cfg))
+    if model_py is not None:
+        (d / "1" / "model.py").write_text(model_py)
+    return d
+
+
+def write_variant(
+    repo: Path,
+    name: str,
+    onnx_path: Path,
+    opts: ServingOptions,
+    input_name: str = "input",
+    output_name: str = "logits",
+    chw: tuple[int, int, int] = (3, 224, 224),
+    classes: int = 1000,
+) -> Path:
+    """Copy ``onnx_path`` into the repository as variant ``name``; returns the model file path."""
+    cfg = variant_config(name, opts, input_name, output_name, list(chw), classes)
+    d = write_model(repo, cfg, thin_model_source("ort_variant") if opts.variant_backend == "python" else None)
+    dst = d / "1" / "model.onnx"
+    shutil.copyfile(onnx_path, dst)
+    return dst
+
+
+def write_pipeline(repo: Path, labels: list[str], opts: ServingOptions, chw=(3, 224, 224)) -> None:
+    """Write preprocess, scheduler and the ``classifier`` ensemble with its labels file.
+
+    Raises:
+        ValueError: a label is empty or holds a newline (the labels file is one class per line).
+    """
+    if any((not lb) or ("\n" in lb) for lb in labels):
+        raise ValueError("labels must be non-empty single-line strings")
+    write_model(repo, preprocess_config(opts, list(chw)), thin_model_source("preprocess"))
+    write_model(repo, scheduler_config(opts, list(chw), len(labels)), thin_model_source("scheduler"))
+    d = write_model(repo, ensemble_config(opts, len(labels)))
+    (d / LABELS_FILE).write_text("\n".join(labels) + "\n")
+
+
+REPOSITORY_README = (resources.files("tcsched.build_tools") / "templates" / "model_repository_README.md").read_text()

@@ -1,0 +1,176 @@
+"""The typed manifest: the one contract between the offline build and the online scheduler.
+
+``build_tools`` writes ``<model_repository>/manifest.json``; the scheduler (``backends/python_scheduler``) reads
+it at model load. Every field that carries a unit says so in its name (``_ms``, ``_bytes``, ``_points``).
+
+The schema is versioned: a reader refuses a manifest whose ``schema_version`` major differs from
+:data:`SCHEMA_VERSION`, with a message that says to rebuild (``tcsched build``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = "1.0"
+MANIFEST_FILENAME = "manifest.json"
+
+Precision = Literal["fp32", "fp16", "int8", "int8_mixed", "sparse24"]
+Runtime = Literal["onnxruntime", "tensorrt"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class TensorSpec(_Model):
+    """One tensor of a variant's signature (batch dimension excluded)."""
+
+    name: str
+    dtype: str = Field(description="numpy dtype name, e.g. 'float32'")
+    shape: list[int] = Field(description="shape without the batch dimension, e.g. [3, 224, 224]")
+
+
+class AccuracyReport(_Model):
+    """Accuracy of one variant, measured by the build (not quoted from a paper).
+
+    ``top1``/``top5`` are fractions in [0, 1] on ``dataset`` (``None`` when the images had no labels);
+    ``agreement_with_fp32`` is the fraction of images whose top-1 class equals the fp32 variant's;
+    ``kl_vs_fp32`` is the mean KL(softmax(fp32) || softmax(variant)) in nats.
+    """
+
+    dataset: str
+    n_images: int = Field(ge=0)
+    top1: float | None = Field(default=None, ge=0, le=1)
+    top5: float | None = Field(default=None, ge=0, le=1)
+    agreement_with_fp32: float = Field(ge=0, le=1)
+    kl_vs_fp32: float = Field(ge=0)
+    top1_drop_points: float = Field(
+        description="fp32 top-1 minus this top-1, percentage points, on the same images; where the images had "
+        "no labels, the disagreement with fp32 (100 * (1 - agreement)), a conservative stand-in"
+    )
+
+
+class LatencyReport(_Model):
+    """Latency of one variant on the machine that built it: bare runtime session, no server."""
+
+    device: str = Field(description="where it was measured, e.g. 'cpu: 2 threads' or 'NVIDIA H100'")
+    runtime: Runtime
+    threads: int | None = None
+    p50_ms_by_batch: dict[int, float] = Field(description="median latency of one batch, milliseconds")
+    p99_ms_by_batch: dict[int, float] = Field(default_factory=dict)
+    ratio_to_fp32_by_batch: dict[int, float] = Field(
+        default_factory=dict, description="p50 / fp32 p50 at the same batch, measured interleaved in one run"
+    )
+
+
+class InputStatistics(_Model):
+    """Statistics of the calibration inputs (after normalisation), for the scheduler's drift check.
+
+    ``channel_mean``/``channel_std``: per RGB channel over all pixels of all calibration images.
+    ``image_mean_range``: [min, max] over images of the per-image mean.
+    """
+
+    n_images: int
+    channel_mean: list[float]
+    channel_std: list[float]
+    image_mean_range: tuple[float, float]
+    image_std_range: tuple[float, float]
+
+
+class VariantEntry(_Model):
+    """One precision variant of the model: a Triton model in the repository."""
+
+    name: str = Field(description="Triton model name of this variant, e.g. 'mobilenet_v2_int8'")
+    precision: Precision
+    runtime: Runtime = "onnxruntime"
+    file: str = Field(description="path of the model file, relative to the repository root")
+    size_bytes: int = Field(ge=0)
+    accuracy: AccuracyReport | None = None
+    latency: LatencyReport | None = None
+    layer_precision: dict[str, str] = Field(
+        default_factory=dict, description="per Conv/Gemm layer: 'fp32' | 'fp16' | 'int8' | 'sparse24'"
+    )
+    build_notes: list[str] = Field(default_factory=list, description="how it was built and why it was kept")
+    serve_on_cpu_for_speed: bool = Field(
+        default=True, description="False where the runtime only emulates this precision (fp16 on CPU)"
+    )
+
+    @field_validator("file")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        if Path(v).is_absolute() or ".." in Path(v).parts:
+            raise ValueError(f"variant file must be relative to the repository root, got {v!r}")
+        return v
+
+
+class Manifest(_Model):
+    """Everything the scheduler needs to know about the variants, as measured by ``tcsched build``."""
+
+    schema_version: str = SCHEMA_VERSION
+    created_utc: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    source_model: str = Field(description="e.g. 'torchvision mobilenet_v2 IMAGENET1K_V1'")
+    input: TensorSpec
+    output: TensorSpec
+    max_batch_size: int = Field(ge=1)
+    labels_file: str = "classifier/labels.txt"
+    reference_variant: str = Field(description="the fp32 variant every accuracy is compared with")
+    variants: list[VariantEntry]
+    input_statistics: InputStatistics | None = None
+    target: Literal["cpu", "gpu"] = "cpu"
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, v: list[VariantEntry]) -> list[VariantEntry]:
+        names = [e.name for e in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique, got {names}")
+        if not v:
+            raise ValueError("a manifest needs at least one variant")
+        return v
+
+    def variant(self, name: str) -> VariantEntry:
+        """Return the variant called ``name``.
+
+        Raises:
+            KeyError: no such variant; the message lists the known ones.
+        """
+        for e in self.variants:
+            if e.name == name or e.precision == name:
+                return e
+        raise KeyError(f"unknown variant {name!r}; known: {', '.join(e.name for e in self.variants)}")
+
+    # --- I/O -----------------------------------------------------------------------------------------------
+    def write(self, path: str | os.PathLike) -> None:
+        """Write atomically (temp file in the same folder + rename)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            f.write(self.model_dump_json(indent=2))
+        os.replace(tmp, path)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> Manifest:
+        """Read and validate a manifest.
+
+        Raises:
+            FileNotFoundError: no manifest at ``path`` (run ``tcsched build``).
+            ValueError: unsupported schema version or invalid content.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no manifest at {path}; run `tcsched build` first")
+        raw = json.loads(path.read_text())
+        version = str(raw.get("schema_version", "0"))
+        if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+            raise ValueError(
+                f"manifest {path} has schema_version {version}, this tcsched reads {SCHEMA_VERSION}: "
+                "rebuild the repository with `tcsched build`"
+            )
+        return cls.model_validate(raw)

@@ -1,0 +1,52 @@
+"""Accuracy and error metrics as plain numpy functions (logits are float arrays of shape [N, classes])."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tcsched.imaging import softmax
+
+
+def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """bool [N]: whether ``labels[i]`` is among the ``k`` highest logits of row ``i``."""
+    top = np.argpartition(-logits, kth=min(k, logits.shape[1] - 1), axis=1)[:, :k]
+    return (top == labels[:, None]).any(axis=1)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
+    """Fraction in [0, 1] of rows whose label is in the top ``k``."""
+    if len(labels) == 0:
+        raise ValueError("topk_accuracy needs at least one labeled row")
+    return float(topk_correct(logits, labels, k).mean())
+
+
+def top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Fraction of rows whose arg-max class is the same in both logit arrays."""
+    return float((reference.argmax(1) == candidate.argmax(1)).mean())
+
+
+def mean_kl(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Mean over rows of KL(softmax(reference) || softmax(candidate)), nats."""
+    p = softmax(reference)
+    q = softmax(candidate)
+    return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio, dB: 10 log10(sum ref^2 / sum (ref - cand)^2) (inf when equal)."""
+    noise = float(np.sum((reference.astype(np.float64) - candidate) ** 2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    return math.inf if noise == 0 else 10.0 * math.log10(signal / noise)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% for z=1.96); (lo, hi) fractions. Wilson (1927), JASA 22:209."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
