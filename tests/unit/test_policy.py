@@ -1,0 +1,101 @@
+import math
+
+import pytest
+
+from tcsched.scheduler.policy import (
+    LiveState,
+    Policy,
+    RequestError,
+    RequestOptions,
+    parse_parameters,
+    predicted_latency_ms,
+)
+from tests.helpers import make_manifest
+
+SPECS = {
+    "m_fp32": ("fp32", 0.0, {1: 5.0, 8: 32.0}),
+    "m_fp16": ("fp16", 0.1, {1: 50.0, 8: 400.0}),  # emulated on CPU: never chosen for speed
+    "m_mixed": ("int8_mixed", 0.4, {1: 4.0, 8: 18.0}),
+    "m_int8": ("int8", 2.5, {1: 3.0, 8: 12.0}),
+}
+D = RequestOptions()
+
+
+@pytest.fixture
+def policy():
+    return Policy(make_manifest(SPECS))
+
+
+def test_parse_defaults_and_values():
+    assert parse_parameters({}, D) == D
+    o = parse_parameters({"accuracy_budget": "0.5", "latency_budget_ms": 7, "objective": "max_accuracy"}, D)
+    assert (o.accuracy_budget_points, o.latency_budget_ms, o.objective) == (0.5, 7.0, "max_accuracy")
+    assert parse_parameters({"sequence_id": 0, "variant": " int8 "}, D).variant == "int8"
+
+
+@pytest.mark.parametrize(
+    "params,needle",
+    [
+        ({"accuracy_budget": -1}, "'accuracy_budget' must be a finite number >= 0"),
+        ({"accuracy_budget": "abc"}, "'accuracy_budget' must be a number"),
+        ({"accuracy_budget": True}, "boolean"),
+        ({"latency_budget_ms": 0}, "'latency_budget_ms' must be a finite number > 0"),
+        ({"latency_budget_ms": "nan"}, "finite"),
+        ({"objective": "fastest"}, "'objective' must be one of"),
+        ({"variant": ""}, "'variant' must be a non-empty string"),
+    ],
+)
+def test_parse_rejects_bad_values(params, needle):
+    with pytest.raises(RequestError, match=needle):
+        parse_parameters(params, D)
+
+
+def test_forced_variant_by_name_or_precision(policy):
+    assert policy.rank(RequestOptions(variant="m_int8"))[0].variant == "m_int8"
+    assert policy.rank(RequestOptions(variant="int8_mixed"))[0].variant == "m_mixed"
+    with pytest.raises(RequestError, match="unknown variant 'x'.*known"):
+        policy.rank(RequestOptions(variant="x"))
+
+
+def test_min_latency_picks_fastest_within_budget(policy):
+    assert policy.rank(RequestOptions(accuracy_budget_points=3.0))[0].variant == "m_int8"
+    assert policy.rank(RequestOptions(accuracy_budget_points=1.0))[0].variant == "m_mixed"
+    d = policy.rank(RequestOptions(accuracy_budget_points=0.0))[0]
+    assert d.variant == "m_fp32" and "fastest within" in d.reason
+
+
+def test_emulated_precision_never_chosen_for_speed_on_cpu(policy):
+    ranked = [d.variant for d in policy.rank(RequestOptions(accuracy_budget_points=0.2))]
+    assert "m_fp16" not in ranked
+    gpu = Policy(make_manifest(SPECS, target="gpu"))
+    assert "m_fp16" in [d.variant for d in gpu.rank(RequestOptions(accuracy_budget_points=0.2))]
+
+
+def test_max_accuracy_within_latency_budget(policy):
+    o = RequestOptions(objective="max_accuracy", latency_budget_ms=20.0, accuracy_budget_points=5)
+    assert policy.rank(o, batch_size=8)[0].variant == "m_mixed"
+    assert policy.rank(o, batch_size=1)[0].variant == "m_fp32"
+
+
+def test_nothing_fits_degrades_predictably(policy):
+    o = RequestOptions(objective="max_accuracy", latency_budget_ms=1.0, accuracy_budget_points=1.0)
+    d = policy.rank(o, batch_size=8)[0]
+    assert d.variant == "m_mixed" and "no variant within latency budget" in d.reason
+
+
+def test_fallbacks_follow_and_unhealthy_variants_are_skipped():
+    state = LiveState(cooldown_s=10)
+    p = Policy(make_manifest(SPECS), state)
+    ranked = [d.variant for d in p.rank(RequestOptions(accuracy_budget_points=3.0), now=0)]
+    assert ranked[0] == "m_int8" and set(ranked) == {"m_int8", "m_mixed", "m_fp32"}
+    state.mark_unhealthy("m_int8", now=0)
+    assert p.rank(RequestOptions(accuracy_budget_points=3.0), now=5)[0].variant == "m_mixed"
+    assert p.rank(RequestOptions(accuracy_budget_points=3.0), now=11)[0].variant == "m_int8"
+
+
+def test_predicted_latency_interpolates_and_extrapolates():
+    m = make_manifest(SPECS)
+    e = m.variant("m_fp32")
+    assert predicted_latency_ms(e, 1) == 5.0
+    assert math.isclose(predicted_latency_ms(e, 4), 5.0 + 27.0 * 3 / 7)
+    assert predicted_latency_ms(e, 16) == 64.0

@@ -1,0 +1,69 @@
+import numpy as np
+
+from tcsched.scheduler.policy import LiveState, Policy, RequestError, RequestOptions
+from tcsched.scheduler.service import SchedulerService
+from tests.helpers import make_manifest
+
+SPECS = {"m_fp32": ("fp32", 0.0, {1: 5.0, 8: 32.0}), "m_int8": ("int8", 2.5, {1: 3.0, 8: 12.0})}
+
+
+class FakeVariants:
+    """Stands in for the BLS call: logits whose first column encodes the variant and the row's own value."""
+
+    def __init__(self, failing=()):
+        self.calls = []
+        self.failing = set(failing)
+
+    def __call__(self, variant, batch):
+        self.calls.append((variant, len(batch)))
+        if variant in self.failing:
+            raise RuntimeError(f"{variant} is down")
+        out = np.zeros((len(batch), 4), np.float32)
+        out[:, 0] = batch[:, 0, 0, 0]
+        out[:, 1] = 1.0 if variant == "m_int8" else 0.0
+        return out
+
+
+def req(value, n=1, **params):
+    return params, np.full((n, 3, 2, 2), value, np.float32)
+
+
+def test_same_options_share_one_call_and_rows_return_to_their_request():
+    infer = FakeVariants()
+    svc = SchedulerService(Policy(make_manifest(SPECS)), RequestOptions(accuracy_budget_points=5), infer)
+    out = svc.handle([req(1.0), req(2.0, n=2), req(3.0, variant="m_fp32")])
+    assert sorted(infer.calls) == [("m_fp32", 1), ("m_int8", 3)]
+    assert out[0].logits[:, 0].tolist() == [1.0] and out[0].decision.variant == "m_int8"
+    assert out[1].logits[:, 0].tolist() == [2.0, 2.0]
+    assert out[2].decision.variant == "m_fp32" and out[2].logits[0, 1] == 0.0
+
+
+def test_bad_parameters_fail_only_their_request():
+    svc = SchedulerService(Policy(make_manifest(SPECS)), RequestOptions(), FakeVariants())
+    out = svc.handle([req(1.0, accuracy_budget=-3), req(2.0), req(3.0, variant="nope")])
+    assert isinstance(out[0], RequestError) and "accuracy_budget" in str(out[0])
+    assert out[1].logits[0, 0] == 2.0
+    assert isinstance(out[2], RequestError) and "unknown variant" in str(out[2])
+
+
+def test_failing_variant_falls_back_once_and_is_marked_unhealthy():
+    state = LiveState(cooldown_s=60)
+    infer = FakeVariants(failing={"m_int8"})
+    svc = SchedulerService(Policy(make_manifest(SPECS), state), RequestOptions(accuracy_budget_points=5), infer)
+    out = svc.handle([req(1.0)])
+    assert out[0].decision.variant == "m_fp32" and out[0].fallback_from == "m_int8"
+    assert svc.fallbacks == 1 and not state.healthy("m_int8")
+    svc.handle([req(1.0)])
+    assert infer.calls[-1] == ("m_fp32", 1)  # cool-down: int8 not tried again
+
+
+def test_forced_variant_failure_is_a_clear_error_not_a_fallback():
+    svc = SchedulerService(Policy(make_manifest(SPECS)), RequestOptions(), FakeVariants(failing={"m_int8"}))
+    out = svc.handle([req(1.0, variant="int8")])
+    assert isinstance(out[0], RuntimeError) and "m_int8 is down" in str(out[0])
+
+
+def test_all_variants_failing_is_an_error_per_request():
+    svc = SchedulerService(Policy(make_manifest(SPECS)), RequestOptions(), FakeVariants(failing=set(SPECS)))
+    out = svc.handle([req(1.0), req(2.0)])
+    assert all(isinstance(o, RuntimeError) and "every attempted variant failed" in str(o) for o in out)
