@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
 from tcsched.build_tools import export as ex
 from tcsched.build_tools import repository as repo_mod
 from tcsched.build_tools.quantize import CalibMethod, quantize_int8
+
 from tcsched.data import ImageItem, default_photos, list_images
 from tcsched.fsutil import atomic_directory, clean_stale_temporaries
 from tcsched.imaging import preprocess_bytes
@@ -77,7 +77,9 @@ class BuildConfig:
         if mbs < 1:
             raise ValueError(f"max batch size must be >= 1, got {mbs}")
         if max(self.latency_batch_sizes) > mbs:
-            raise ValueError(f"latency batch sizes {list(self.latency_batch_sizes)} exceed max batch size {mbs}")
+            raise ValueError(
+                f"latency batch sizes {list(self.latency_batch_sizes)} exceed max batch size {mbs}"
+            )
         if self.calib_limit < 1:
             raise ValueError(f"calib_limit must be >= 1, got {self.calib_limit}")
         for name, d in (("calibration", self.calib_dir), ("evaluation", self.eval_dir)):
@@ -178,9 +180,7 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
         progress.update(step, description="quantize int8 (QDQ, per-channel, uint8 activations)")
         if "int8" in cfg.variants:
             with contextlib.redirect_stdout(io.StringIO()):  # ORT's calibrators print to stdout
-                paths["int8"] = quantize_int8(
-                    fp32_path, work / "int8.onnx", calib, method=cfg.calib_method
-                )
+                paths["int8"] = quantize_int8(fp32_path, work / "int8.onnx", calib, method=cfg.calib_method)
             notes["int8"] = [
                 f"onnxruntime quantize_static QDQ, per-channel int8 weights, uint8 activations, "
                 f"{cfg.calib_method} calibration on {len(calib)} images "

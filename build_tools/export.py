@@ -10,7 +10,9 @@ import os
 import warnings
 from pathlib import Path
 
-WEIGHTS_FILENAME = "mobilenet_v2-b0353104.pth"  # torchvision MobileNet_V2_Weights.IMAGENET1K_V1 (top-1 71.878)
+WEIGHTS_FILENAME = (
+    "mobilenet_v2-b0353104.pth"  # torchvision MobileNet_V2_Weights.IMAGENET1K_V1 (top-1 71.878)
+)
 SOURCE_MODEL = "torchvision mobilenet_v2 IMAGENET1K_V1"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

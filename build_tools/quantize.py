@@ -25,7 +25,9 @@ class ArrayCalibrationReader:
 
     def __init__(self, input_name: str, images: np.ndarray, batch_size: int = 8):
         if images.ndim != 4 or images.dtype != np.float32:
-            raise ValueError(f"calibration images must be float32 [N, C, H, W], got {images.dtype} {images.shape}")
+            raise ValueError(
+                f"calibration images must be float32 [N, C, H, W], got {images.dtype} {images.shape}"
+            )
         if len(images) == 0:
             raise ValueError("calibration needs at least one image")
         self.input_name = input_name

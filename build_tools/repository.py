@@ -187,4 +187,6 @@ def write_pipeline(repo: Path, labels: list[str], opts: ServingOptions, chw=(3, 
     (d / LABELS_FILE).write_text("\n".join(labels) + "\n")
 
 
-REPOSITORY_README = (resources.files("tcsched.build_tools") / "templates" / "model_repository_README.md").read_text()
+REPOSITORY_README = (
+    resources.files("tcsched.build_tools") / "templates" / "model_repository_README.md"
+).read_text()

@@ -48,8 +48,14 @@ def parse_class_entry(entry: bytes | str) -> Prediction:
 class ClassifierClient:
     """A tritonclient connection to the ensemble. ``url`` is ``host:port`` (8000 HTTP, 8001 gRPC by default)."""
 
-    def __init__(self, url: str = "127.0.0.1:8000", protocol: Protocol = "http", model: str = MODEL,
-                 timeout_s: float = 60.0, concurrency: int = 1):
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8000",
+        protocol: Protocol = "http",
+        model: str = MODEL,
+        timeout_s: float = 60.0,
+        concurrency: int = 1,
+    ):
         if protocol not in ("http", "grpc"):
             raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
         self.url = url
@@ -100,7 +106,9 @@ class ClassifierClient:
         outputs = [tc.InferRequestedOutput("LOGITS", class_count=top_k), tc.InferRequestedOutput("VARIANT")]
         kw = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         t0 = time.perf_counter()
-        result = self._client.infer(self.model, [inp], outputs=outputs, parameters=dict(parameters or {}), **kw)
+        result = self._client.infer(
+            self.model, [inp], outputs=outputs, parameters=dict(parameters or {}), **kw
+        )
         ms = (time.perf_counter() - t0) * 1e3
         entries = result.as_numpy("LOGITS").reshape(-1)
         variant = result.as_numpy("VARIANT").reshape(-1)[0]

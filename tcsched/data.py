@@ -50,7 +50,9 @@ class ImageItem:
 def _skimage_data_dir() -> Path:
     spec = importlib.util.find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("scikit-image is not installed: `pip install scikit-image` for the default photos")
+        raise FileNotFoundError(
+            "scikit-image is not installed: `pip install scikit-image` for the default photos"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
@@ -114,7 +116,9 @@ def list_images(folder: str | Path) -> list[ImageItem]:
     return items
 
 
-def split(items: Sequence[ImageItem], fractions: Iterable[float], salt: str = "tcsched") -> list[list[ImageItem]]:
+def split(
+    items: Sequence[ImageItem], fractions: Iterable[float], salt: str = "tcsched"
+) -> list[list[ImageItem]]:
     """Deterministic split by a hash of each file name (stable across machines and runs).
 
     ``fractions`` must sum to 1; returns one list per fraction, each in the input order.

@@ -53,8 +53,12 @@ class OrtClassifier:
         if x.dtype != np.float32:
             raise ValueError(f"input must be float32, got {x.dtype}")
         expected = self.input_shape[1:]
-        if x.ndim != 4 or any(isinstance(e, int) and e != s for e, s in zip(expected, x.shape[1:], strict=False)):
-            raise ValueError(f"input must have shape [N, {', '.join(map(str, expected))}], got {list(x.shape)}")
+        if x.ndim != 4 or any(
+            isinstance(e, int) and e != s for e, s in zip(expected, x.shape[1:], strict=False)
+        ):
+            raise ValueError(
+                f"input must have shape [N, {', '.join(map(str, expected))}], got {list(x.shape)}"
+            )
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
     def predict(self, x: np.ndarray, batch_size: int = 32) -> np.ndarray:

@@ -20,7 +20,6 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 _FATAL_LOG_MARKERS = ("error while loading shared libraries", "failed to load all models", "Traceback")
 
 
@@ -67,7 +66,11 @@ def backend_directory(dest: str | os.PathLike | None = None) -> Path:
 
 
 def _copy_if_changed(src: Path, dst: Path) -> None:
-    if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime >= src.stat().st_mtime:
+    if (
+        dst.exists()
+        and dst.stat().st_size == src.stat().st_size
+        and dst.stat().st_mtime >= src.stat().st_mtime
+    ):
         return
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     shutil.copy2(src, tmp)
@@ -163,17 +166,24 @@ class TritonServer:
                 if s.connect_ex((self.host, port)) == 0:
                     raise ServerError(f"port {port} on {self.host} is already in use; choose another port")
         if self.log_file is None:
-            self.log_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"tcsched-tritonserver-{self.http_port}.log"
+            self.log_file = (
+                Path(os.environ.get("TMPDIR", "/tmp")) / f"tcsched-tritonserver-{self.http_port}.log"
+            )
         self._log = open(self.log_file, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=self.environment(),
+            self.command(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.environment(),
             start_new_session=True,
         )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self._close_log()
-                raise ServerError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+                raise ServerError(
+                    f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}"
+                )
             if self.ready():
                 return self
             tail = self.log_tail(200)

@@ -21,7 +21,9 @@ def tiny_classifier(path, classes: int = 10, channels: int = 8, seed: int = 0) -
     w3 = rng.normal(0, 0.3, (classes, channels)).astype(np.float32)
     b3 = rng.normal(0, 0.1, classes).astype(np.float32)
     nodes = [
-        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="stem_conv", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node(
+            "Conv", ["input", "w1", "b1"], ["c1"], name="stem_conv", pads=[1, 1, 1, 1], strides=[2, 2]
+        ),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
         helper.make_node("Conv", ["r1", "w2"], ["c2"], name="dw_conv", pads=[1, 1, 1, 1], group=channels),
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
@@ -34,7 +36,10 @@ def tiny_classifier(path, classes: int = 10, channels: int = 8, seed: int = 0) -
         "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
-        initializer=[numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (w3, "w3"), (b3, "b3"))],
+        initializer=[
+            numpy_helper.from_array(a, n)
+            for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (w3, "w3"), (b3, "b3"))
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -54,8 +59,13 @@ def make_manifest(specs: dict[str, tuple[str, float, dict[int, float]]], target=
                 file=f"{name}/1/model.onnx",
                 size_bytes=1,
                 accuracy=AccuracyReport(
-                    dataset="t", n_images=100, top1=0.8 - drop / 100, top5=0.9, agreement_with_fp32=1 - drop / 100,
-                    kl_vs_fp32=0.01, top1_drop_points=drop,
+                    dataset="t",
+                    n_images=100,
+                    top1=0.8 - drop / 100,
+                    top5=0.9,
+                    agreement_with_fp32=1 - drop / 100,
+                    kl_vs_fp32=0.01,
+                    top1_drop_points=drop,
                 ),
                 latency=LatencyReport(device="cpu", runtime="onnxruntime", p50_ms_by_batch=lat),
                 serve_on_cpu_for_speed=prec != "fp16",

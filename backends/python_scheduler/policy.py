@@ -192,7 +192,9 @@ class Policy:
                 fallback = sorted(within_acc, key=speed) or sorted(pool, key=speed)
                 e = fallback[0]
                 ordered.append(
-                    Decision(e.name, f"no variant within latency budget {lb:g} ms: fastest acceptable", lat[e.name])
+                    Decision(
+                        e.name, f"no variant within latency budget {lb:g} ms: fastest acceptable", lat[e.name]
+                    )
                 )
         seen = {d.variant for d in ordered}
         for e in by_accuracy:  # fallbacks: the rest, most accurate first

@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from tcsched.scheduler.policy import Decision, Policy, RequestError, RequestOptions, parse_parameters
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ class SchedulerService:
         """
         out: list[Served | Exception | None] = [None] * len(requests)
         groups: dict[RequestOptions, list[int]] = {}
-        for i, (params, x) in enumerate(requests):
+        for i, (params, _x) in enumerate(requests):
             try:
                 opts = parse_parameters(params, self.defaults)
             except RequestError as e:
@@ -81,7 +80,9 @@ class SchedulerService:
                 start = 0
                 for i in idx:
                     n = len(requests[i][1])
-                    out[i] = Served(logits[start : start + n], decision, attempts[0].variant if k else None, ms)
+                    out[i] = Served(
+                        logits[start : start + n], decision, attempts[0].variant if k else None, ms
+                    )
                     start += n
                 break
             else:

@@ -28,7 +28,9 @@ def test_preprocess_equals_torchvision_on_imagenet_jpegs_including_gray(imagenet
     gray = [it for it in items if Image.open(it.path).mode == "L"][:3]
     assert gray, "the sample is documented to hold grayscale JPEGs"
     for it in items[:5] + gray:
-        np.testing.assert_allclose(preprocess_bytes(it.read_bytes()), torchvision_reference(it.path), atol=1e-5)
+        np.testing.assert_allclose(
+            preprocess_bytes(it.read_bytes()), torchvision_reference(it.path), atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("w,h", [(640, 480), (480, 640), (256, 256), (300, 1000), (1, 1)])

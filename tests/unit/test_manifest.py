@@ -8,7 +8,9 @@ from tests.helpers import make_manifest
 
 
 def test_roundtrip(tmp_path):
-    m = make_manifest({"m_fp32": ("fp32", 0.0, {1: 5.0, 8: 30.0}), "m_int8": ("int8", 1.5, {1: 3.0, 8: 12.0})})
+    m = make_manifest(
+        {"m_fp32": ("fp32", 0.0, {1: 5.0, 8: 30.0}), "m_int8": ("int8", 1.5, {1: 3.0, 8: 12.0})}
+    )
     m.write(tmp_path / "manifest.json")
     back = Manifest.read(tmp_path / "manifest.json")
     assert back == m

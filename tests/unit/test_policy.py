@@ -1,7 +1,6 @@
 import math
 
 import pytest
-
 from tcsched.scheduler.policy import (
     LiveState,
     Policy,
@@ -10,6 +9,7 @@ from tcsched.scheduler.policy import (
     parse_parameters,
     predicted_latency_ms,
 )
+
 from tests.helpers import make_manifest
 
 SPECS = {

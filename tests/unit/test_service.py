@@ -1,7 +1,7 @@
 import numpy as np
-
 from tcsched.scheduler.policy import LiveState, Policy, RequestError, RequestOptions
 from tcsched.scheduler.service import SchedulerService
+
 from tests.helpers import make_manifest
 
 SPECS = {"m_fp32": ("fp32", 0.0, {1: 5.0, 8: 32.0}), "m_int8": ("int8", 2.5, {1: 3.0, 8: 12.0})}
@@ -49,7 +49,9 @@ def test_bad_parameters_fail_only_their_request():
 def test_failing_variant_falls_back_once_and_is_marked_unhealthy():
     state = LiveState(cooldown_s=60)
     infer = FakeVariants(failing={"m_int8"})
-    svc = SchedulerService(Policy(make_manifest(SPECS), state), RequestOptions(accuracy_budget_points=5), infer)
+    svc = SchedulerService(
+        Policy(make_manifest(SPECS), state), RequestOptions(accuracy_budget_points=5), infer
+    )
     out = svc.handle([req(1.0)])
     assert out[0].decision.variant == "m_fp32" and out[0].fallback_from == "m_int8"
     assert svc.fallbacks == 1 and not state.healthy("m_int8")

@@ -4,7 +4,6 @@ Thin wrapper: the transform is ``tcsched.imaging`` (unit-tested against torchvis
 do not decode gets its own error response; the other requests of the batch are served.
 """
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tcsched.imaging import preprocess_batch

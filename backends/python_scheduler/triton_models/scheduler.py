@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-
-from tcsched.manifest import Manifest
 from tcsched.scheduler.policy import LiveState, Policy, RequestOptions
 from tcsched.scheduler.service import SchedulerService
+
+from tcsched.manifest import Manifest
 
 
 class TritonPythonModel:

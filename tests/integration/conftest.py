@@ -1,0 +1,34 @@
+"""Integration tier: a real MobileNetV2 repository built once per session, served by the real tritonserver."""
+
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from tcsched.build_tools.build import BuildConfig, build
+
+from tcsched.server import TritonServer
+from tests.conftest import SHARED
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def built_repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tcsched")
+    has_labels = (SHARED / "labels.csv").is_file()
+    cfg = BuildConfig(
+        output=root / "model_repository",
+        work_dir=root / "work",
+        eval_dir=SHARED if has_labels else None,
+        eval_limit=48 if has_labels else None,
+        latency_repeats=5,
+    )
+    build(cfg, Console(quiet=True))
+    return cfg.output
+
+
+@pytest.fixture(scope="session")
+def server(built_repo):
+    with TritonServer(built_repo, http_port=0, grpc_port=0, metrics_port=0) as s:
+        yield s
+        assert s.alive(), "tritonserver died during the tests:\n" + s.log_tail()

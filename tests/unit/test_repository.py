@@ -1,0 +1,64 @@
+import pytest
+from google.protobuf import text_format
+from tcsched.build_tools import repository as r
+from tritonclient.grpc import model_config_pb2 as mc
+
+from tcsched.fsutil import atomic_directory, clean_stale_temporaries
+
+
+def test_configs_roundtrip_through_model_config_proto(tmp_path):
+    opts = r.ServingOptions(max_batch_size=16)
+    r.write_pipeline(tmp_path, [f"class {i}" for i in range(1000)], opts)
+    for name in (r.PREPROCESS, r.SCHEDULER, r.ENSEMBLE):
+        cfg = r.parse((tmp_path / name / "config.pbtxt").read_text())
+        assert cfg.name == name and cfg.max_batch_size == 16
+    ens = r.parse((tmp_path / "classifier" / "config.pbtxt").read_text())
+    assert ens.platform == "ensemble"
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["preprocess", "scheduler"]
+    assert ens.output[0].label_filename == "labels.txt"
+    assert len((tmp_path / "classifier" / "labels.txt").read_text().splitlines()) == 1000
+    assert "import triton_python_backend_utils" in (tmp_path / "scheduler" / "1" / "model.py").read_text()
+
+
+def test_variant_config_python_and_onnxruntime_backends():
+    py = r.variant_config("v", r.ServingOptions(), "input", "logits", [3, 224, 224], 1000)
+    assert py.backend == "python" and py.parameters["onnx_file"].string_value == "model.onnx"
+    assert py.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    ort = r.variant_config(
+        "v", r.ServingOptions(variant_backend="onnxruntime"), "input", "logits", [3, 224, 224], 1000
+    )
+    assert ort.backend == "onnxruntime" and ort.default_model_filename == "model.onnx"
+    assert ort.dynamic_batching.max_queue_delay_microseconds == 2000
+    text = r.render(ort)
+    assert text_format.Parse(text, mc.ModelConfig()) == ort
+
+
+def test_labels_must_be_single_lines(tmp_path):
+    with pytest.raises(ValueError, match="single-line"):
+        r.write_pipeline(tmp_path, ["a", "b\nc"], r.ServingOptions())
+
+
+def test_atomic_directory_replaces_on_success_and_keeps_old_on_failure(tmp_path):
+    target = tmp_path / "repo"
+    with atomic_directory(target) as d:
+        (d / "v1").write_text("one")
+    assert (target / "v1").read_text() == "one"
+    with pytest.raises(RuntimeError), atomic_directory(target) as d:
+        (d / "v2").write_text("two")
+        raise RuntimeError("build failed half way")
+    assert sorted(p.name for p in target.iterdir()) == ["v1"]
+    with pytest.raises(KeyboardInterrupt), atomic_directory(target) as d:
+        raise KeyboardInterrupt
+    assert (target / "v1").read_text() == "one"
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # no temporaries left
+    with atomic_directory(target) as d:
+        (d / "v3").write_text("three")
+    assert sorted(p.name for p in target.iterdir()) == ["v3"]
+
+
+def test_stale_temporaries_of_a_killed_build_are_cleaned(tmp_path):
+    (tmp_path / "repo").mkdir()
+    (tmp_path / ".repo.tmp-abc").mkdir()
+    (tmp_path / ".repo.old-def").mkdir()
+    clean_stale_temporaries(tmp_path / "repo")
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]
