@@ -10,6 +10,9 @@ EVAL_DIR := $(if $(wildcard $(SHARED_DATA)/labels.csv),--eval-dir $(SHARED_DATA)
 .PHONY: setup demo test test-unit lint eval clean
 
 $(VENV)/.installed: pyproject.toml
+	# perf_analyzer (inside the tritonclient[all] wheel) needs Debian's libb64; root on CI and dev machines
+	dpkg -s libb64-0d >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libb64-0d; } || \
+	  { echo "could not install Debian package libb64-0d (needed by perf_analyzer): run as root or install it" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[build,dev]"

@@ -357,6 +357,10 @@ def evaluate(
         raise typer.Exit(2)
 
 
+# --- subcommands defined in their own modules: one import + one registration line each ---------------------------
+# (keep those modules light at import time: no torch/tensorrt imports at module level)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
