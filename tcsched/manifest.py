@@ -84,6 +84,20 @@ class InputStatistics(_Model):
     image_std_range: tuple[float, float]
 
 
+class EngineInfo(_Model):
+    """A TensorRT engine compiled from the variant's ONNX graph; valid only on the GPU and TensorRT it names."""
+
+    plan_file: str = Field(description="path of the .plan, relative to the repository root")
+    tensorrt_version: str
+    compute_capability: str = Field(description="e.g. '9.0' for H100/H200")
+    gpu_name: str
+    builder_log_file: str | None = None
+    build_seconds: float | None = None
+    sparse_layers_chosen: int | None = Field(
+        default=None, description="layers for which the builder picked sparse kernels (sparse24 only)"
+    )
+
+
 class VariantEntry(_Model):
     """One precision variant of the model: a Triton model in the repository."""
 
@@ -98,6 +112,7 @@ class VariantEntry(_Model):
         default_factory=dict, description="per Conv/Gemm layer: 'fp32' | 'fp16' | 'int8' | 'sparse24'"
     )
     build_notes: list[str] = Field(default_factory=list, description="how it was built and why it was kept")
+    engine: EngineInfo | None = None
     serve_on_cpu_for_speed: bool = Field(
         default=True, description="False where the runtime only emulates this precision (fp16 on CPU)"
     )
