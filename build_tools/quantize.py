@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import onnx
 
 CalibMethod = Literal["minmax", "percentile", "entropy"]
 
@@ -108,4 +109,38 @@ def quantize_int8(
             nodes_to_exclude=list(nodes_to_exclude),
             extra_options=extra,
         )
+    model = onnx.load(str(output))
+    if strip_output_qdq(model):
+        onnx.save(model, str(output))
     return output
+
+
+def strip_output_qdq(model: onnx.ModelProto) -> int:
+    """Remove QuantizeLinear -> DequantizeLinear pairs that feed graph outputs, in place; returns how many.
+
+    ONNX Runtime's QDQ quantizer quantizes the output of the last Gemm, so the logits would leave the model with
+    256 levels (a step of ~0.1 logit on MobileNetV2), enough to flip near-tied top-1 classes. The producer
+    writes the output directly instead; the Gemm itself stays int8 (DQ inputs -> QGemm with a float output).
+    """
+    g = model.graph
+    prod = {o: n for n in g.node for o in n.output}
+    removed = 0
+    for out in g.output:
+        dq = prod.get(out.name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = prod.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        others = [n for n in g.node if n is not q and q.input[0] in n.input]
+        others += [n for n in g.node if n is not dq and q.output[0] in n.input]
+        if others:  # the tensors feed something else too: leave the graph alone
+            continue
+        src = prod.get(q.input[0])
+        if src is None:
+            continue
+        src.output[list(src.output).index(q.input[0])] = out.name
+        g.node.remove(q)
+        g.node.remove(dq)
+        removed += 1
+    return removed

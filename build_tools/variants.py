@@ -1,0 +1,324 @@
+"""Strategy decision: the precision variants beyond fp32, each an ONNX graph (the single source of every variant).
+
+- ``fp16``: ONNX Runtime's float16 converter (``onnxruntime.transformers.float16``) with fp32 inputs/outputs
+  (``keep_io_types``): Cast nodes at the boundary, fp16 weights and compute inside. TensorRT compiles the casts
+  into FP16 kernels (strongly typed network); ONNX Runtime's CPU provider only emulates it.
+- ``int8``: :func:`tcsched.build_tools.quantize.quantize_int8`, calibration method chosen by measurement.
+- ``int8_mixed``: the int8 QDQ graph with the most sensitive layers returned to float
+  (:func:`dequantize_layers`), as few as the accuracy budget allows (:func:`search_mixed`).
+- ``sparse24``: 2:4 magnitude-pruned weights on eligible layers (:func:`prune_onnx_2_4`), optionally
+  fine-tuned by knowledge distillation in ``build_tools/finetune.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from tcsched.metrics import mean_kl, top1_agreement, topk_accuracy
+from tcsched.ort_runtime import OrtClassifier
+
+# --------------------------------------------------------------------------------------------------- fp16
+
+
+def convert_fp16(fp32_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """Write an fp16 graph with fp32 inputs/outputs (Cast nodes at the boundary)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    onnx.save(model, str(out_path))
+    return Path(out_path)
+
+
+# ----------------------------------------------------------------------------------------- accuracy helper
+
+
+@dataclass
+class Score:
+    """Accuracy of candidate logits [N, classes] vs the fp32 logits on the same images."""
+
+    agreement: float
+    kl: float
+    top1: float | None = None
+    top1_drop_points: float | None = None
+
+    def meets(self, max_drop_points: float, min_agreement: float) -> bool:
+        drop = self.top1_drop_points if self.top1_drop_points is not None else 100 * (1 - self.agreement)
+        return drop <= max_drop_points and self.agreement >= min_agreement
+
+
+def score(ref_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray | None = None) -> Score:
+    if labels is None:
+        return Score(top1_agreement(ref_logits, logits), max(0.0, mean_kl(ref_logits, logits)))
+    top1 = topk_accuracy(logits, labels, 1)
+    return Score(
+        top1_agreement(ref_logits, logits),
+        max(0.0, mean_kl(ref_logits, logits)),
+        top1,
+        100.0 * (topk_accuracy(ref_logits, labels, 1) - top1),
+    )
+
+
+def run_model(model: onnx.ModelProto | str | os.PathLike, x: np.ndarray, threads: int = 2) -> np.ndarray:
+    """Logits of an in-memory or on-disk ONNX classifier on float32 [N, 3, H, W]."""
+    if isinstance(model, onnx.ModelProto):
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
+            onnx.save(model, f.name)
+            return OrtClassifier(f.name, threads=threads).predict(x, batch_size=16)
+    return OrtClassifier(model, threads=threads).predict(x, batch_size=16)
+
+
+# ---------------------------------------------------------------------------------------------- int8_mixed
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output}
+
+
+def _dequantize_initializer(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
+    q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float32)
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+    zp = numpy_helper.to_array(inits[dq.input[2]]).astype(np.float32) if len(dq.input) > 2 else np.zeros(1)
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale, zp = scale.reshape(shape), np.asarray(zp).reshape(shape)
+    return (q - zp) * scale
+
+
+def dequantize_layers(
+    qdq: onnx.ModelProto, layers: Sequence[str], reference: onnx.ModelProto | None = None
+) -> onnx.ModelProto:
+    """Return a copy of a QDQ graph in which the named Conv/Gemm nodes compute in float.
+
+    For each named node, an input produced by ``DequantizeLinear(QuantizeLinear(x))`` is rewired to the float
+    ``x``. ONNX Runtime's quantizer removes Clip/Relu activations whose effect the quantization range already has
+    (ReLU6 in MobileNetV2; the tensor keeps the activation's output name): with ``reference`` (the fp32 graph the
+    QDQ graph came from) the removed activation is restored exactly; without it, ``x`` is clipped to the range
+    the QuantizeLinear represents, which restores the activation approximately (calibrated saturation). A weight/bias produced by
+    ``DequantizeLinear(int8 initializer)`` is replaced by the reference's original fp32 initializer (ONNX Runtime
+    names the int8 copy ``<name>_quantized``), or by its dequantized value without a reference. Q/DQ nodes that nothing consumes any
+    more are removed. Outputs keep their quantization (it belongs to the consumer).
+
+    Raises:
+        ValueError: a name is not a node of the graph.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq)
+    g = model.graph
+    names = {n.name for n in g.node}
+    missing = set(layers) - names
+    if missing:
+        raise ValueError(f"layers not in the graph: {sorted(missing)[:5]}")
+    prod = _producers(g)
+    inits = {i.name: i for i in g.initializer}
+    ref_inits = {i.name: i for i in reference.graph.initializer} if reference is not None else {}
+    clipped: dict[str, str] = {}
+    new_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
+    # a float layer's output stays float for consumers that are not Conv/Gemm (residual Add, pooling): they read
+    # it through DQ(Q(out)) now, and do the same treatment as the layer's own inputs
+    float_outputs = {n.output[0] for n in g.node if n.name in layers}
+    followers = set()
+    for n in g.node:
+        if n.op_type in ("Conv", "Gemm") or n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i in n.input:
+            dq = prod.get(i)
+            q = prod.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in float_outputs:
+                followers.add(n.name)
+    for node in g.node:
+        if node.name not in layers and node.name not in followers:
+            continue
+        for k, name in enumerate(node.input):
+            if node.name in followers and node.name not in layers:
+                dq = prod.get(name)
+                q = prod.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+                if q is None or q.input[0] not in float_outputs:
+                    continue
+            dq = prod.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            src = dq.input[0]
+            q = prod.get(src)
+            if q is not None and q.op_type == "QuantizeLinear":
+                if q.name not in clipped:
+                    lo, hi = _activation_bounds(q, inits, reference)
+                    out = f"{q.input[0]}_clip_{len(clipped)}"
+                    lo_n, hi_n = f"{out}_min", f"{out}_max"
+                    g.initializer.extend(
+                        [numpy_helper.from_array(np.float32(lo), lo_n), numpy_helper.from_array(np.float32(hi), hi_n)]
+                    )
+                    if np.isinf(lo) and np.isinf(hi):
+                        clipped[q.name] = q.input[0]
+                        node.input[k] = q.input[0]
+                        g.initializer.pop()
+                        g.initializer.pop()
+                        continue
+                    clip = onnx.helper.make_node("Clip", [q.input[0], lo_n, hi_n], [out], name=f"{out}_node")
+                    new_nodes.append((q, clip))
+                    clipped[q.name] = out
+                node.input[k] = clipped[q.name]
+            elif src in inits:
+                float_name = f"{name}_float_{node.name}"
+                original = ref_inits.get(src.removesuffix("_quantized"))
+                value = _dequantize_initializer(dq, inits)
+                if original is not None and tuple(original.dims) == value.shape:
+                    value = numpy_helper.to_array(original)  # the fp32 weight itself, not its int8 rounding
+                g.initializer.append(numpy_helper.from_array(value.astype(np.float32), float_name))
+                node.input[k] = float_name
+    for q, clip in new_nodes:  # keep topological order: each Clip right after the Q it replaces
+        g.node.insert(list(g.node).index(q) + 1, clip)
+    _remove_dead(g)
+    return model
+
+
+def _activation_bounds(
+    q: onnx.NodeProto, inits: dict[str, onnx.TensorProto], reference: onnx.ModelProto | None
+) -> tuple[float, float]:
+    """Bounds of the activation folded into ``q``: from the reference graph's Clip/Relu when it produced the
+    tensor, (-inf, inf) when the reference shows no activation there, else the representable range of ``q``."""
+    if reference is not None:
+        ref_prod = _producers(reference.graph)
+        act = ref_prod.get(q.input[0])
+        if act is None or act.op_type not in ("Clip", "Relu"):
+            return -np.inf, np.inf
+        if act.op_type == "Relu":
+            return 0.0, np.inf
+        return _clip_bounds(act, reference.graph)
+    return _representable_range(q, inits)
+
+
+def _clip_bounds(clip: onnx.NodeProto, graph: onnx.GraphProto) -> tuple[float, float]:
+    inits = {i.name: i for i in graph.initializer}
+    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+
+    def value(name: str, default: float) -> float:
+        if not name:
+            return default
+        if name in inits:
+            return float(numpy_helper.to_array(inits[name]).reshape(-1)[0])
+        if name in consts:
+            attr = next(a for a in consts[name].attribute if a.name == "value")
+            return float(numpy_helper.to_array(attr.t).reshape(-1)[0])
+        return default
+
+    ins = list(clip.input) + ["", "", ""]
+    return value(ins[1], -np.inf), value(ins[2], np.inf)
+
+
+def _representable_range(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[float, float]:
+    """Float range [lo, hi] a per-tensor QuantizeLinear can represent: ((qmin - zp) * s, (qmax - zp) * s)."""
+    scale = float(numpy_helper.to_array(inits[q.input[1]]).reshape(-1)[0])
+    zp_arr = numpy_helper.to_array(inits[q.input[2]]) if len(q.input) > 2 else np.zeros(1, np.uint8)
+    info = np.iinfo(zp_arr.dtype)
+    zp = float(zp_arr.reshape(-1)[0])
+    return (info.min - zp) * scale, (info.max - zp) * scale
+
+
+def _remove_dead(g: onnx.GraphProto) -> None:
+    outputs = {o.name for o in g.output}
+    while True:
+        used = {i for n in g.node for i in n.input} | outputs
+        dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not set(n.output) & used]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+@dataclass
+class MixedSearchResult:
+    """Outcome of :func:`search_mixed`: the float layers, and the score at each tried count."""
+
+    float_layers: list[str]
+    met_budget: bool
+    score: Score
+    trials: list[tuple[int, float, float]] = field(default_factory=list)  # (k, agreement, drop points)
+
+
+def search_mixed(
+    qdq: onnx.ModelProto,
+    ranking: Sequence[str],
+    evaluate: Callable[[onnx.ModelProto], Score],
+    max_drop_points: float,
+    min_agreement: float,
+    max_float_layers: int | None = None,
+) -> MixedSearchResult:
+    """Smallest k such that returning the k most sensitive layers (``ranking``, most sensitive first) to float
+    meets the budget on the selection split. Exponential then binary search over k (assumes the score improves
+    with k, as it does when the ranking is by sensitivity); ~2 log2(N) evaluations.
+
+    Raises:
+        ValueError: empty ranking or budgets out of range.
+    """
+    if not ranking:
+        raise ValueError("ranking must name at least one layer")
+    if max_drop_points < 0 or not 0 <= min_agreement <= 1:
+        raise ValueError(f"bad budget: drop {max_drop_points} points, agreement {min_agreement}")
+    n = min(len(ranking), max_float_layers or len(ranking))
+    trials: list[tuple[int, float, float]] = []
+    cache: dict[int, Score] = {}
+
+    def at(k: int) -> Score:
+        if k not in cache:
+            s = evaluate(dequantize_layers(qdq, ranking[:k]) if k else qdq)
+            cache[k] = s
+            drop = s.top1_drop_points if s.top1_drop_points is not None else 100 * (1 - s.agreement)
+            trials.append((k, s.agreement, drop))
+        return cache[k]
+
+    if at(0).meets(max_drop_points, min_agreement):
+        return MixedSearchResult([], True, cache[0], trials)
+    lo, hi = 0, 1
+    while hi < n and not at(hi).meets(max_drop_points, min_agreement):
+        lo, hi = hi, min(n, hi * 2)
+    if not at(hi).meets(max_drop_points, min_agreement):
+        return MixedSearchResult(list(ranking[:hi]), False, cache[hi], trials)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if at(mid).meets(max_drop_points, min_agreement):
+            hi = mid
+        else:
+            lo = mid
+    return MixedSearchResult(list(ranking[:hi]), True, cache[hi], trials)
+
+
+# ------------------------------------------------------------------------------------------------ sparse24
+
+
+def prune_onnx_2_4(model: onnx.ModelProto, layers: Sequence[str], prune: Callable) -> onnx.ModelProto:
+    """Copy of an fp32 graph with the weights of ``layers`` (Conv/Gemm names) pruned by ``prune`` (2:4).
+
+    ``prune(weight [O, I, ...]) -> (pruned, mask)`` groups the reduction (input-channel) dimension by 4; Gemm
+    weights with ``transB=0`` ([I, O]) are transposed around the call.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {i.name: i for i in out.graph.initializer}
+    wanted = set(layers)
+    for node in out.graph.node:
+        if node.name not in wanted:
+            continue
+        w_name = node.input[1]
+        w = numpy_helper.to_array(inits[w_name])
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        if node.op_type == "Gemm" and not trans_b:
+            pruned = prune(w.T)[0].T
+        else:
+            pruned = prune(w)[0]
+        inits[w_name].CopyFrom(numpy_helper.from_array(pruned.astype(w.dtype), w_name))
+    return out
