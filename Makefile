@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SHARED_DATA ?= ../shared/data/imagenet-sample
-EVAL_DIR := $(if $(wildcard $(SHARED_DATA)/labels.csv),--eval-dir $(SHARED_DATA),)
+DATA_DIR := $(if $(wildcard $(SHARED_DATA)/labels.csv),--data-dir $(SHARED_DATA),)
 
 .PHONY: setup demo test test-unit lint eval clean
 
@@ -24,7 +24,7 @@ setup: $(VENV)/.installed
 
 # Main job: build the repository from MobileNetV2, start tritonserver, classify photos, stop.
 demo: setup
-	$(BIN)/tcsched run --rebuild $(EVAL_DIR)
+	$(BIN)/tcsched run --rebuild $(DATA_DIR)
 
 test: setup
 	$(BIN)/pytest

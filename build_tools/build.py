@@ -1,4 +1,10 @@
-"""``tcsched build``: export, variants, measurement, repository. The offline half of tcsched.
+"""``tcsched build``: export, analysis, variants, measurement, repository. The offline half of tcsched.
+
+Data splits (no image is used for two purposes): with ``data_dir`` (labeled) the images are split by a hash of
+their file names into calibration (25%: activation ranges and the per-layer ranking), selection (25%: choosing
+the calibration method, the mixed-precision layers and the pruned layers) and evaluation (50%: every figure in
+the manifest). Without it, calibration comes from ``calib_dir`` or the photos shipped in scikit-image, selection
+reuses the calibration images, and evaluation uses ``eval_dir`` (or the calibration images, unlabeled).
 
 Each step shows progress (rich). Everything is written into a temporary folder and swapped in at the end
 (:func:`tcsched.fsutil.atomic_directory`): a failed or interrupted build leaves the previous repository as it was.
@@ -16,13 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
 from tcsched.build_tools import export as ex
 from tcsched.build_tools import repository as repo_mod
+from tcsched.build_tools import variants as var
 from tcsched.build_tools.quantize import CalibMethod, quantize_int8
-
-from tcsched.data import ImageItem, default_photos, list_images
+from tcsched.data import ImageItem, default_photos, list_images, split
 from tcsched.fsutil import atomic_directory, clean_stale_temporaries
 from tcsched.imaging import preprocess_bytes
 from tcsched.manifest import (
@@ -37,22 +45,34 @@ from tcsched.manifest import (
 from tcsched.metrics import mean_kl, top1_agreement, topk_accuracy
 from tcsched.ort_runtime import OrtClassifier
 
-SUPPORTED_VARIANTS = ("fp32", "int8")
+SUPPORTED_VARIANTS = ("fp32", "fp16", "int8", "int8_mixed", "sparse24")
+DEFAULT_VARIANTS = ("fp32", "fp16", "int8", "int8_mixed", "sparse24")
 MODEL_PREFIX = "mobilenet_v2"
+ANALYSIS_FILENAME = "analysis.json"
 
 
 @dataclass
 class BuildConfig:
-    """Options of ``tcsched build`` (units in names)."""
+    """Options of ``tcsched build`` (units in names).
+
+    ``variants=None`` builds :data:`DEFAULT_VARIANTS` and keeps ``sparse24`` only if it meets the accuracy
+    budget; naming ``sparse24`` explicitly keeps it whatever it measures (the manifest says so).
+    """
 
     output: Path = Path("model_repository")
     work_dir: Path = Path(".tcsched/build")
-    variants: Sequence[str] = ("fp32", "int8")
+    report_dir: Path = Path("reports/build")
+    variants: Sequence[str] | None = None
+    data_dir: Path | None = None
     calib_dir: Path | None = None
     calib_limit: int = 128
-    calib_method: CalibMethod = "percentile"
+    calib_methods: Sequence[CalibMethod] = ("minmax", "percentile")
     eval_dir: Path | None = None
     eval_limit: int | None = None
+    analysis_limit: int = 32
+    max_top1_drop_points: float = 0.5
+    min_agreement: float = 0.97
+    finetune_steps: int = 0
     weights: Path | None = None
     opset: int = 17
     latency_batch_sizes: Sequence[int] = (1, 8)
@@ -60,17 +80,23 @@ class BuildConfig:
     threads: int = 2
     serving: repo_mod.ServingOptions = field(default_factory=repo_mod.ServingOptions)
 
+    @property
+    def selected_variants(self) -> tuple[str, ...]:
+        return tuple(self.variants) if self.variants else DEFAULT_VARIANTS
+
     def validate(self) -> None:
         """Fail fast, before any work.
 
         Raises:
-            ValueError: unknown variant, no fp32, bad batch sizes or limits, missing folders.
+            ValueError: unknown variant, no fp32, bad batch sizes, limits or budgets, missing folders.
         """
-        unknown = set(self.variants) - set(SUPPORTED_VARIANTS)
+        unknown = set(self.selected_variants) - set(SUPPORTED_VARIANTS)
         if unknown:
             raise ValueError(f"unknown variant(s) {sorted(unknown)}; supported: {list(SUPPORTED_VARIANTS)}")
-        if "fp32" not in self.variants:
+        if "fp32" not in self.selected_variants:
             raise ValueError("the fp32 variant is required: every other variant is measured against it")
+        if "int8_mixed" in self.selected_variants and "int8" not in self.selected_variants:
+            raise ValueError("int8_mixed is derived from the int8 variant: add int8 to the variants")
         if any(b < 1 for b in self.latency_batch_sizes):
             raise ValueError(f"latency batch sizes must be >= 1, got {list(self.latency_batch_sizes)}")
         mbs = self.serving.max_batch_size
@@ -80,11 +106,63 @@ class BuildConfig:
             raise ValueError(
                 f"latency batch sizes {list(self.latency_batch_sizes)} exceed max batch size {mbs}"
             )
-        if self.calib_limit < 1:
-            raise ValueError(f"calib_limit must be >= 1, got {self.calib_limit}")
-        for name, d in (("calibration", self.calib_dir), ("evaluation", self.eval_dir)):
+        if self.calib_limit < 1 or self.analysis_limit < 1:
+            raise ValueError(
+                f"calib_limit and analysis_limit must be >= 1, got {self.calib_limit}, {self.analysis_limit}"
+            )
+        if self.max_top1_drop_points < 0 or not 0 <= self.min_agreement <= 1:
+            raise ValueError(
+                f"budget: max top-1 drop must be >= 0 points and agreement in [0, 1], "
+                f"got {self.max_top1_drop_points}, {self.min_agreement}"
+            )
+        if self.finetune_steps < 0:
+            raise ValueError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
+        bad = set(self.calib_methods) - {"minmax", "percentile"}
+        if bad or not self.calib_methods:
+            raise ValueError(
+                f"calibration methods must be among minmax, percentile (entropy through quantize_static silently equals minmax); got {list(self.calib_methods)}"
+            )
+        for name, d in (
+            ("data", self.data_dir),
+            ("calibration", self.calib_dir),
+            ("evaluation", self.eval_dir),
+        ):
             if d is not None and not Path(d).is_dir():
                 raise ValueError(f"{name} folder {d} does not exist")
+        if self.data_dir is not None and (self.calib_dir is not None or self.eval_dir is not None):
+            raise ValueError("give either data_dir (split three ways) or calib_dir/eval_dir, not both")
+
+
+@dataclass
+class Splits:
+    calib: list[ImageItem]
+    select: list[ImageItem]
+    eval: list[ImageItem]
+    description: str
+
+    @property
+    def labeled(self) -> bool:
+        return all(it.label is not None for it in self.eval)
+
+
+def make_splits(cfg: BuildConfig) -> Splits:
+    if cfg.data_dir is not None:
+        items = list_images(cfg.data_dir)
+        calib, select, evaluation = split(items, [0.25, 0.25, 0.5])
+        desc = (
+            f"{cfg.data_dir}: hash split of {len(items)} images: calibration {len(calib)}, selection "
+            f"{len(select)}, evaluation {len(evaluation)}"
+        )
+        calib = calib[: cfg.calib_limit]
+    else:
+        calib = (list_images(cfg.calib_dir) if cfg.calib_dir else default_photos())[: cfg.calib_limit]
+        select = calib
+        evaluation = list_images(cfg.eval_dir) if cfg.eval_dir else list(calib)
+        src = cfg.calib_dir or "scikit-image photos"
+        desc = f"calibration and selection: {len(calib)} images from {src}; evaluation: {cfg.eval_dir or src}"
+    if cfg.eval_limit:
+        evaluation = evaluation[: cfg.eval_limit]
+    return Splits(calib, select, evaluation, desc)
 
 
 def _load(items: Sequence[ImageItem], progress: Progress, what: str) -> np.ndarray:
@@ -132,37 +210,49 @@ def measure_latency(
     return times
 
 
+def _quiet():
+    """ONNX Runtime's calibrators print to stdout: keep the progress display clean."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
 def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
     """Run the whole offline build and write the repository at ``cfg.output``; returns the manifest."""
+    from tcsched.build_tools import analysis as an
+
     cfg.validate()
     console = console or Console()
     t_start = time.perf_counter()
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(cfg.output)
-
-    calib_items = list_images(cfg.calib_dir) if cfg.calib_dir else default_photos()
-    calib_items = calib_items[: cfg.calib_limit]
-    eval_items = list_images(cfg.eval_dir) if cfg.eval_dir else list(calib_items)
-    if cfg.eval_limit:
-        eval_items = eval_items[: cfg.eval_limit]
-    labeled = all(it.label is not None for it in eval_items)
-    eval_name = str(cfg.eval_dir) if cfg.eval_dir else "calibration photos (unlabeled)"
+    wanted = cfg.selected_variants
+    splits = make_splits(cfg)
+    notes: dict[str, list[str]] = {v: [] for v in wanted}
+    plans: dict[str, dict[str, str]] = {}
+    paths: dict[str, Path] = {}
 
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
-        step = progress.add_task("build", total=6)
+        step = progress.add_task("build", total=8)
 
         progress.update(step, description="export ONNX (torchvision MobileNetV2, IMAGENET1K_V1)")
         model = ex.load_mobilenet_v2(cfg.weights)
         labels = ex.imagenet_categories()
         fp32_path = ex.export_onnx(model, work / "fp32.onnx", opset=cfg.opset)
+        fp32_model = onnx.load(str(fp32_path))
+        paths["fp32"] = fp32_path
         progress.advance(step)
 
         progress.update(step, description="load images")
-        calib = _load(calib_items, progress, f"calibration ({len(calib_items)})")
-        evalx = calib if not cfg.eval_dir else _load(eval_items, progress, f"evaluation ({len(eval_items)})")
-        y = np.array([it.label for it in eval_items]) if labeled else None
+        calib = _load(splits.calib, progress, f"calibration ({len(splits.calib)})")
+        select = calib if splits.select is splits.calib else _load(splits.select, progress, "selection")
+        evalx = calib if splits.eval == splits.calib else _load(splits.eval, progress, "evaluation")
+        y_sel = (
+            np.array([it.label for it in splits.select])
+            if all(i.label is not None for i in splits.select)
+            else None
+        )
+        y_eval = np.array([it.label for it in splits.eval]) if splits.labeled else None
         progress.advance(step)
 
         progress.update(step, description="fp32 reference vs torch eager")
@@ -170,84 +260,274 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
 
         with torch.no_grad():
             eager = model(torch.from_numpy(evalx[: min(8, len(evalx))])).numpy()
-        paths = {"fp32": fp32_path}
-        notes: dict[str, list[str]] = {"fp32": []}
         ort_fp32 = OrtClassifier(fp32_path, threads=cfg.threads)
         diff = float(np.abs(ort_fp32.predict(evalx[: len(eager)]) - eager).max())
         notes["fp32"].append(f"ONNX export opset {cfg.opset}; max |ORT - torch eager| logit diff {diff:.2e}")
+        ref_sel = ort_fp32.predict(select, batch_size=16)
+        layer_names = [n.name for n in fp32_model.graph.node if n.op_type in ("Conv", "Gemm")]
+        plans["fp32"] = dict.fromkeys(layer_names, "fp32")
         progress.advance(step)
 
-        progress.update(step, description="quantize int8 (QDQ, per-channel, uint8 activations)")
-        if "int8" in cfg.variants:
-            with contextlib.redirect_stdout(io.StringIO()):  # ORT's calibrators print to stdout
-                paths["int8"] = quantize_int8(fp32_path, work / "int8.onnx", calib, method=cfg.calib_method)
-            notes["int8"] = [
-                f"onnxruntime quantize_static QDQ, per-channel int8 weights, uint8 activations, "
-                f"{cfg.calib_method} calibration on {len(calib)} images "
-                f"({cfg.calib_dir or 'default scikit-image photos'})"
-            ]
+        def evaluate(m) -> var.Score:
+            return var.score(ref_sel, var.run_model(m, select, cfg.threads), y_sel)
+
+        progress.update(step, description="analyse layers (kind, MACs, alignment, 2:4, int8 sensitivity)")
+        report = an.analyze(
+            fp32_path, calib[: cfg.analysis_limit], progress=True, threads=cfg.threads, console=console
+        )
         progress.advance(step)
 
-        progress.update(step, description="measure accuracy and latency")
+        progress.update(step, description="fp16 (casts in the graph)")
+        if "fp16" in wanted:
+            paths["fp16"] = var.convert_fp16(fp32_path, work / "fp16.onnx")
+            plans["fp16"] = dict.fromkeys(layer_names, "fp16")
+            notes["fp16"].append(
+                "onnxruntime.transformers.float16 with fp32 inputs/outputs; ONNX Runtime's CPU provider emulates "
+                "fp16 (slower than fp32): never chosen for speed on a CPU; TensorRT builds FP16 kernels from it"
+            )
+        progress.advance(step)
+
+        progress.update(step, description="int8: calibration method chosen by measurement")
+        if "int8" in wanted:
+            scores: dict[str, var.Score] = {}
+            for method in cfg.calib_methods:
+                p = work / f"int8_{method}.onnx"
+                with _quiet():
+                    quantize_int8(fp32_path, p, calib, method=method)
+                scores[method] = evaluate(p)
+            best = min(scores, key=lambda m: (scores[m].kl, -scores[m].agreement))
+            paths["int8"] = work / f"int8_{best}.onnx"
+            plans["int8"] = dict.fromkeys(layer_names, "int8")
+            tried = "; ".join(f"{m}: agreement {s.agreement:.3f}, KL {s.kl:.4f}" for m, s in scores.items())
+            notes["int8"].append(
+                f"onnxruntime quantize_static QDQ, per-channel int8 weights, uint8 activations, every supported op "
+                f"(Clip folded into the ranges), logits left float; calibration on {len(calib)} images; "
+                f"method chosen on the selection split by KL vs fp32: {best} ({tried})"
+            )
+        progress.advance(step)
+
+        progress.update(
+            step, description="int8_mixed: most sensitive layers back to float, as few as the budget allows"
+        )
+        if "int8_mixed" in wanted:
+            ranking = [lay.name for lay in sorted(report.layers, key=lambda r: -r.int8_sensitivity.kl)]
+            qdq = onnx.load(str(paths["int8"]))
+            res = var.search_mixed(
+                qdq, ranking, evaluate, cfg.max_top1_drop_points, cfg.min_agreement, reference=fp32_model
+            )
+            mixed = var.dequantize_layers(qdq, res.float_layers, fp32_model)
+            paths["int8_mixed"] = work / "int8_mixed.onnx"
+            onnx.save(mixed, str(paths["int8_mixed"]))
+            plans["int8_mixed"] = {n: ("fp32" if n in res.float_layers else "int8") for n in layer_names}
+            trials = ", ".join(f"k={k}: agree {a:.3f} drop {d:+.2f}" for k, a, d in res.trials)
+            notes["int8_mixed"].append(
+                f"layers ranked by int8 sensitivity (KL, analysis on {report.n_calibration_images} calibration "
+                f"images); {len(res.float_layers)} kept float (fp16 on GPU) to meet top-1 drop <= "
+                f"{cfg.max_top1_drop_points} points and agreement >= {cfg.min_agreement:.0%} on the selection "
+                f"split ({'met' if res.met_budget else 'NOT met'}); trials: {trials}"
+            )
+            if res.float_layers:
+                notes["int8_mixed"].append("float layers: " + ", ".join(res.float_layers))
+        progress.advance(step)
+
+        progress.update(step, description="sparse24: 2:4 pruning of eligible layers")
+        dropped: list[str] = []
+        if "sparse24" in wanted:
+            kept, why = _build_sparse24(
+                cfg, report, fp32_model, model, calib, evaluate, work, progress, console
+            )
+            explicitly = cfg.variants is not None
+            notes["sparse24"] += why
+            if kept is not None and (kept[1] or explicitly):
+                paths["sparse24"] = kept[0]
+                plans["sparse24"] = {n: ("sparse24" if n in kept[2] else "fp16") for n in layer_names}
+                if not kept[1]:
+                    notes["sparse24"].append("kept although it misses the budget: explicitly requested")
+            else:
+                dropped.append("sparse24 dropped: " + " ".join(why))
+        progress.advance(step)
+
+        progress.update(step, description="measure accuracy (evaluation split) and latency (interleaved)")
         acc_task = progress.add_task("accuracy", total=len(paths))
         logits: dict[str, np.ndarray] = {}
         for name, p in paths.items():
             logits[name] = OrtClassifier(p, threads=cfg.threads).predict(evalx, batch_size=16)
             progress.advance(acc_task)
         lat = measure_latency(paths, cfg.latency_batch_sizes, cfg.latency_repeats, cfg.threads, evalx[:8])
-        progress.advance(step)
 
-        progress.update(step, description="write repository (atomic)")
-        ref = logits["fp32"]
-        ref_top1 = topk_accuracy(ref, y, 1) if labeled else None
-        p50 = {n: {b: float(np.median(v)) for b, v in d.items()} for n, d in lat.items()}
-        entries = []
-        with atomic_directory(cfg.output) as tmp:
-            for name, p in paths.items():
-                model_name = f"{MODEL_PREFIX}_{name}"
-                dst = repo_mod.write_variant(tmp, model_name, p, cfg.serving)
-                top1 = topk_accuracy(logits[name], y, 1) if labeled else None
-                agree = top1_agreement(ref, logits[name])
-                drop = 100.0 * (ref_top1 - top1) if labeled else 100.0 * (1.0 - agree)
-                entries.append(
-                    VariantEntry(
-                        name=model_name,
-                        precision=name,  # type: ignore[arg-type]
-                        file=str(dst.relative_to(tmp)),
-                        size_bytes=dst.stat().st_size,
-                        accuracy=AccuracyReport(
-                            dataset=eval_name,
-                            n_images=len(eval_items),
-                            top1=top1,
-                            top5=topk_accuracy(logits[name], y, 5) if labeled else None,
-                            agreement_with_fp32=agree,
-                            kl_vs_fp32=max(0.0, mean_kl(ref, logits[name])),
-                            top1_drop_points=drop,
-                        ),
-                        latency=LatencyReport(
-                            device=f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                            runtime="onnxruntime",
-                            threads=cfg.threads,
-                            p50_ms_by_batch=p50[name],
-                            p99_ms_by_batch={b: float(np.percentile(v, 99)) for b, v in lat[name].items()},
-                            ratio_to_fp32_by_batch={b: p50[name][b] / p50["fp32"][b] for b in p50[name]},
-                        ),
-                        build_notes=notes.get(name, []),
-                    )
+    ref = logits["fp32"]
+    ref_top1 = topk_accuracy(ref, y_eval, 1) if y_eval is not None else None
+    p50 = {n: {b: float(np.median(v)) for b, v in d.items()} for n, d in lat.items()}
+    eval_name = f"{splits.description} (figures on the evaluation split)"
+    if dropped:
+        notes["fp32"] += dropped
+    entries = []
+    cfg.report_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(cfg.output) as tmp:
+        for name, p in paths.items():
+            model_name = f"{MODEL_PREFIX}_{name}"
+            dst = repo_mod.write_variant(tmp, model_name, p, cfg.serving)
+            top1 = topk_accuracy(logits[name], y_eval, 1) if y_eval is not None else None
+            agree = top1_agreement(ref, logits[name])
+            drop = 100.0 * (ref_top1 - top1) if y_eval is not None else 100.0 * (1.0 - agree)
+            emulated = name in ("fp16", "sparse24")
+            if name == "sparse24":
+                notes[name].append(
+                    "2:4 sparsity is exploited only by TensorRT sparse tensor cores (Ampere and later); ONNX Runtime "
+                    "on a CPU runs it as dense fp16 (emulated): never chosen for speed on a CPU"
                 )
-            repo_mod.write_pipeline(tmp, labels, cfg.serving)
-            manifest = Manifest(
-                source_model=ex.SOURCE_MODEL,
-                input=TensorSpec(name=ex.INPUT_NAME, dtype="float32", shape=[3, 224, 224]),
-                output=TensorSpec(name=ex.OUTPUT_NAME, dtype="float32", shape=[len(labels)]),
-                max_batch_size=cfg.serving.max_batch_size,
-                labels_file=f"{repo_mod.ENSEMBLE}/{repo_mod.LABELS_FILE}",
-                reference_variant=f"{MODEL_PREFIX}_fp32",
-                variants=entries,
-                input_statistics=input_statistics(calib),
+            entries.append(
+                VariantEntry(
+                    name=model_name,
+                    precision=name,  # type: ignore[arg-type]
+                    file=str(dst.relative_to(tmp)),
+                    size_bytes=dst.stat().st_size,
+                    accuracy=AccuracyReport(
+                        dataset=eval_name,
+                        n_images=len(splits.eval),
+                        top1=top1,
+                        top5=topk_accuracy(logits[name], y_eval, 5) if y_eval is not None else None,
+                        agreement_with_fp32=agree,
+                        kl_vs_fp32=max(0.0, mean_kl(ref, logits[name])),
+                        top1_drop_points=drop,
+                    ),
+                    latency=LatencyReport(
+                        device=f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                        runtime="onnxruntime",
+                        threads=cfg.threads,
+                        p50_ms_by_batch=p50[name],
+                        p99_ms_by_batch={b: float(np.percentile(v, 99)) for b, v in lat[name].items()},
+                        ratio_to_fp32_by_batch={b: p50[name][b] / p50["fp32"][b] for b in p50[name]},
+                    ),
+                    layer_precision=plans.get(name, {}),
+                    build_notes=notes.get(name, []),
+                    serve_on_cpu_for_speed=not emulated,
+                )
             )
-            manifest.write(tmp / MANIFEST_FILENAME)
-            (tmp / "README.md").write_text(repo_mod.REPOSITORY_README)
-        progress.advance(step)
+        repo_mod.write_pipeline(tmp, labels, cfg.serving)
+        manifest = Manifest(
+            source_model=ex.SOURCE_MODEL,
+            input=TensorSpec(name=ex.INPUT_NAME, dtype="float32", shape=[3, 224, 224]),
+            output=TensorSpec(name=ex.OUTPUT_NAME, dtype="float32", shape=[len(labels)]),
+            max_batch_size=cfg.serving.max_batch_size,
+            labels_file=f"{repo_mod.ENSEMBLE}/{repo_mod.LABELS_FILE}",
+            reference_variant=f"{MODEL_PREFIX}_fp32",
+            variants=entries,
+            input_statistics=input_statistics(calib),
+        )
+        manifest.write(tmp / MANIFEST_FILENAME)
+        report.write(tmp / ANALYSIS_FILENAME)
+        (tmp / "README.md").write_text(repo_mod.REPOSITORY_README)
+    report.write(cfg.report_dir / ANALYSIS_FILENAME)
+    an.plot(report, cfg.report_dir / "analysis.png")
     console.print(f"[green]built {cfg.output} in {time.perf_counter() - t_start:.0f} s[/green]")
     return manifest
+
+
+def _build_sparse24(cfg, report, fp32_model, torch_model, calib, evaluate, work, progress, console):
+    """Prune eligible layers by 2:4 magnitude, as many as the budget allows (least pruning error first), with
+    an optional KD fine-tune of every eligible layer. Returns ((path, meets_budget, layers) or None, notes)."""
+    from tcsched.build_tools import analysis as an
+
+    eligible = [lay for lay in report.layers if lay.sparse24_eligible.ok and lay.prune24_sqnr_db is not None]
+    notes: list[str] = []
+    if not eligible:
+        return None, ["no layer is eligible for 2:4 sparsity (see analysis.json)"]
+    order = [lay.name for lay in sorted(eligible, key=lambda r: -r.prune24_sqnr_db)]
+    candidates: list[tuple[list[str], var.Score, str]] = []
+
+    # largest k (least damaging first) that still meets the budget, without fine-tuning
+    def at(k: int) -> var.Score:
+        return evaluate(var.prune_onnx_2_4(fp32_model, order[:k], an.prune_2_4))
+
+    lo, hi = 0, len(order)
+    s_all = at(hi)
+    if s_all.meets(cfg.max_top1_drop_points, cfg.min_agreement):
+        lo = hi
+    else:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if at(mid).meets(cfg.max_top1_drop_points, cfg.min_agreement):
+                lo = mid
+            else:
+                hi = mid
+    notes.append(
+        f"{len(eligible)} layers eligible (not depthwise, channels multiple of 4, wide enough for TensorRT sparse "
+        f"kernels); pruning all of them without fine-tuning: agreement {s_all.agreement:.3f}, top-1 drop "
+        f"{_drop(s_all):+.2f} points"
+    )
+    if lo > 0:
+        candidates.append((order[:lo], at(lo), f"{lo} least-damaged layers pruned, no fine-tune"))
+
+    if cfg.finetune_steps > 0:
+        from onnx import numpy_helper
+
+        from tcsched.build_tools.finetune import distill_pruned, map_onnx_layers
+
+        inits = {i.name: i for i in fp32_model.graph.initializer}
+        shapes = [
+            (n.name, tuple(numpy_helper.to_array(inits[n.input[1]]).shape))
+            for n in fp32_model.graph.node
+            if n.op_type in ("Conv", "Gemm")
+        ]
+        mapping = map_onnx_layers(torch_model, shapes)
+        task = progress.add_task(f"KD fine-tune ({cfg.finetune_steps} steps)", total=cfg.finetune_steps)
+        student = distill_pruned(
+            torch_model,
+            {n: mapping[n] for n in order},
+            an.prune_2_4,
+            calib,
+            cfg.finetune_steps,
+            on_step=lambda i, loss: progress.update(
+                task, completed=i + 1, description=f"KD fine-tune loss {loss:.3f}"
+            ),
+        )
+        ft_path = ex.export_onnx(student, work / "sparse24_finetuned_fp32.onnx", opset=cfg.opset)
+        s_ft = evaluate(ft_path)
+        candidates.append(
+            (order, s_ft, f"all {len(order)} eligible layers pruned, KD fine-tune {cfg.finetune_steps} steps")
+        )
+        notes.append(
+            f"KD fine-tune of all eligible layers: agreement {s_ft.agreement:.3f}, drop {_drop(s_ft):+.2f}"
+        )
+
+    if not candidates:
+        return None, notes + ["even the single least-damaged layer misses the accuracy budget"]
+    # most pruned layers among those that meet the budget; else the best scoring
+    meeting = [c for c in candidates if c[1].meets(cfg.max_top1_drop_points, cfg.min_agreement)]
+    layers, s, how = (
+        max(meeting, key=lambda c: len(c[0])) if meeting else max(candidates, key=lambda c: c[1].agreement)
+    )
+    if how.startswith("all") and cfg.finetune_steps > 0:
+        src = onnx.load(str(work / "sparse24_finetuned_fp32.onnx"))
+    else:
+        src = var.prune_onnx_2_4(fp32_model, layers, an.prune_2_4)
+    pruned_path = work / "sparse24_fp32.onnx"
+    onnx.save(src, str(pruned_path))
+    _check_2to4(src, layers)
+    path = var.convert_fp16(pruned_path, work / "sparse24.onnx")
+    notes.append(
+        f"chosen: {how}; selection split: agreement {s.agreement:.3f}, top-1 drop {_drop(s):+.2f} points; "
+        f"weights fp16 (casts in the graph) so that TensorRT builds FP16 sparse kernels"
+    )
+    return (path, bool(meeting), layers), notes
+
+
+def _drop(s: var.Score) -> float:
+    return s.top1_drop_points if s.top1_drop_points is not None else 100 * (1 - s.agreement)
+
+
+def _check_2to4(model: onnx.ModelProto, layers: Sequence[str]) -> None:
+    """Every pruned layer's weight really has >= 2 zeros in each group of 4 (after export and BN folding).
+
+    Raises:
+        RuntimeError: a layer lost its 2:4 pattern.
+    """
+    from onnx import numpy_helper
+
+    from tcsched.build_tools.analysis import is_2to4
+
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.name in layers and not is_2to4(numpy_helper.to_array(inits[n.input[1]])):
+            raise RuntimeError(f"layer {n.name} is not 2:4 sparse after pruning")

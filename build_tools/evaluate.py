@@ -63,6 +63,7 @@ def eager_top5(items: Sequence[ImageItem], batch_size: int = 32, weights=None) -
     import torch
     import torchvision
     from PIL import Image
+
     from tcsched.build_tools.export import load_mobilenet_v2
 
     model = load_mobilenet_v2(weights)

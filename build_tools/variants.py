@@ -153,20 +153,20 @@ def dequantize_layers(
             if q is not None and q.op_type == "QuantizeLinear":
                 if q.name not in clipped:
                     lo, hi = _activation_bounds(q, inits, reference)
-                    out = f"{q.input[0]}_clip_{len(clipped)}"
-                    lo_n, hi_n = f"{out}_min", f"{out}_max"
-                    g.initializer.extend(
-                        [numpy_helper.from_array(np.float32(lo), lo_n), numpy_helper.from_array(np.float32(hi), hi_n)]
-                    )
-                    if np.isinf(lo) and np.isinf(hi):
+                    if np.isinf(lo) and np.isinf(hi):  # no activation was folded: the float tensor as it is
                         clipped[q.name] = q.input[0]
-                        node.input[k] = q.input[0]
-                        g.initializer.pop()
-                        g.initializer.pop()
-                        continue
-                    clip = onnx.helper.make_node("Clip", [q.input[0], lo_n, hi_n], [out], name=f"{out}_node")
-                    new_nodes.append((q, clip))
-                    clipped[q.name] = out
+                    else:
+                        out = f"{q.input[0]}_clip_{len(clipped)}"
+                        bounds = [
+                            numpy_helper.from_array(np.float32(v), f"{out}_{k}")
+                            for k, v in (("min", lo), ("max", hi))
+                        ]
+                        g.initializer.extend(bounds)
+                        clip = onnx.helper.make_node(
+                            "Clip", [q.input[0], *(b.name for b in bounds)], [out], name=f"{out}_node"
+                        )
+                        new_nodes.append((q, clip))
+                        clipped[q.name] = out
                 node.input[k] = clipped[q.name]
             elif src in inits:
                 float_name = f"{name}_float_{node.name}"
@@ -229,7 +229,11 @@ def _remove_dead(g: onnx.GraphProto) -> None:
     outputs = {o.name for o in g.output}
     while True:
         used = {i for n in g.node for i in n.input} | outputs
-        dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not set(n.output) & used]
+        dead = [
+            n
+            for n in g.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not set(n.output) & used
+        ]
         if not dead:
             break
         for n in dead:
@@ -257,9 +261,10 @@ def search_mixed(
     max_drop_points: float,
     min_agreement: float,
     max_float_layers: int | None = None,
+    reference: onnx.ModelProto | None = None,
 ) -> MixedSearchResult:
     """Smallest k such that returning the k most sensitive layers (``ranking``, most sensitive first) to float
-    meets the budget on the selection split. Exponential then binary search over k (assumes the score improves
+    meets the budget on the selection split. ``reference`` is the fp32 graph (see :func:`dequantize_layers`). Exponential then binary search over k (assumes the score improves
     with k, as it does when the ranking is by sensitivity); ~2 log2(N) evaluations.
 
     Raises:
@@ -275,7 +280,7 @@ def search_mixed(
 
     def at(k: int) -> Score:
         if k not in cache:
-            s = evaluate(dequantize_layers(qdq, ranking[:k]) if k else qdq)
+            s = evaluate(dequantize_layers(qdq, ranking[:k], reference) if k else qdq)
             cache[k] = s
             drop = s.top1_drop_points if s.top1_drop_points is not None else 100 * (1 - s.agreement)
             trials.append((k, s.agreement, drop))
@@ -316,9 +321,6 @@ def prune_onnx_2_4(model: onnx.ModelProto, layers: Sequence[str], prune: Callabl
         w_name = node.input[1]
         w = numpy_helper.to_array(inits[w_name])
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        if node.op_type == "Gemm" and not trans_b:
-            pruned = prune(w.T)[0].T
-        else:
-            pruned = prune(w)[0]
+        pruned = prune(w.T)[0].T if node.op_type == "Gemm" and not trans_b else prune(w)[0]
         inits[w_name].CopyFrom(numpy_helper.from_array(pruned.astype(w.dtype), w_name))
     return out

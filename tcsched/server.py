@@ -161,6 +161,21 @@ class TritonServer:
             raise FileNotFoundError(
                 f"{self.model_repository} is not a tcsched model repository (no manifest.json): run `tcsched build`"
             )
+        from tcsched.manifest import Manifest
+
+        manifest = Manifest.read(self.model_repository / "manifest.json")  # ValueError on a bad schema
+        if manifest.target == "gpu":
+            from tcsched.build_tools.gpu_repository import check_engine_compatibility
+
+            try:
+                check_engine_compatibility(manifest)
+            except RuntimeError as e:
+                raise ServerError(str(e)) from None
+            if not (pytriton_root() / "backends" / "tensorrt").is_dir():
+                raise ServerError(
+                    "this repository holds TensorRT engines; the embedded tritonserver (nvidia-pytriton) has only "
+                    "the Python backend: serve it with the official Triton container (docker/README.md)"
+                )
         for port in (self.http_port, self.grpc_port, self.metrics_port):
             with socket.socket() as s:
                 if s.connect_ex((self.host, port)) == 0:

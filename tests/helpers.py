@@ -81,3 +81,76 @@ def make_manifest(specs: dict[str, tuple[str, float, dict[int, float]]], target=
         variants=variants,
         target=target,
     )
+
+
+def tiny_layered_classifier(
+    path, *, outlier_scale: float = 1.0, size: int = 16, classes: int = 10, seed: int = 0
+) -> str:
+    """One layer of every kind, for the layer analysis (tcsched.build_tools.analysis).
+
+    ``input`` float32 [N, 3, size, size] ->
+    ``stem`` Conv 3->16 3x3 stride 2 pad 1 (full) -> Relu ->
+    ``pw`` Conv 16->12 1x1 (pointwise) -> Relu ->
+    ``dw`` Conv 12->12 3x3 pad 1 group 12 (depthwise) -> Relu -> GlobalAveragePool -> Flatten ->
+    ``fc1`` Gemm 12->256 (transB=1) -> Relu -> ``fc2`` Gemm 256->256 (transB=0, weight [in, out]) -> Relu ->
+    ``fc3`` Gemm 256->classes (transB=1) -> ``logits`` float32 [N, classes]. Dynamic batch ``N``.
+
+    ``outlier_scale`` multiplies the stem's output channel 0 (weight and bias) and divides ``pw``'s weights on
+    input channel 0 by the same factor: the fp32 function is unchanged, but ``pw``'s input activation gets a huge
+    dynamic range (one channel ``outlier_scale`` times larger than the others), so a per-tensor uint8
+    quantization of that input wipes out the other channels: ``pw`` becomes the INT8-sensitive layer.
+    """
+    rng = np.random.default_rng(seed)
+    w_stem = rng.normal(0, 0.3, (16, 3, 3, 3)).astype(np.float32)
+    b_stem = rng.normal(0.1, 0.05, 16).astype(np.float32)
+    w_pw = rng.normal(0, 0.3, (12, 16, 1, 1)).astype(np.float32)
+    b_pw = rng.normal(0, 0.05, 12).astype(np.float32)
+    w_stem[0] *= outlier_scale
+    b_stem[0] *= outlier_scale
+    w_pw[:, 0] /= outlier_scale
+    w_dw = rng.normal(0, 0.3, (12, 1, 3, 3)).astype(np.float32)
+    w_fc1 = rng.normal(0, 0.3, (256, 12)).astype(np.float32)
+    b_fc1 = rng.normal(0, 0.05, 256).astype(np.float32)
+    w_fc2 = rng.normal(0, 0.1, (256, 256)).astype(np.float32)  # [in, out]: transB=0
+    w_fc3 = rng.normal(0, 0.1, (classes, 256)).astype(np.float32)
+    b_fc3 = rng.normal(0, 0.05, classes).astype(np.float32)
+    inits = {
+        "w_stem": w_stem,
+        "b_stem": b_stem,
+        "w_pw": w_pw,
+        "b_pw": b_pw,
+        "w_dw": w_dw,
+        "w_fc1": w_fc1,
+        "b_fc1": b_fc1,
+        "w_fc2": w_fc2,
+        "w_fc3": w_fc3,
+        "b_fc3": b_fc3,
+    }
+    mk = helper.make_node
+    nodes = [
+        mk("Conv", ["input", "w_stem", "b_stem"], ["c_stem"], name="stem", pads=[1, 1, 1, 1], strides=[2, 2]),
+        mk("Relu", ["c_stem"], ["r_stem"], name="relu_stem"),
+        mk("Conv", ["r_stem", "w_pw", "b_pw"], ["c_pw"], name="pw"),
+        mk("Relu", ["c_pw"], ["r_pw"], name="relu_pw"),
+        mk("Conv", ["r_pw", "w_dw"], ["c_dw"], name="dw", pads=[1, 1, 1, 1], group=12),
+        mk("Relu", ["c_dw"], ["r_dw"], name="relu_dw"),
+        mk("GlobalAveragePool", ["r_dw"], ["gap"], name="gap"),
+        mk("Flatten", ["gap"], ["flat"], name="flatten"),
+        mk("Gemm", ["flat", "w_fc1", "b_fc1"], ["h1"], name="fc1", transB=1),
+        mk("Relu", ["h1"], ["r1"], name="relu_fc1"),
+        mk("Gemm", ["r1", "w_fc2"], ["h2"], name="fc2"),
+        mk("Relu", ["h2"], ["r2"], name="relu_fc2"),
+        mk("Gemm", ["r2", "w_fc3", "b_fc3"], ["logits"], name="fc3", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_layered",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        initializer=[numpy_helper.from_array(a, n) for n, a in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from tcsched.scheduler.policy import Decision, Policy, RequestError, RequestOptions, parse_parameters
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from tcsched.build_tools.build import BuildConfig, build
 
+from tcsched.build_tools.build import BuildConfig, build
 from tcsched.server import TritonServer
 from tests.conftest import SHARED
 

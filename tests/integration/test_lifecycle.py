@@ -11,8 +11,8 @@ import urllib.request
 
 import pytest
 from rich.console import Console
-from tcsched.build_tools import build as build_mod
 
+from tcsched.build_tools import build as build_mod
 from tcsched.server import free_port
 
 pytestmark = pytest.mark.integration

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from tcsched.client.classify import ClassifierClient
-from tcsched.scheduler.policy import predicted_latency_ms
 from tritonclient.utils import InferenceServerException
 
+from tcsched.client.classify import ClassifierClient
 from tcsched.data import default_photo, list_images
 from tcsched.manifest import Manifest
+from tcsched.scheduler.policy import predicted_latency_ms
 
 pytestmark = pytest.mark.integration
 CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian cat, Siamese cat, Egyptian cat

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+
 from tcsched.scheduler.policy import (
     LiveState,
     Policy,
@@ -9,7 +10,6 @@ from tcsched.scheduler.policy import (
     parse_parameters,
     predicted_latency_ms,
 )
-
 from tests.helpers import make_manifest
 
 SPECS = {

@@ -1,8 +1,8 @@
 import numpy as np
 import onnx
 import pytest
-from tcsched.build_tools.quantize import ArrayCalibrationReader, quantize_int8
 
+from tcsched.build_tools.quantize import ArrayCalibrationReader, quantize_int8
 from tcsched.metrics import mean_kl, sqnr_db, top1_agreement, topk_accuracy, wilson_interval
 from tcsched.ort_runtime import OrtClassifier
 from tests.helpers import tiny_classifier

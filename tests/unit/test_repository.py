@@ -1,8 +1,8 @@
 import pytest
 from google.protobuf import text_format
-from tcsched.build_tools import repository as r
 from tritonclient.grpc import model_config_pb2 as mc
 
+from tcsched.build_tools import repository as r
 from tcsched.fsutil import atomic_directory, clean_stale_temporaries
 
 

@@ -1,7 +1,7 @@
 import numpy as np
+
 from tcsched.scheduler.policy import LiveState, Policy, RequestError, RequestOptions
 from tcsched.scheduler.service import SchedulerService
-
 from tests.helpers import make_manifest
 
 SPECS = {"m_fp32": ("fp32", 0.0, {1: 5.0, 8: 32.0}), "m_int8": ("int8", 2.5, {1: 3.0, 8: 12.0})}

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from tcsched.scheduler.policy import LiveState, Policy, RequestOptions
-from tcsched.scheduler.service import SchedulerService
 
 from tcsched.manifest import Manifest
+from tcsched.scheduler.policy import LiveState, Policy, RequestOptions
+from tcsched.scheduler.service import SchedulerService
 
 
 class TritonPythonModel:
@@ -36,6 +36,8 @@ class TritonPythonModel:
             requested_output_names=[self.output_name],
             inputs=[pb_utils.Tensor(self.input_name, batch)],
             timeout=self.timeout_us,
+            # a TensorRT variant may leave its output in GPU memory: ask for it on the CPU
+            preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
         )
         resp = req.exec()
         if resp.has_error():

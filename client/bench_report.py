@@ -1,0 +1,291 @@
+"""The bench report: ``bench.json`` (everything), ``points.csv`` (one row per point, perf_analyzer and bare),
+``report.md`` (tables) and PNG plots (matplotlib, Agg backend, imported only when plotting)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from tcsched.client.bench import ENSEMBLE, BenchResult
+from tcsched.client.perf_analyzer import PerfPoint
+
+POINT_COLUMNS = [
+    "target",
+    "model",
+    "mode",
+    "load",
+    "request_parameters",
+    "throughput_infer_per_s",
+    "p50_ms",
+    "p90_ms",
+    "p95_ms",
+    "p99_ms",
+    "avg_latency_ms",
+    "client_send_ms",
+    "network_server_send_recv_ms",
+    "server_queue_ms",
+    "server_compute_input_ms",
+    "server_compute_infer_ms",
+    "server_compute_output_ms",
+    "client_recv_ms",
+    "stable",
+    "stability_percentage",
+    "measurement_interval_ms",
+    "wall_s",
+    "variants_served",
+]
+
+
+def _fmt(x, nd: int = 1) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _served(p: PerfPoint, variants: Sequence[str]) -> dict[str, int]:
+    return {v: p.server_stats[v].inference_count for v in variants if v in p.server_stats}
+
+
+def point_row(p: PerfPoint, variants: Sequence[str] = ()) -> dict:
+    """One flat CSV row of a perf_analyzer point (ms, img/s)."""
+    return {
+        "target": p.target,
+        "model": p.model,
+        "mode": p.mode,
+        "load": p.load,
+        "request_parameters": json.dumps(p.request_parameters, sort_keys=True),
+        "throughput_infer_per_s": p.throughput_infer_per_s,
+        "p50_ms": p.p50_ms,
+        "p90_ms": p.p90_ms,
+        "p95_ms": p.p95_ms,
+        "p99_ms": p.p99_ms,
+        "avg_latency_ms": p.avg_latency_ms,
+        "client_send_ms": p.client_send_ms,
+        "network_server_send_recv_ms": p.network_server_send_recv_ms,
+        "server_queue_ms": p.server.queue_ms,
+        "server_compute_input_ms": p.server.compute_input_ms,
+        "server_compute_infer_ms": p.server.compute_infer_ms,
+        "server_compute_output_ms": p.server.compute_output_ms,
+        "client_recv_ms": p.client_recv_ms,
+        "stable": p.stable,
+        "stability_percentage": p.stability_percentage,
+        "measurement_interval_ms": p.measurement_interval_ms,
+        "wall_s": round(p.wall_s, 2),
+        "variants_served": json.dumps(_served(p, variants), sort_keys=True) if p.model == ENSEMBLE else "",
+    }
+
+
+def write_points_csv(result: BenchResult, path: Path) -> Path:
+    """perf_analyzer points, then bare points (mode ``bare``, load = batch size)."""
+    variants = result.config.get("variants", [])
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=POINT_COLUMNS)
+        w.writeheader()
+        for p in result.points:
+            w.writerow(point_row(p, variants))
+        for b in result.bare:
+            w.writerow(
+                {
+                    "target": f"bare {b.variant}",
+                    "model": b.variant,
+                    "mode": "bare",
+                    "load": b.batch_size,
+                    "throughput_infer_per_s": b.img_per_s,
+                    "p50_ms": b.p50_ms,
+                    "p99_ms": b.p99_ms,
+                    "wall_s": round(b.duration_s, 2),
+                }
+            )
+    return path
+
+
+def markdown(result: BenchResult, plots: Sequence[Path] = ()) -> str:
+    """The report's markdown: headline table, ensemble overhead, every point, bare points, environment."""
+    env, cfg = result.environment, result.config
+    variants = cfg.get("variants", [])
+    lines = [
+        "# tcsched bench",
+        "",
+        f"{env.get('utc')} on {env.get('cpu_model')} ({env.get('cpus_usable')} usable cores, load "
+        f"{_fmt((env.get('loadavg_1_5_15') or [None])[0], 2)} before / "
+        f"{_fmt((env.get('loadavg_1_5_15_after') or [None])[0], 2)} after); tritonserver "
+        f"{env.get('tritonserver')}, perf_analyzer {env.get('perf_analyzer')}, onnxruntime "
+        f"{env.get('onnxruntime')}, tcsched {env.get('tcsched')}, Python {env.get('python')}.",
+        "",
+        f"perf_analyzer over gRPC, batch 1, {len(cfg.get('images', []))} real images round robin, windows of "
+        f"{cfg.get('measurement_interval_ms')} ms, stable when the last 3 agree within "
+        f"{cfg.get('stability_percentage')}% (at most {cfg.get('max_trials')} windows). Bare = the variant's "
+        "ONNX Runtime session in-process, same intra-op threads as serving, batch = min(concurrency, max batch). "
+        f"Whole run: {result.wall_s:.0f} s.",
+        "",
+        "## Served variants vs bare ONNX Runtime, and the ensemble's overhead",
+        "",
+        "| variant | conc. | served img/s | p50 ms | p99 ms | bare img/s (batch) | served / bare "
+        "| ensemble img/s | ensemble p50 ms | ensemble p99 ms | ensemble p50 / direct p50 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result.summary()["by_variant"]:
+        lines.append(
+            f"| {r['variant']} | {r['concurrency']} | {_fmt(r['served_img_per_s'])} | {_fmt(r['served_p50_ms'])} "
+            f"| {_fmt(r['served_p99_ms'])} | {_fmt(r['bare_img_per_s'])} ({r['bare_batch']}) "
+            f"| {_fmt(r['served_over_bare'], 2)} | {_fmt(r['ensemble_img_per_s'])} | {_fmt(r['ensemble_p50_ms'])} "
+            f"| {_fmt(r['ensemble_p99_ms'])} | {_fmt(r['ensemble_p50_over_direct_p50'], 2)} |"
+        )
+    lines += [
+        "",
+        f"Ensemble = `{ENSEMBLE}` (preprocess: JPEG decode + resize on the server, then scheduler → variant by BLS) "
+        "forced to the variant with the request parameter `variant`; the direct variant gets the already "
+        "preprocessed tensor, so the ratio includes decoding and preprocessing.",
+        "",
+        "## Every point",
+        "",
+        "| target | load | img/s | p50 ms | p90 ms | p99 ms | queue ms | compute in ms | infer ms | out ms "
+        "| net+send/recv ms | stable | variants served (images) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for p in result.points:
+        load = f"c={p.load:g}" if p.mode == "concurrency" else f"{p.load:g} req/s"
+        served = _served(p, variants) if p.model == ENSEMBLE else {}
+        lines.append(
+            f"| {p.target} | {load} | {_fmt(p.throughput_infer_per_s)} | {_fmt(p.p50_ms)} | {_fmt(p.p90_ms)} "
+            f"| {_fmt(p.p99_ms)} | {_fmt(p.server.queue_ms, 2)} | {_fmt(p.server.compute_input_ms, 2)} "
+            f"| {_fmt(p.server.compute_infer_ms, 2)} | {_fmt(p.server.compute_output_ms, 2)} "
+            f"| {_fmt(p.network_server_send_recv_ms, 2)} | {'yes' if p.stable else f'at {p.stability_percentage:g}%'} "
+            f"| {', '.join(f'{k}: {v}' for k, v in served.items() if v) or '–'} |"
+        )
+    lines += [
+        "",
+        "Server-side columns: perf_analyzer's CSV (average per request). For the ensemble they are summed over "
+        "the composing models (preprocess, scheduler; the scheduler's infer time includes its BLS call to the "
+        "variant), with the queue taken from the composing models' CSVs. Variants served: delta of each "
+        "variant model's `inference_count` (Triton statistics API) over the whole perf_analyzer run.",
+        "",
+        "## Bare ONNX Runtime sessions",
+        "",
+        "| variant | batch | threads | img/s | p50 ms/batch | p99 ms/batch | calls |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for b in result.bare:
+        lines.append(
+            f"| {b.variant} | {b.batch_size} | {b.threads} | {_fmt(b.img_per_s)} | {_fmt(b.p50_ms, 2)} "
+            f"| {_fmt(b.p99_ms, 2)} | {b.calls} |"
+        )
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    if result.errors:
+        lines += ["", "## Errors", ""] + [f"- {e.splitlines()[0]}" for e in result.errors]
+    lines += ["", "## Environment", "", "```json", json.dumps(env, indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def plot_throughput_vs_p99(points: Sequence[PerfPoint], path: Path) -> Path:
+    """Throughput (img/s) against p99 latency (ms), one line per target: concurrency points joined by a line
+    (annotated with c), request-rate points as hollow markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    targets = list(dict.fromkeys(p.target for p in points))
+    for i, t in enumerate(targets):
+        color = f"C{i % 10}"
+        conc = sorted((p for p in points if p.target == t and p.mode == "concurrency"), key=lambda p: p.load)
+        rate = sorted((p for p in points if p.target == t and p.mode == "request_rate"), key=lambda p: p.load)
+        if conc:
+            ax.plot(
+                [p.p99_ms for p in conc], [p.throughput_infer_per_s for p in conc], "o-", color=color, label=t
+            )
+            for p in conc:
+                ax.annotate(
+                    f"c{p.load:g}",
+                    (p.p99_ms, p.throughput_infer_per_s),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        if rate:
+            ax.plot(
+                [p.p99_ms for p in rate],
+                [p.throughput_infer_per_s for p in rate],
+                "s",
+                color=color,
+                markerfacecolor="none",
+                label=f"{t} (request rate)" if not conc else None,
+            )
+    ax.set_xlabel("p99 latency (ms)")
+    ax.set_ylabel("throughput (img/s)")
+    ax.set_title("throughput vs p99 latency (● concurrency sweep, □ request-rate sweep)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_latency_breakdown(points: Sequence[PerfPoint], path: Path) -> Path:
+    """Stacked bars of the average request's time (ms) per target and concurrency level: server queue,
+    compute input, compute infer, compute output, and the rest (client send/recv, network, server overhead)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conc = [p for p in points if p.mode == "concurrency"] or list(points)
+    labels = [f"{p.target}\n{'c' if p.mode == 'concurrency' else 'r'}{p.load:g}" for p in conc]
+    parts = {
+        "queue": [p.server.queue_ms for p in conc],
+        "compute input": [p.server.compute_input_ms for p in conc],
+        "compute infer": [p.server.compute_infer_ms for p in conc],
+        "compute output": [p.server.compute_output_ms for p in conc],
+        "client + network": [
+            max(0.0, (p.avg_latency_ms or 0.0) - p.server.total_ms)
+            if p.avg_latency_ms
+            else p.client_send_ms + p.network_server_send_recv_ms + p.client_recv_ms
+            for p in conc
+        ],
+    }
+    fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(conc) + 2), 6), dpi=110)
+    bottom = [0.0] * len(conc)
+    for i, (name, vals) in enumerate(parts.items()):
+        ax.bar(range(len(conc)), vals, bottom=bottom, label=name, color=f"C{i}")
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax.set_xticks(range(len(conc)))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("average latency (ms)")
+    ax.set_title("latency breakdown (perf_analyzer server-side columns)")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_plots(points: Sequence[PerfPoint], folder: Path) -> list[Path]:
+    """Both PNG plots into ``folder``; none when there is no point."""
+    if not points:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    return [
+        plot_throughput_vs_p99(points, folder / "throughput_vs_p99.png"),
+        plot_latency_breakdown(points, folder / "latency_breakdown.png"),
+    ]
+
+
+def write_report(result: BenchResult, folder: str | Path) -> list[Path]:
+    """Write ``bench.json``, ``points.csv``, the plots and ``report.md`` into ``folder``; returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    js = folder / "bench.json"
+    js.write_text(json.dumps(result.as_dict(), indent=2, default=str))
+    pts = write_points_csv(result, folder / "points.csv")
+    plots = write_plots(result.points, folder)
+    md = folder / "report.md"
+    md.write_text(markdown(result, plots))
+    return [js, pts, md, *plots]

@@ -1,0 +1,120 @@
+"""The bench against the real tritonserver with the real perf_analyzer: short runs, parsed into result types."""
+
+from pathlib import Path
+
+import pytest
+
+from tcsched.client.bench import (
+    BenchConfig,
+    make_input_data,
+    pick_images,
+    run_bench,
+)
+from tcsched.client.bench_report import write_report
+from tcsched.client.perf_analyzer import (
+    PerfPoint,
+    ProfileExperiment,
+    run_perf_analyzer,
+    server_statistics,
+    variant_usage_delta,
+    within_budget_share,
+)
+from tests.conftest import SHARED
+
+pytestmark = pytest.mark.integration
+
+FP32 = "mobilenet_v2_fp32"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def input_data(tmp_path_factory):
+    items = pick_images(SHARED if (SHARED / "labels.csv").is_file() else None, 4)
+    return make_input_data(items, tmp_path_factory.mktemp("bench_input"))
+
+
+def test_perf_analyzer_point_with_profile_and_usage(server, built_repo, input_data, tmp_path):
+    variants = ["mobilenet_v2_fp32", "mobilenet_v2_int8"]
+    before = server_statistics(server.grpc_url)
+    p = run_perf_analyzer(
+        "classifier",
+        server.grpc_url,
+        input_data=input_data.ensemble_json,
+        concurrency=2,
+        request_parameters={"variant": "int8"},
+        measurement_interval_ms=800,
+        stability_percentage=50,
+        max_trials=4,
+        profile_export=True,
+        work_dir=tmp_path,
+    )
+    after = server_statistics(server.grpc_url)
+    assert isinstance(p, PerfPoint) and p.mode == "concurrency" and p.load == 2
+    assert p.throughput_infer_per_s > 0 and 0 < p.p50_ms <= p.p99_ms
+    assert set(p.composing) == {"preprocess", "scheduler"} and p.server.queue_ms > 0
+    assert isinstance(p.profile, ProfileExperiment)
+    measured = p.profile.measured()
+    assert measured and p.profile.output_counts("VARIANT") == {"mobilenet_v2_int8": len(measured)}
+    assert 0.0 <= within_budget_share(p.profile, p.p50_ms) <= 1.0
+    assert within_budget_share(p.profile, 1e6) == 1.0
+    usage = variant_usage_delta(before, after, variants)
+    assert usage["mobilenet_v2_int8"]["inference_count"] >= len(measured)
+    assert usage["mobilenet_v2_fp32"]["inference_count"] == 0
+    assert p.server_stats["classifier"].success_count >= len(measured)
+
+
+def test_short_bench_writes_report_and_plots(server, built_repo, tmp_path):
+    cfg = BenchConfig(
+        repo=built_repo,
+        output=tmp_path / "bench",
+        url=server.grpc_url,
+        data_dir=SHARED if (SHARED / "labels.csv").is_file() else None,
+        n_images=4,
+        variants=(FP32,),
+        scheduler=False,
+        concurrency=(1, 2),
+        rate_fractions=(0.5,),
+        measurement_interval_ms=700,
+        stability_percentage=50.0,
+        max_trials=4,
+        warmup=True,
+    )
+    result = run_bench(cfg, log=lambda s: None)
+    assert not result.errors, result.errors
+    targets = {p.target for p in result.points}
+    assert targets == {FP32, f"classifier[{FP32}]"}
+    modes = {(p.target, p.mode, p.load) for p in result.points}
+    assert {(FP32, "concurrency", 1.0), (FP32, "concurrency", 2.0)} <= modes
+    assert any(p.mode == "request_rate" for p in result.points)
+    assert [(b.variant, b.batch_size) for b in result.bare] == [(FP32, 1), (FP32, 2)]
+    assert all(b.threads == 2 and b.img_per_s > 0 for b in result.bare)
+    row = result.summary()["by_variant"][0]
+    assert row["served_over_bare"] > 0 and row["ensemble_p50_over_direct_p50"] > 0
+    ens = result.point(f"classifier[{FP32}]", "concurrency", 1)
+    assert ens.server_stats[FP32].inference_count >= 1
+    assert result.environment["tritonserver"] == "2.51.0" and result.environment["perf_analyzer"] == "2.51.0"
+
+    files = write_report(result, cfg.output)
+    names = {Path(f).name for f in files}
+    assert {
+        "bench.json",
+        "points.csv",
+        "report.md",
+        "throughput_vs_p99.png",
+        "latency_breakdown.png",
+    } <= names
+    for png in ("throughput_vs_p99.png", "latency_breakdown.png"):
+        data = (cfg.output / png).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000
+    md = (cfg.output / "report.md").read_text()
+    assert "served / bare" in md and FP32 in md
+
+
+def test_bad_input_fails_before_any_work(built_repo, tmp_path):
+    with pytest.raises(ValueError, match="unknown variant"):
+        run_bench(BenchConfig(repo=built_repo, output=tmp_path, variants=("nope",)))
+    with pytest.raises(ValueError, match="no Triton server"):
+        run_bench(BenchConfig(repo=built_repo, output=tmp_path, url="127.0.0.1:1"))
+    with pytest.raises(ValueError, match="concurrency"):
+        run_bench(BenchConfig(repo=built_repo, output=tmp_path, concurrency=(0,)))
+    assert not any(tmp_path.iterdir())
