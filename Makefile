@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SHARED_DATA ?= ../shared/data/imagenet-sample
 DATA_DIR := $(if $(wildcard $(SHARED_DATA)/labels.csv),--data-dir $(SHARED_DATA),)
 
-.PHONY: setup demo test test-unit lint eval clean
+.PHONY: setup demo test test-unit lint eval bench clean
 
 $(VENV)/.installed: pyproject.toml
 	# perf_analyzer (inside the tritonclient[all] wheel) needs Debian's libb64; root on CI and dev machines
@@ -38,6 +38,13 @@ lint: setup
 # Top-1/top-5 through the served ensemble on the labeled sample, per variant, vs torchvision eager.
 eval: setup
 	$(BIN)/tcsched eval $(SHARED_DATA) --output reports/eval.json
+
+# perf_analyzer sweeps of every variant and the ensemble + bare ONNX Runtime lower bound -> reports/bench/
+# (JSON, CSV, report.md, PNG plots); about 6-8 min on 2 cores. Builds the repository first if it is missing.
+BENCH_DATA := $(if $(wildcard $(SHARED_DATA)/labels.csv),--data-dir $(SHARED_DATA),)
+bench: setup
+	test -f model_repository/manifest.json || $(BIN)/tcsched build $(EVAL_DIR)
+	$(BIN)/tcsched bench --repo model_repository --output reports/bench $(BENCH_DATA)
 
 clean:
 	rm -rf .tcsched reports model_repository/*/ model_repository/manifest.json

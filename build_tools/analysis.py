@@ -21,7 +21,7 @@ Per layer (every ``Conv`` and ``Gemm`` whose weight is an initializer):
 Speed: activation ranges are computed once (one fp32 pass with every layer input exposed); then one in-memory
 graph per layer (QDQ around that layer only, plus two parallel copies of the layer, one fp32 as reference and one
 with the pruned weight) runs once over the calibration images. On 2 CPU cores, MobileNetV2 (53 layers) with 32
-images of 224x224 takes about a minute.
+images of 224x224 took 23-28 s (up to ~60 s with the cores shared), about 0.9 GB peak RSS.
 """
 
 from __future__ import annotations

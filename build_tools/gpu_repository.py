@@ -178,6 +178,33 @@ def _queue_delay(cpu_repo: Path, name: str) -> int:
     return repo_mod.ServingOptions().max_queue_delay_microseconds
 
 
+def tensorrt_source(onnx_path: Path, dest: Path) -> tuple[Path, str | None]:
+    """The graph TensorRT compiles for a variant: the ONNX file itself, or, where its Q/DQ are in ONNX Runtime's
+    asymmetric uint8 form, the same graph re-expressed as symmetric int8 (``quantize.to_symmetric_int8``) at
+    ``dest``. Returns (path, note or None).
+
+    Raises:
+        ValueError: the graph still has Q/DQ that TensorRT rejects after the conversion.
+    """
+    import onnx
+
+    from tcsched.build_tools.quantize import to_symmetric_int8
+
+    if not te.tensorrt_qdq_problems(onnx_path):
+        return onnx_path, None
+    model, n = to_symmetric_int8(onnx.load(str(onnx_path)))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dest))
+    problems = te.tensorrt_qdq_problems(dest)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(f"TensorRT cannot compile {onnx_path}: {'; '.join(problems[:3])}{more}")
+    return dest, (
+        f"TensorRT compiled {dest.name}: the ONNX graph with its {n} uint8 Q/DQ ranges re-expressed as symmetric "
+        "int8 (zero point 0) and int32 biases folded to float, as TensorRT requires"
+    )
+
+
 def _validate_cpu_repository(cpu_repo: Path, gpu_repo: Path) -> Manifest:
     if not (cpu_repo / MANIFEST_FILENAME).is_file():
         raise ValueError(
@@ -196,15 +223,6 @@ def _validate_cpu_repository(cpu_repo: Path, gpu_repo: Path) -> Manifest:
     for v in m.variants:
         if not v.file.endswith(".onnx") or not (cpu_repo / v.file).is_file():
             raise ValueError(f"variant {v.name}: expected its ONNX graph at {cpu_repo / v.file}")
-    for v in m.variants:
-        problems = te.tensorrt_qdq_problems(cpu_repo / v.file)
-        if problems:
-            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-            raise ValueError(
-                f"variant {v.name}: TensorRT cannot compile {cpu_repo / v.file}: {'; '.join(problems[:3])}{more}. "
-                "TensorRT quantizes symmetrically: make the variant with signed int8 activations and weights, "
-                "zero points 0 (ONNX Runtime: QuantType.QInt8 + ActivationSymmetric/WeightSymmetric)"
-            )
     for d in (repo_mod.PREPROCESS, repo_mod.SCHEDULER, repo_mod.ENSEMBLE):
         if not (cpu_repo / d / "config.pbtxt").is_file():
             raise ValueError(f"{cpu_repo} lacks the {d!r} model; rebuild it with `tcsched build`")
@@ -278,11 +296,15 @@ def convert_to_gpu_repository(
             shutil.copyfile(cpu_repo / "README.md", tmp / "README.md")
 
         built: dict[str, te.EngineBuildResult] = {}
+        trt_notes: dict[str, str] = {}
         for v in src.variants:
             sparse = v.precision == "sparse24"
+            source, trt_note = tensorrt_source(cpu_repo / v.file, tmp / v.name / "1" / "model.tensorrt.onnx")
+            if trt_note:
+                trt_notes[v.name] = trt_note
             with console.status(f"TensorRT build {v.name}{' (SPARSE_WEIGHTS)' if sparse else ''}"):
                 res = te.build_engine(
-                    cpu_repo / v.file,
+                    source,
                     tmp / v.name / "1" / PLAN_FILENAME,
                     max_batch_size=mbs,
                     sparse=sparse,
@@ -346,6 +368,7 @@ def convert_to_gpu_repository(
                 f"(precisions from the graph's Q/DQ and Cast nodes), profile batch 1..{mbs}, built in "
                 f"{res.build_seconds:.0f} s; accuracy figures are ONNX Runtime's on the same ONNX graph",
                 *extra_notes.get(v.name, []),
+                *([trt_notes[v.name]] if v.name in trt_notes else []),
             ]
             entries.append(
                 VariantEntry.model_validate(

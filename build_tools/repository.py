@@ -44,6 +44,9 @@ class ServingOptions:
     intra_op_num_threads: int = 2
     preprocess_instances: int = 1
     default_accuracy_budget_points: float = 1.0
+    default_latency_budget_ms: float | None = None  # None: no latency budget unless the request sets one
+    default_objective: str = ""  # "": max_accuracy with a latency budget, else min_latency
+    drift_margin: float = 0.5  # widening of the calibration ranges for the drift check, x their width
     bls_timeout_ms: int = 10_000
     unhealthy_cooldown_s: float = 30.0
     extra_scheduler_parameters: dict[str, str] = field(default_factory=dict)
@@ -110,6 +113,7 @@ def scheduler_config(opts: ServingOptions, chw: list[int], classes: int) -> mc.M
     cfg.input.append(_tensor(mc.ModelInput, "INPUT", mc.TYPE_FP32, chw))
     cfg.output.append(_tensor(mc.ModelOutput, "LOGITS", mc.TYPE_FP32, [classes]))
     cfg.output.append(_tensor(mc.ModelOutput, "VARIANT", mc.TYPE_STRING, [1]))
+    cfg.output.append(_tensor(mc.ModelOutput, "DECISION", mc.TYPE_STRING, [1]))
     _dynamic_batching(cfg, opts)
     cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
     _set_params(
@@ -117,6 +121,11 @@ def scheduler_config(opts: ServingOptions, chw: list[int], classes: int) -> mc.M
         {
             "manifest_file": "../manifest.json",
             "default_accuracy_budget": opts.default_accuracy_budget_points,
+            "default_latency_budget_ms": ""
+            if opts.default_latency_budget_ms is None
+            else opts.default_latency_budget_ms,
+            "default_objective": opts.default_objective,
+            "drift_margin": opts.drift_margin,
             "bls_timeout_ms": opts.bls_timeout_ms,
             "unhealthy_cooldown_s": opts.unhealthy_cooldown_s,
             **opts.extra_scheduler_parameters,
@@ -130,6 +139,7 @@ def ensemble_config(opts: ServingOptions, classes: int) -> mc.ModelConfig:
     cfg.input.append(_tensor(mc.ModelInput, "IMAGE", mc.TYPE_STRING, [1]))
     cfg.output.append(_tensor(mc.ModelOutput, "LOGITS", mc.TYPE_FP32, [classes], label_filename=LABELS_FILE))
     cfg.output.append(_tensor(mc.ModelOutput, "VARIANT", mc.TYPE_STRING, [1]))
+    cfg.output.append(_tensor(mc.ModelOutput, "DECISION", mc.TYPE_STRING, [1]))
     pre = cfg.ensemble_scheduling.step.add(model_name=PREPROCESS, model_version=-1)
     pre.input_map["IMAGE"] = "IMAGE"
     pre.output_map["INPUT"] = "preprocessed"
@@ -137,6 +147,7 @@ def ensemble_config(opts: ServingOptions, classes: int) -> mc.ModelConfig:
     sch.input_map["INPUT"] = "preprocessed"
     sch.output_map["LOGITS"] = "LOGITS"
     sch.output_map["VARIANT"] = "VARIANT"
+    sch.output_map["DECISION"] = "DECISION"
     return cfg
 
 

@@ -7,6 +7,7 @@ Request knobs travel as Triton request parameters (``variant``, ``accuracy_budge
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,7 @@ class Classification:
     topk: list[Prediction]
     variant: str
     latency_ms: float
+    decision: dict | None = None  # the scheduler's DECISION output: reason, code, predicted latency, fallback
 
 
 def parse_class_entry(entry: bytes | str) -> Prediction:
@@ -103,7 +105,11 @@ class ClassifierClient:
         tc = self._tc
         inp = tc.InferInput("IMAGE", [1, 1], "BYTES")
         inp.set_data_from_numpy(np.array([[image]], dtype=np.object_))
-        outputs = [tc.InferRequestedOutput("LOGITS", class_count=top_k), tc.InferRequestedOutput("VARIANT")]
+        outputs = [
+            tc.InferRequestedOutput("LOGITS", class_count=top_k),
+            tc.InferRequestedOutput("VARIANT"),
+            tc.InferRequestedOutput("DECISION"),
+        ]
         kw = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         t0 = time.perf_counter()
         result = self._client.infer(
@@ -112,10 +118,12 @@ class ClassifierClient:
         ms = (time.perf_counter() - t0) * 1e3
         entries = result.as_numpy("LOGITS").reshape(-1)
         variant = result.as_numpy("VARIANT").reshape(-1)[0]
+        decision = result.as_numpy("DECISION")
         return Classification(
             [parse_class_entry(e) for e in entries],
             variant.decode() if isinstance(variant, bytes) else str(variant),
             ms,
+            json.loads(decision.reshape(-1)[0]) if decision is not None else None,
         )
 
     def classify_many(

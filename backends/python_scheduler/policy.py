@@ -9,16 +9,26 @@ Request parameters (Triton request parameters, e.g. ``client.infer(..., paramete
 ``variant``            force one variant (its Triton model name, or its precision such as ``int8``)
 ``accuracy_budget``    maximum top-1 drop vs fp32 the caller accepts, percentage points, >= 0
 ``latency_budget_ms``  latency target, milliseconds, > 0
-``objective``          ``min_latency`` (default) or ``max_accuracy``
+``objective``          ``min_latency`` or ``max_accuracy``; default: ``max_accuracy`` when a latency budget is
+                       given (the most accurate variant that fits it), else ``min_latency``
+
+Predicted latency of variant v for a batch of B images = queue + service:
+  service = the build's measured p50 at batch B (interpolated) x the EWMA of observed/predicted BLS time of v
+  (so the profile is corrected for the serving process), queue = the EWMA of the scheduler's execute time (what
+  a request arriving now waits for the batch in progress). Both come from :class:`tcsched.scheduler.live.LoadTracker`.
 
 Rules, in order:
   1. ``variant`` given: that variant (unknown name -> error naming the known ones).
-  2. candidates = healthy variants that the runtime executes natively (not emulated: fp16 on a CPU is out).
+  2. candidates = healthy variants that the runtime executes natively (not emulated: fp16 on a CPU is out);
+     when the input is out of the calibration distribution (:func:`tcsched.scheduler.live.drift_check`), INT8
+     variants (int8, int8_mixed) are dropped from the candidates: their ranges were calibrated on other data.
   3. ``min_latency``: the fastest candidate whose measured top-1 drop <= ``accuracy_budget``.
-     ``max_accuracy``: the most accurate candidate whose predicted latency <= ``latency_budget_ms``.
+     ``max_accuracy``: the most accurate candidate (within the accuracy budget) whose predicted latency <=
+     ``latency_budget_ms``.
   4. Nothing fits: ``min_latency`` degrades to the most accurate candidate (accuracy is never traded away
      beyond the budget); ``max_accuracy`` degrades to the fastest candidate within the accuracy budget, else the
      fastest. The reason says which degradation happened.
+  5. The remaining candidates follow as fallbacks, most accurate first (used when the chosen variant fails).
 """
 
 from __future__ import annotations
@@ -30,10 +40,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tcsched.manifest import Manifest, VariantEntry
+from tcsched.scheduler.live import DriftResult, LoadTracker
 
 Objective = Literal["min_latency", "max_accuracy"]
 OBJECTIVES = ("min_latency", "max_accuracy")
 KNOWN_PARAMETERS = ("variant", "accuracy_budget", "latency_budget_ms", "objective")
+INT8_PRECISIONS = ("int8", "int8_mixed")
 
 
 class RequestError(ValueError):
@@ -45,14 +57,24 @@ class RequestOptions:
     variant: str | None = None
     accuracy_budget_points: float = 1.0
     latency_budget_ms: float | None = None
-    objective: Objective = "min_latency"
+    objective: Objective | None = None  # None: max_accuracy with a latency budget, else min_latency
+
+    @property
+    def resolved_objective(self) -> Objective:
+        if self.objective is not None:
+            return self.objective
+        return "max_accuracy" if self.latency_budget_ms is not None else "min_latency"
 
 
 @dataclass(frozen=True)
 class Decision:
+    """A variant with its reason. ``code`` is a low-cardinality label for metrics; ``predicted_latency_ms`` is
+    queue + service (ms), ``None`` when the variant has no latency profile."""
+
     variant: str
     reason: str
     predicted_latency_ms: float | None = None
+    code: str = "chosen"
 
 
 def _number(name: str, value: object, *, positive: bool) -> float:
@@ -87,8 +109,10 @@ def parse_parameters(params: Mapping[str, object], defaults: RequestOptions) -> 
     if "latency_budget_ms" in params:
         lat = _number("latency_budget_ms", params["latency_budget_ms"], positive=True)
     obj = params.get("objective", defaults.objective)
-    if obj not in OBJECTIVES:
+    if obj is not None and obj not in OBJECTIVES:
         raise RequestError(f"parameter 'objective' must be one of {list(OBJECTIVES)}, got {obj!r}")
+    if lat is not None and lat < 0:
+        raise RequestError(f"parameter 'latency_budget_ms' must be > 0, got {lat}")
     return RequestOptions(
         variant=variant.strip() if isinstance(variant, str) else None,
         accuracy_budget_points=acc,
@@ -139,7 +163,14 @@ class Policy:
             return 0.0
         return e.accuracy.top1_drop_points if e.accuracy is not None else math.inf
 
-    def rank(self, opts: RequestOptions, batch_size: int = 1, now: float | None = None) -> list[Decision]:
+    def rank(
+        self,
+        opts: RequestOptions,
+        batch_size: int = 1,
+        now: float | None = None,
+        load: LoadTracker | None = None,
+        drift: DriftResult | None = None,
+    ) -> list[Decision]:
         """Every usable variant, best first, each with the reason it holds that place.
 
         The first is the decision; the rest are the fallbacks in order.
@@ -148,18 +179,31 @@ class Policy:
             RequestError: ``opts.variant`` names no variant.
         """
         m = self.manifest
+        queue_ms = load.execute_ms if load is not None else 0.0
+
+        def predict(e: VariantEntry) -> float | None:
+            service = predicted_latency_ms(e, batch_size)
+            if service is None:
+                return None
+            return queue_ms + service * (load.ratio(e.name) if load is not None else 1.0)
+
         if opts.variant is not None:
             try:
                 forced = m.variant(opts.variant)
             except KeyError as e:
                 raise RequestError(f"parameter 'variant': {e.args[0]}") from None
-            lat = predicted_latency_ms(forced, batch_size)
-            return [Decision(forced.name, "forced by the 'variant' parameter", lat)]
+            return [Decision(forced.name, "forced by the 'variant' parameter", predict(forced), "forced")]
 
         usable = [e for e in m.variants if e.serve_on_cpu_for_speed or m.target == "gpu"]
+        ood_note = ""
+        if drift is not None and drift.out_of_distribution:
+            safe = [e for e in usable if e.precision not in INT8_PRECISIONS]
+            if safe:
+                usable = safe
+                ood_note = f"; input out of distribution ({drift.reason}): INT8 variants avoided"
         healthy = [e for e in usable if self.state.healthy(e.name, now)]
         pool = healthy or usable  # all unhealthy: try anyway rather than fail
-        lat = {e.name: predicted_latency_ms(e, batch_size) for e in pool}
+        lat = {e.name: predict(e) for e in pool}
 
         def speed(e: VariantEntry) -> float:
             v = lat[e.name]
@@ -169,36 +213,47 @@ class Policy:
         within_acc = [e for e in pool if self._drop(e) <= budget]
         by_accuracy = sorted(pool, key=lambda e: (self._drop(e), speed(e)))
         ordered: list[Decision] = []
-        if opts.objective == "min_latency":
+        code_sfx = "_ood" if ood_note else ""
+        if opts.resolved_objective == "min_latency":
             for e in sorted(within_acc, key=speed):
                 ordered.append(
-                    Decision(e.name, f"fastest within accuracy budget {budget:g} points", lat[e.name])
+                    Decision(
+                        e.name,
+                        f"fastest within accuracy budget {budget:g} points{ood_note}",
+                        lat[e.name],
+                        "min_latency" + code_sfx,
+                    )
                 )
             if not ordered:
+                e = by_accuracy[0]
                 ordered.append(
                     Decision(
-                        by_accuracy[0].name,
-                        f"no variant within accuracy budget {budget:g} points: most accurate",
-                        lat[by_accuracy[0].name],
+                        e.name,
+                        f"no variant within accuracy budget {budget:g} points: most accurate{ood_note}",
+                        lat[e.name],
+                        "degraded_accuracy" + code_sfx,
                     )
                 )
         else:
             lb = opts.latency_budget_ms
-            fits = [e for e in by_accuracy if lb is None or speed(e) <= lb]
+            fits = [e for e in by_accuracy if e in within_acc and (lb is None or speed(e) <= lb)]
             for e in fits:
                 why = "most accurate" + ("" if lb is None else f" within latency budget {lb:g} ms")
-                ordered.append(Decision(e.name, why, lat[e.name]))
+                ordered.append(Decision(e.name, why + ood_note, lat[e.name], "max_accuracy" + code_sfx))
             if not ordered:
                 fallback = sorted(within_acc, key=speed) or sorted(pool, key=speed)
                 e = fallback[0]
                 ordered.append(
                     Decision(
-                        e.name, f"no variant within latency budget {lb:g} ms: fastest acceptable", lat[e.name]
+                        e.name,
+                        f"no variant within latency budget {lb:g} ms: fastest acceptable{ood_note}",
+                        lat[e.name],
+                        "degraded_latency" + code_sfx,
                     )
                 )
         seen = {d.variant for d in ordered}
         for e in by_accuracy:  # fallbacks: the rest, most accurate first
             if e.name not in seen:
-                ordered.append(Decision(e.name, "fallback", lat[e.name]))
+                ordered.append(Decision(e.name, "fallback", lat[e.name], "fallback"))
                 seen.add(e.name)
         return ordered

@@ -15,7 +15,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tcsched.scheduler.policy import Decision, Policy, RequestError, RequestOptions, parse_parameters
+from tcsched.manifest import InputStatistics
+from tcsched.scheduler.live import DriftResult, LoadTracker, drift_check
+from tcsched.scheduler.policy import (
+    Decision,
+    Policy,
+    RequestError,
+    RequestOptions,
+    parse_parameters,
+    predicted_latency_ms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +39,65 @@ class Served:
     decision: Decision
     fallback_from: str | None = None
     infer_ms: float = 0.0
+    drift: DriftResult | None = None
+
+    def decision_json(self) -> str:
+        """The decision as one JSON object (the DECISION output): variant, reason, code, predicted and observed
+        latency (ms), fallback origin, drift."""
+        import json
+
+        return json.dumps(
+            {
+                "variant": self.decision.variant,
+                "reason": self.decision.reason,
+                "code": self.decision.code,
+                "predicted_latency_ms": None
+                if self.decision.predicted_latency_ms is None
+                else round(self.decision.predicted_latency_ms, 3),
+                "observed_bls_ms": round(self.infer_ms, 3),
+                "fallback_from": self.fallback_from,
+                "out_of_distribution": bool(self.drift and self.drift.out_of_distribution),
+            }
+        )
+
+
+class Events:
+    """Hooks for metrics; the defaults do nothing. ``model.py`` binds them to ``pb_utils.MetricFamily``."""
+
+    def decision(self, variant: str, code: str, n: int) -> None: ...
+    def fallback(self, from_variant: str, to_variant: str, n: int) -> None: ...
+    def drift(self, n: int) -> None: ...
+    def latency(self, variant: str, observed_ms: float, predicted_ms: float | None) -> None: ...
 
 
 class SchedulerService:
-    def __init__(self, policy: Policy, defaults: RequestOptions, infer: InferFn, max_attempts: int = 2):
+    def __init__(
+        self,
+        policy: Policy,
+        defaults: RequestOptions,
+        infer: InferFn,
+        max_attempts: int = 2,
+        load: LoadTracker | None = None,
+        input_statistics: InputStatistics | None = None,
+        drift_margin: float = 0.5,
+        events: Events | None = None,
+    ):
         self.policy = policy
         self.defaults = defaults
         self.infer = infer
         self.max_attempts = max_attempts
+        self.load = load or LoadTracker()
+        self.input_statistics = input_statistics
+        self.drift_margin = drift_margin
+        self.events = events or Events()
         self.fallbacks = 0
+
+    def _drift(self, x: np.ndarray) -> DriftResult:
+        for row in x:
+            d = drift_check(row, self.input_statistics, self.drift_margin)
+            if d.out_of_distribution:
+                return d
+        return DriftResult(False)
 
     def handle(self, requests: Sequence[tuple[Mapping[str, object], np.ndarray]]) -> list[Served | Exception]:
         """Serve a batch of requests; element ``i`` of the result answers request ``i``.
@@ -46,20 +105,26 @@ class SchedulerService:
         Each request is (Triton request parameters, float32 [B_i, 3, 224, 224]). An element is an Exception
         (``RequestError`` for bad parameters, ``RuntimeError`` when every attempt failed) for that request only.
         """
+        t_exec = time.perf_counter()
         out: list[Served | Exception | None] = [None] * len(requests)
-        groups: dict[RequestOptions, list[int]] = {}
-        for i, (params, _x) in enumerate(requests):
+        groups: dict[tuple[RequestOptions, DriftResult], list[int]] = {}
+        n_drift = 0
+        for i, (params, x) in enumerate(requests):
             try:
                 opts = parse_parameters(params, self.defaults)
             except RequestError as e:
                 out[i] = e
                 continue
-            groups.setdefault(opts, []).append(i)
+            drift = self._drift(x) if opts.variant is None else DriftResult(False)
+            n_drift += drift.out_of_distribution
+            groups.setdefault((opts, drift), []).append(i)
+        if n_drift:
+            self.events.drift(n_drift)
 
-        for opts, idx in groups.items():
+        for (opts, drift), idx in groups.items():
             batch = requests[idx[0]][1] if len(idx) == 1 else np.concatenate([requests[i][1] for i in idx])
             try:
-                ranked = self.policy.rank(opts, batch_size=len(batch))
+                ranked = self.policy.rank(opts, batch_size=len(batch), load=self.load, drift=drift)
             except RequestError as e:
                 for i in idx:
                     out[i] = e
@@ -67,7 +132,7 @@ class SchedulerService:
             attempts = ranked[: 1 if opts.variant is not None else self.max_attempts]
             errors: list[str] = []
             for k, decision in enumerate(attempts):
-                t0 = time.perf_counter()
+                t0 = self.load.begin(len(batch))
                 try:
                     logits = self.infer(decision.variant, batch)
                 except Exception as e:  # a failing variant must not fail the request while another can serve
@@ -75,19 +140,26 @@ class SchedulerService:
                     self.policy.state.mark_unhealthy(decision.variant)
                     log.warning("variant %s failed (%s); marked unhealthy", decision.variant, e)
                     continue
+                finally:
+                    self.load.end(len(batch))
                 ms = (time.perf_counter() - t0) * 1e3
+                service = predicted_latency_ms(self.policy.manifest.variant(decision.variant), len(batch))
+                self.load.observe_variant(decision.variant, ms, service)
+                self.events.latency(decision.variant, ms, decision.predicted_latency_ms)
+                self.events.decision(decision.variant, decision.code, len(idx))
                 if k > 0:
                     self.fallbacks += 1
+                    self.events.fallback(attempts[0].variant, decision.variant, len(idx))
                 start = 0
                 for i in idx:
                     n = len(requests[i][1])
-                    out[i] = Served(
-                        logits[start : start + n], decision, attempts[0].variant if k else None, ms
-                    )
+                    fallback_from = attempts[0].variant if k else None
+                    out[i] = Served(logits[start : start + n], decision, fallback_from, ms, drift)
                     start += n
                 break
             else:
                 err = RuntimeError("every attempted variant failed: " + "; ".join(errors))
                 for i in idx:
                     out[i] = err
+        self.load.observe_execute((time.perf_counter() - t_exec) * 1e3)
         return out  # type: ignore[return-value]

@@ -14,7 +14,6 @@ from tritonclient.utils import InferenceServerException
 from tcsched.client.classify import ClassifierClient
 from tcsched.data import default_photo, list_images
 from tcsched.manifest import Manifest
-from tcsched.scheduler.policy import predicted_latency_ms
 
 pytestmark = pytest.mark.integration
 CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian cat, Siamese cat, Egyptian cat
@@ -47,10 +46,25 @@ def test_request_parameters_are_honoured(server, built_repo):
         for v in m.variants:
             assert c.classify(img, parameters={"variant": v.name}).variant == v.name
             assert c.classify(img, parameters={"variant": v.precision}).variant == v.name
-        assert c.classify(img, parameters={"accuracy_budget": 0.0}).variant == m.reference_variant
-        fastest = min(m.variants, key=lambda v: predicted_latency_ms(v, 1)).name
-        assert c.classify(img, parameters={"accuracy_budget": 100.0}).variant == fastest
-        assert c.classify(img, parameters={"accuracy_budget": "100"}).variant == fastest
+        for budget in (0.0, 100.0, "100"):
+            r = c.classify(img, parameters={"accuracy_budget": budget})
+            served = m.variant(r.variant)
+            assert served.name == m.reference_variant or served.accuracy.top1_drop_points <= float(budget)
+            assert (
+                served.serve_on_cpu_for_speed
+            )  # emulated precisions (fp16 on CPU) are never picked for speed
+            assert r.decision["code"] == "min_latency" and r.decision["variant"] == r.variant
+            assert "fastest within accuracy budget" in r.decision["reason"]
+        # a latency budget alone means: the most accurate variant that fits it
+        r = c.classify(img, parameters={"latency_budget_ms": 10_000.0})
+        assert r.decision["code"] == "max_accuracy" and r.variant in (
+            v.name for v in m.variants if v.accuracy.top1_drop_points <= 1.0 and v.serve_on_cpu_for_speed
+        )
+        r = c.classify(img, parameters={"latency_budget_ms": 0.001, "objective": "max_accuracy"})
+        assert (
+            r.decision["code"] == "degraded_latency"
+            and "no variant within latency budget" in r.decision["reason"]
+        )
 
 
 def _infer_raw(server, data, dtype="BYTES", shape=None, params=None):

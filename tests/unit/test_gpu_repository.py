@@ -123,21 +123,43 @@ def test_tensorrt_qdq_problems(tmp_path):
         te.tensorrt_qdq_problems(tmp_path / "missing.onnx")
 
 
-def test_onnxruntime_default_int8_is_refused_before_any_gpu_work(tmp_path):
-    """The CPU build's int8 (uint8 asymmetric activations) cannot be parsed by TensorRT: say so up front."""
-    from tcsched.build_tools.quantize import quantize_int8
+def test_onnxruntime_uint8_int8_is_made_symmetric_for_tensorrt(tmp_path):
+    """The CPU build's int8 (uint8 asymmetric activations, int32 biases) is re-expressed for TensorRT: symmetric
+    int8 with the same calibrated ranges; ONNX Runtime still runs it and agrees with the uint8 graph."""
+    import onnx
 
-    cpu = _cpu_repo(tmp_path)
-    calib = np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)
-    quantize_int8(
-        tmp_path / "tiny.onnx", cpu / "mobilenet_v2_int8" / "1" / "model.onnx", calib, method="minmax"
-    )
+    from tcsched.build_tools.quantize import quantize_int8, to_symmetric_int8
+    from tcsched.ort_runtime import OrtClassifier
 
-    def no_work():
-        raise AssertionError("must fail before touching the GPU")
-
-    with pytest.raises(ValueError, match=r"variant mobilenet_v2_int8: TensorRT cannot compile .*symmetric"):
-        g.convert_to_gpu_repository(cpu, tmp_path / "gpu", identity=no_work)
+    calib = np.random.default_rng(0).normal(size=(16, 3, 32, 32)).astype(np.float32)
+    fp32 = tmp_path / "tiny.onnx"
+    _cpu_repo(tmp_path)
+    q = quantize_int8(fp32, tmp_path / "int8.onnx", calib, method="minmax")
+    assert te.tensorrt_qdq_problems(q), "ONNX Runtime's default int8 has zero points TensorRT rejects"
+    src, note = g.tensorrt_source(q, tmp_path / "trt" / "model.tensorrt.onnx")
+    assert src != q and "symmetric" in note
+    assert te.tensorrt_qdq_problems(src) == []
+    original = onnx.load(str(q))
+    sym, n = to_symmetric_int8(original)
+    assert n > 0
+    before = {i.name: onnx.numpy_helper.to_array(i) for i in original.graph.initializer}
+    after = {i.name: onnx.numpy_helper.to_array(i) for i in sym.graph.initializer}
+    for node in original.graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        s0, z0 = before[node.input[1]].astype(float), before[node.input[2]].astype(float)
+        s1, z1 = after[node.input[1]].astype(float), after[node.input[2]]
+        assert z1.dtype == np.int8 and not z1.any()
+        lo, hi = (0 - z0) * s0, (255 - z0) * s0  # the calibrated uint8 range ...
+        tol = 1e-6 * max(abs(lo), abs(hi))  # the scale is stored as float32
+        assert -128 * s1 <= lo + tol and hi <= 127 * s1 + tol  # ... is inside the symmetric one
+        assert s1 <= 2.01 * s0  # at most one bit of resolution is given up
+    assert not any(
+        i.data_type == onnx.TensorProto.INT32 for i in sym.graph.initializer
+    )  # biases folded to float
+    out = OrtClassifier(src)(calib)
+    assert np.isfinite(out).all() and out.shape == (16, 10)
+    assert g.tensorrt_source(fp32, tmp_path / "unused.onnx") == (fp32, None)  # float graph: compiled as it is
 
 
 # --- keep-if-pays ------------------------------------------------------------------------------------------------

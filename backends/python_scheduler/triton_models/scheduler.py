@@ -1,9 +1,10 @@
 """Triton Python-backend model ``scheduler``: picks a variant per request and calls it by BLS.
 
-Thin wrapper around ``tcsched.scheduler.service`` (grouping, fallback) and ``tcsched.scheduler.policy``
-(the decision rules); both are plain Python, unit-tested without Triton. Outputs ``LOGITS`` and ``VARIANT``
-(the served variant's name, one per batch row); the decision's reason and predicted latency travel as
-response parameters where the server supports them.
+Thin wrapper around ``tcsched.scheduler.service`` (grouping, drift check, fallback, load tracking) and
+``tcsched.scheduler.policy`` (the decision rules); both are plain Python, unit-tested without Triton.
+Outputs ``LOGITS``, ``VARIANT`` (the served variant's name) and ``DECISION`` (JSON: variant, reason, code,
+predicted latency, observed BLS time, fallback, drift), one per batch row. Defaults come from this model's
+config.pbtxt parameters. Custom metrics appear on Triton's metrics port with the ``tcsched_`` prefix.
 """
 
 import json
@@ -13,8 +14,60 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tcsched.manifest import Manifest
-from tcsched.scheduler.policy import LiveState, Policy, RequestOptions
-from tcsched.scheduler.service import SchedulerService
+from tcsched.scheduler.live import LoadTracker, gpu_state
+from tcsched.scheduler.policy import LiveState, Policy, RequestOptions, parse_parameters
+from tcsched.scheduler.service import Events, SchedulerService
+
+
+class _Metrics(Events):
+    """Prometheus metrics through ``pb_utils.MetricFamily`` (one Metric per label set, created on first use)."""
+
+    def __init__(self):
+        C, G = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self.f_decisions = pb_utils.MetricFamily(
+            "tcsched_decisions_total", "requests routed, by variant and reason", C
+        )
+        self.f_fallbacks = pb_utils.MetricFamily(
+            "tcsched_fallbacks_total", "requests served by a fallback variant", C
+        )
+        self.f_drift = pb_utils.MetricFamily(
+            "tcsched_drift_detections_total", "out-of-distribution requests", C
+        )
+        self.f_observed = pb_utils.MetricFamily(
+            "tcsched_observed_latency_ms", "last BLS time of a variant, ms", G
+        )
+        self.f_predicted = pb_utils.MetricFamily(
+            "tcsched_predicted_latency_ms", "last predicted latency, ms", G
+        )
+        self.f_obs_sum = pb_utils.MetricFamily("tcsched_bls_latency_ms_total", "sum of BLS times, ms", C)
+        self.f_bls = pb_utils.MetricFamily("tcsched_bls_calls_total", "BLS calls, by variant", C)
+        self.f_gpu = pb_utils.MetricFamily("tcsched_gpu_utilization_percent", "NVML GPU utilisation", G)
+        self._m = {}
+
+    def _get(self, family, **labels):
+        key = (id(family), tuple(sorted(labels.items())))
+        if key not in self._m:
+            self._m[key] = family.Metric(labels=labels)
+        return self._m[key]
+
+    def decision(self, variant, code, n):
+        self._get(self.f_decisions, variant=variant, reason=code).increment(n)
+
+    def fallback(self, from_variant, to_variant, n):
+        self._get(self.f_fallbacks, from_variant=from_variant, to_variant=to_variant).increment(n)
+
+    def drift(self, n):
+        self._get(self.f_drift).increment(n)
+
+    def latency(self, variant, observed_ms, predicted_ms):
+        self._get(self.f_observed, variant=variant).set(observed_ms)
+        self._get(self.f_obs_sum, variant=variant).increment(observed_ms)
+        self._get(self.f_bls, variant=variant).increment(1)
+        if predicted_ms is not None:
+            self._get(self.f_predicted, variant=variant).set(predicted_ms)
+        gpu = gpu_state()
+        if gpu is not None:
+            self._get(self.f_gpu).set(gpu.utilization_percent)
 
 
 class TritonPythonModel:
@@ -25,8 +78,28 @@ class TritonPythonModel:
         manifest = Manifest.read((here / params.get("manifest_file", "../manifest.json")).resolve())
         self.timeout_us = int(float(params.get("bls_timeout_ms", "10000")) * 1000)
         state = LiveState(cooldown_s=float(params.get("unhealthy_cooldown_s", "30")))
-        defaults = RequestOptions(accuracy_budget_points=float(params.get("default_accuracy_budget", "1.0")))
-        self.service = SchedulerService(Policy(manifest, state), defaults, self._infer)
+        # defaults: the config's parameters, validated like a request's (a bad config fails the model load)
+        defaults = parse_parameters(
+            {
+                k: params[p]
+                for k, p in (
+                    ("accuracy_budget", "default_accuracy_budget"),
+                    ("latency_budget_ms", "default_latency_budget_ms"),
+                    ("objective", "default_objective"),
+                )
+                if params.get(p)
+            },
+            RequestOptions(),
+        )
+        self.service = SchedulerService(
+            Policy(manifest, state),
+            defaults,
+            self._infer,
+            load=LoadTracker(alpha=float(params.get("latency_ewma_alpha", "0.3"))),
+            input_statistics=manifest.input_statistics,
+            drift_margin=float(params.get("drift_margin", "0.5")),
+            events=_Metrics(),
+        )
         self.input_name = manifest.input.name
         self.output_name = manifest.output.name
 
@@ -56,9 +129,14 @@ class TritonPythonModel:
                 continue
             n = len(result.logits)
             variant = np.array([[result.decision.variant.encode()]] * n, dtype=np.object_)
+            decision = np.array([[result.decision_json().encode()]] * n, dtype=np.object_)
             responses.append(
                 pb_utils.InferenceResponse(
-                    [pb_utils.Tensor("LOGITS", result.logits), pb_utils.Tensor("VARIANT", variant)]
+                    [
+                        pb_utils.Tensor("LOGITS", result.logits),
+                        pb_utils.Tensor("VARIANT", variant),
+                        pb_utils.Tensor("DECISION", decision),
+                    ]
                 )
             )
         return responses
