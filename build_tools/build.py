@@ -72,6 +72,7 @@ class BuildConfig:
     analysis_limit: int = 32
     max_top1_drop_points: float = 0.5
     min_agreement: float = 0.97
+    max_float_layers: int = 24  # int8_mixed: beyond this many float nodes it is no longer an int8 variant
     finetune_steps: int = 0
     weights: Path | None = None
     opset: int = 17
@@ -176,9 +177,15 @@ def _load(items: Sequence[ImageItem], progress: Progress, what: str) -> np.ndarr
 
 def input_statistics(x: np.ndarray) -> InputStatistics:
     """Per-channel and per-image statistics of preprocessed float32 [N, 3, H, W] images."""
+    from tcsched.scheduler.live import saturated_fraction
+
     per_img_mean = x.mean(axis=(1, 2, 3))
     per_img_std = x.std(axis=(1, 2, 3))
+    sat = np.array([saturated_fraction(img) for img in x])
     return InputStatistics(
+        image_mean_p01_p99=tuple(float(v) for v in np.percentile(per_img_mean, [1, 99])),
+        image_std_p01_p99=tuple(float(v) for v in np.percentile(per_img_std, [1, 99])),
+        saturated_fraction_p99=float(np.percentile(sat, 99)),
         n_images=len(x),
         channel_mean=[float(v) for v in x.mean(axis=(0, 2, 3))],
         channel_std=[float(v) for v in x.std(axis=(0, 2, 3))],
@@ -311,7 +318,7 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
         )
         if "int8_mixed" in wanted:
             qdq = onnx.load(str(paths["int8"]))
-            rank_x = calib[: cfg.analysis_limit * 2]
+            rank_x = calib
             n_nodes = sum(n.op_type in ("Conv", "Gemm", "Add") for n in qdq.graph.node)
             rank_task = progress.add_task("rank int8 nodes in context (leave-one-out)", total=n_nodes)
             gains = var.rank_in_context(
@@ -324,7 +331,13 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
             )
             ranking = [name for name, _ in gains]
             res = var.search_mixed(
-                qdq, ranking, evaluate, cfg.max_top1_drop_points, cfg.min_agreement, reference=fp32_model
+                qdq,
+                ranking,
+                evaluate,
+                cfg.max_top1_drop_points,
+                cfg.min_agreement,
+                max_float_layers=cfg.max_float_layers,
+                reference=fp32_model,
             )
             mixed = var.dequantize_layers(qdq, res.float_layers, fp32_model)
             paths["int8_mixed"] = work / "int8_mixed.onnx"

@@ -46,7 +46,7 @@ class ServingOptions:
     default_accuracy_budget_points: float = 1.0
     default_latency_budget_ms: float | None = None  # None: no latency budget unless the request sets one
     default_objective: str = ""  # "": max_accuracy with a latency budget, else min_latency
-    drift_margin: float = 0.5  # widening of the calibration ranges for the drift check, x their width
+    drift_margin: float = 0.25  # widening of the calibration ranges for the drift check, x their width
     bls_timeout_ms: int = 10_000
     unhealthy_cooldown_s: float = 30.0
     extra_scheduler_parameters: dict[str, str] = field(default_factory=dict)

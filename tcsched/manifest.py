@@ -74,7 +74,8 @@ class InputStatistics(_Model):
     """Statistics of the calibration inputs (after normalisation), for the scheduler's drift check.
 
     ``channel_mean``/``channel_std``: per RGB channel over all pixels of all calibration images.
-    ``image_mean_range``: [min, max] over images of the per-image mean.
+    ``image_mean_range``: [min, max] over images of the per-image mean; the ``_p01_p99`` fields are the robust
+    versions the drift check uses.
     """
 
     n_images: int
@@ -82,6 +83,13 @@ class InputStatistics(_Model):
     channel_std: list[float]
     image_mean_range: tuple[float, float]
     image_std_range: tuple[float, float]
+    image_mean_p01_p99: tuple[float, float] | None = Field(
+        default=None, description="1st and 99th percentile over images of the per-image mean"
+    )
+    image_std_p01_p99: tuple[float, float] | None = None
+    saturated_fraction_p99: float | None = Field(
+        default=None, description="99th percentile over images of the fraction of values at pixel 0 or 255"
+    )
 
 
 class EngineInfo(_Model):

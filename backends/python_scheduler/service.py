@@ -79,7 +79,7 @@ class SchedulerService:
         max_attempts: int = 2,
         load: LoadTracker | None = None,
         input_statistics: InputStatistics | None = None,
-        drift_margin: float = 0.5,
+        drift_margin: float = 0.25,
         events: Events | None = None,
     ):
         self.policy = policy

@@ -97,7 +97,7 @@ class TritonPythonModel:
             self._infer,
             load=LoadTracker(alpha=float(params.get("latency_ewma_alpha", "0.3"))),
             input_statistics=manifest.input_statistics,
-            drift_margin=float(params.get("drift_margin", "0.5")),
+            drift_margin=float(params.get("drift_margin", "0.25")),
             events=_Metrics(),
         )
         self.input_name = manifest.input.name

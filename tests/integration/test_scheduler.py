@@ -1,0 +1,124 @@
+"""The scheduler inside the real tritonserver: fallback when a variant fails, drift guard, metrics."""
+
+import io
+import re
+import shutil
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from PIL import Image
+
+from tcsched.client.classify import ClassifierClient
+from tcsched.data import default_photo
+from tcsched.manifest import Manifest
+from tcsched.server import TritonServer
+
+pytestmark = pytest.mark.integration
+INT8 = ("int8", "int8_mixed")
+
+
+@pytest.fixture(scope="module")
+def sched_repo(built_repo, tmp_path_factory):
+    """A copy of the built repository whose manifest profiles int8 as by far the fastest, so that the scheduler
+    tries it first whatever the live latency corrections say (the test makes exactly that variant fail)."""
+    repo = tmp_path_factory.mktemp("sched") / "model_repository"
+    shutil.copytree(built_repo, repo)
+    m = Manifest.read(repo / "manifest.json")
+    for v in m.variants:
+        if v.precision == "int8":
+            v.latency.p50_ms_by_batch = {b: 0.01 * b for b in v.latency.p50_ms_by_batch}
+    m.write(repo / "manifest.json")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def explicit_server(sched_repo):
+    """A server whose models can be unloaded at run time (a variant "fails": BLS to it errors)."""
+    extra = ["--model-control-mode=explicit", "--load-model=*"]
+    with TritonServer(sched_repo, http_port=0, grpc_port=0, metrics_port=0, extra_args=extra) as s:
+        yield s
+
+
+def metric(server, name: str, **labels) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0])) if "{" in line else {}
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_failed_variant_falls_back_and_is_counted(explicit_server, sched_repo):
+    img = default_photo("chelsea").read_bytes()
+    params = {"accuracy_budget": 100.0}
+    with ClassifierClient(explicit_server.http_url) as c:
+        first = c.classify(img, parameters=params).variant
+        assert first == "mobilenet_v2_int8"  # the profiled-fastest variant within a loose budget
+        before = metric(explicit_server, "tcsched_fallbacks_total", from_variant=first)
+        admin = httpclient.InferenceServerClient(explicit_server.http_url)
+        admin.unload_model(first)
+        try:
+            r = c.classify(img, parameters=params)
+            assert r.variant != first and r.decision["fallback_from"] == first
+            assert r.topk[0].index in range(281, 286)  # still the right answer
+            assert metric(explicit_server, "tcsched_fallbacks_total", from_variant=first) == before + 1
+            # during the cool-down the failed variant is not tried first any more: no second fallback
+            r2 = c.classify(img, parameters=params)
+            assert r2.variant != first and r2.decision["fallback_from"] is None
+            # forcing the unloaded variant is a clear error, not a hang
+            with pytest.raises(Exception, match=first):
+                c.classify(img, parameters={"variant": first})
+        finally:
+            admin.load_model(first)
+            admin.close()
+    assert explicit_server.ready()
+
+
+@pytest.mark.parametrize(
+    "name,pixels",
+    [
+        ("black", np.zeros((240, 320, 3), np.uint8)),
+        ("saturated", np.full((240, 320, 3), 255, np.uint8)),
+        ("flat gray", np.full((240, 320, 3), 128, np.uint8)),
+    ],
+)
+def test_out_of_distribution_input_is_routed_away_from_int8(explicit_server, sched_repo, name, pixels):
+    m = Manifest.read(sched_repo / "manifest.json")
+    params = {"accuracy_budget": 100.0}
+    with ClassifierClient(explicit_server.http_url) as c:
+        natural = c.classify(default_photo("chelsea").read_bytes(), parameters=params)
+        # a natural photo goes to an INT8 variant (int8 itself may still be cooling down from the fallback test)
+        assert (
+            natural.decision["out_of_distribution"] is False and m.variant(natural.variant).precision in INT8
+        )
+        before = metric(explicit_server, "tcsched_drift_detections_total")
+        r = c.classify(png(pixels), parameters=params)
+    assert r.decision["out_of_distribution"] is True, r.decision
+    assert m.variant(r.variant).precision not in INT8
+    assert "INT8 variants avoided" in r.decision["reason"]
+    assert metric(explicit_server, "tcsched_drift_detections_total") == before + 1
+
+
+def test_decision_metrics_and_latency_gauges(explicit_server):
+    img = default_photo("coffee").read_bytes()
+    with ClassifierClient(explicit_server.http_url) as c:
+        r = c.classify(img, parameters={"variant": "fp32"})
+        before = metric(explicit_server, "tcsched_decisions_total", variant=r.variant, reason="forced")
+        r = c.classify(img, parameters={"variant": "fp32"})
+    assert r.decision["code"] == "forced" and r.decision["predicted_latency_ms"] > 0
+    assert (
+        metric(explicit_server, "tcsched_decisions_total", variant=r.variant, reason="forced") == before + 1
+    )
+    assert metric(explicit_server, "tcsched_observed_latency_ms", variant=r.variant) > 0
+    assert metric(explicit_server, "tcsched_predicted_latency_ms", variant=r.variant) > 0

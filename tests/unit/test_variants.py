@@ -1,0 +1,102 @@
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from tcsched.build_tools.analysis import is_2to4, prune_2_4
+from tcsched.build_tools.quantize import quantize_int8
+from tcsched.build_tools.variants import (
+    Score,
+    convert_fp16,
+    dequantize_layers,
+    prune_onnx_2_4,
+    rank_in_context,
+    run_model,
+    score,
+    search_mixed,
+)
+from tests.helpers import tiny_classifier
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    fp32 = tiny_classifier(tmp_path / "tiny.onnx", channels=16)
+    x = np.random.default_rng(0).normal(0, 1, (32, 3, 32, 32)).astype(np.float32)
+    q = quantize_int8(fp32, tmp_path / "int8.onnx", x, method="minmax")
+    return onnx.load(fp32), onnx.load(str(q)), x
+
+
+def test_all_layers_float_is_exactly_the_fp32_graph(tiny):
+    fp32, q, x = tiny
+    ref = run_model(fp32, x)
+    names = [n.name for n in q.graph.node if n.op_type in ("Conv", "Gemm", "Add")]
+    restored = dequantize_layers(q, names, fp32)
+    onnx.checker.check_model(restored)
+    np.testing.assert_allclose(run_model(restored, x), ref, rtol=1e-5, atol=1e-5)
+    assert not [n for n in restored.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert score(ref, run_model(q, x)).kl > 0  # the int8 graph itself is not exact
+
+
+def test_one_float_layer_keeps_the_others_int8(tiny):
+    fp32, q, _ = tiny
+    m = dequantize_layers(q, ["classifier"], fp32)
+    gemm = next(n for n in m.graph.node if n.name == "classifier")
+    conv = next(n for n in m.graph.node if n.name == "dw_conv")
+    prod = {o: n for n in m.graph.node for o in n.output}
+    assert all(prod.get(i) is None or prod[i].op_type != "DequantizeLinear" for i in gemm.input)
+    assert prod[conv.input[1]].op_type == "DequantizeLinear"  # still an int8 weight
+    with pytest.raises(ValueError, match="not in the graph"):
+        dequantize_layers(q, ["nope"], fp32)
+
+
+def test_search_mixed_takes_the_smallest_k_and_reports_trials(tiny):
+    fp32, q, _ = tiny
+    ranking = ["classifier", "dw_conv", "stem_conv"]
+    calls = []
+
+    def evaluate(model):  # pretend agreement grows with the float layers kept
+        k = sum(1 for n in model.graph.node if n.name in ranking) - sum(
+            1
+            for n in model.graph.node
+            if n.name in ranking
+            and any(i.endswith("DequantizeLinear_Output") or "_quantized" in i for i in n.input[1:2])
+        )
+        calls.append(k)
+        return Score(agreement=[0.90, 0.96, 0.99, 1.0][k], kl=0.1 / (k + 1), top1_drop_points=0.0)
+
+    res = search_mixed(q, ranking, evaluate, 0.5, 0.97, reference=fp32)
+    assert res.met_budget and res.float_layers == ["classifier", "dw_conv"]
+    assert [t[0] for t in res.trials] == [0, 1, 2]
+    res = search_mixed(q, ranking, evaluate, 0.5, 0.999, max_float_layers=1, reference=fp32)
+    assert not res.met_budget and len(res.float_layers) == 1
+    with pytest.raises(ValueError):
+        search_mixed(q, [], evaluate, 0.5, 0.97)
+
+
+def test_rank_in_context_covers_every_quantized_node(tiny):
+    fp32, q, x = tiny
+    ranked = rank_in_context(q, fp32, x, run_model(fp32, x))
+    assert {n for n, _ in ranked} == {"stem_conv", "dw_conv", "classifier"}
+    gains = [g for _, g in ranked]
+    assert gains == sorted(gains, reverse=True)
+
+
+def test_prune_onnx_2_4_and_fp16(tmp_path):
+    fp32 = onnx.load(tiny_classifier(tmp_path / "t.onnx", channels=16))
+    # the depthwise conv cannot take the pattern (1 input channel per group): only prune eligible layers
+    pruned = prune_onnx_2_4(fp32, ["classifier"], prune_2_4)
+    inits = {i.name: numpy_helper.to_array(i) for i in pruned.graph.initializer}
+    w = inits["w3"]  # Gemm weight [10, 16], transB=1: groups of 4 along the 16 inputs
+    assert is_2to4(w)
+    groups = w.reshape(10, 4, 4)
+    assert ((groups == 0).sum(axis=2) >= 2).all()
+    orig = numpy_helper.to_array(next(i for i in fp32.graph.initializer if i.name == "w3")).reshape(10, 4, 4)
+    kept = np.sort(np.abs(orig), axis=2)[:, :, 2:]  # the 2 largest magnitudes of each group survive
+    np.testing.assert_allclose(np.sort(np.abs(groups), axis=2)[:, :, 2:], kept)
+    onnx.save(pruned, str(tmp_path / "p.onnx"))
+    f16 = convert_fp16(tmp_path / "p.onnx", tmp_path / "p16.onnx")
+    g = onnx.load(str(f16)).graph
+    assert g.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 in/out, casts inside
+    assert any(n.op_type == "Cast" for n in g.node)
+    w16 = numpy_helper.to_array(next(i for i in g.initializer if i.dims == [10, 16]))
+    assert w16.dtype == np.float16 and is_2to4(w16.astype(np.float32))
