@@ -329,7 +329,13 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
                 threads=cfg.threads,
                 on_step=lambda i: progress.update(rank_task, completed=i + 1),
             )
-            ranking = [name for name, _ in gains]
+            # cost-aware: KL removed per float MAC, so that the few float layers are also cheap ones
+            macs = {lay.name: lay.macs for lay in report.layers}
+            total = sum(macs.values())
+            cost = {n: var.float_cost_macs(qdq, n, macs) for n, _ in gains}
+            ranking = [
+                n for n, gain in sorted(gains, key=lambda t: -t[1] / (cost[t[0]] + 0.005 * total)) if gain > 0
+            ]
             res = var.search_mixed(
                 qdq,
                 ranking,
@@ -340,6 +346,7 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
                 reference=fp32_model,
             )
             mixed = var.dequantize_layers(qdq, res.float_layers, fp32_model)
+            float_macs = sum(cost[n] for n in res.float_layers)
             paths["int8_mixed"] = work / "int8_mixed.onnx"
             onnx.save(mixed, str(paths["int8_mixed"]))
             plans["int8_mixed"] = {n: ("fp32" if n in res.float_layers else "int8") for n in layer_names}
@@ -347,14 +354,16 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
             trials = ", ".join(f"k={k}: agree {a:.3f} drop {d:+.2f}" for k, a, d in res.trials)
             notes["int8_mixed"].append(
                 f"Conv/Gemm/Add nodes of the int8 graph ranked by the KL vs fp32 each removes when it alone returns "
-                f"to float (leave-one-out in context, {len(rank_x)} calibration images; the one-layer probe of "
+                f"to float, per MAC that goes back to float (leave-one-out in context, {len(rank_x)} calibration images; the one-layer probe of "
                 f"analysis.json ranks Conv/Gemm only and needs ~3x more float layers on MobileNetV2); "
                 f"{len(res.float_layers)} kept float (fp16 on GPU) to meet top-1 drop <= "
                 f"{cfg.max_top1_drop_points} points and agreement >= {cfg.min_agreement:.0%} on the selection "
                 f"split ({'met' if res.met_budget else 'NOT met'}); trials: {trials}"
             )
             if res.float_layers:
-                notes["int8_mixed"].append("float layers: " + ", ".join(res.float_layers))
+                notes["int8_mixed"].append(
+                    f"float layers ({float_macs / total:.0%} of the MACs): " + ", ".join(res.float_layers)
+                )
         progress.advance(step)
 
         progress.update(step, description="sparse24: 2:4 pruning of eligible layers")

@@ -19,7 +19,8 @@ CalibMethod = Literal["minmax", "percentile", "entropy"]
 
 
 class ArrayCalibrationReader:
-    """ONNX Runtime ``CalibrationDataReader`` over a float32 array [N, 3, H, W], ``batch_size`` images a call.
+    """ONNX Runtime ``CalibrationDataReader`` over a float32 array [N, 3, H, W], up to ``batch_size`` images a call
+    (all batches the same size).
 
     Calibration data is an iterable of ``dict[str, np.ndarray]`` (ONNX Runtime's convention).
     """
@@ -33,7 +34,9 @@ class ArrayCalibrationReader:
             raise ValueError("calibration needs at least one image")
         self.input_name = input_name
         self.images = images
-        self.batch_size = batch_size
+        # equal batches only: ONNX Runtime's histogram calibrators stack the collected outputs of every batch
+        # and fail on a shorter last batch; the largest divisor of N not above batch_size
+        self.batch_size = max(b for b in range(1, batch_size + 1) if len(images) % b == 0)
         self._it: Iterator[dict[str, np.ndarray]] | None = None
 
     def _gen(self) -> Iterator[dict[str, np.ndarray]]:
@@ -156,7 +159,9 @@ def strip_output_qdq(model: onnx.ModelProto) -> int:
 def to_symmetric_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of a QDQ graph whose asymmetric (uint8, zero point != 0) Q/DQ pairs are re-expressed as TensorRT's
     symmetric int8: the calibrated float range [lo, hi] = ((0 - zp) * s, (255 - zp) * s) becomes
-    s' = max(|lo|, |hi|) / 127 with a zero int8 zero point. Weights (already symmetric int8) are untouched.
+    s' = max(|lo|, |hi|) / 127 with a zero int8 zero point, and where lo = 0 (a ReLU/ReLU6 that ONNX Runtime
+    folded into the range) a Clip(lo, hi) before the QuantizeLinear keeps the activation. Weights (already
+    symmetric int8) are untouched.
 
     TensorRT accepts only zero zero-points of a signed type (NVIDIA/TensorRT#2774); the CPU keeps the uint8 graph,
     which ONNX Runtime runs about twice as fast as int8 activations. int32 biases (DequantizeLinear of an int32
@@ -184,8 +189,8 @@ def to_symmetric_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     del g.initializer[:]
     g.initializer.extend(keep)
     inits = {i.name: i for i in g.initializer}
-    done: set[tuple[str, str]] = set()
-    for node in out.graph.node:
+    done: dict[tuple[str, str], tuple[float, float]] = {}
+    for node in list(g.node):
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
             continue
         s_name, zp_name = node.input[1], node.input[2]
@@ -202,5 +207,21 @@ def to_symmetric_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             numpy_helper.from_array(new_scale.astype(np.float32).reshape(scale.shape), s_name)
         )
         inits[zp_name].CopyFrom(numpy_helper.from_array(np.zeros(zp.shape, np.int8), zp_name))
-        done.add((s_name, zp_name))
+        done[(s_name, zp_name)] = (float(np.min(lo)), float(np.max(hi)))
+    # keep each calibrated range's saturation: ONNX Runtime folds ReLU/ReLU6 into a [0, hi] uint8 range, which a
+    # symmetric [-m, m] range would let through; an explicit Clip(lo, hi) before the QuantizeLinear restores it
+    # (TensorRT fuses it into the producer as an activation)
+    for q in [n for n in g.node if n.op_type == "QuantizeLinear" and (n.input[1], n.input[2]) in done]:
+        lo, hi = done[(q.input[1], q.input[2])]
+        if lo < -1e-12:  # a signed range: symmetric already covers it with no activation folded
+            continue
+        x = q.input[0]
+        out_name = f"{x}_range_clip_{q.name}"
+        b_lo, b_hi = f"{out_name}_min", f"{out_name}_max"
+        g.initializer.extend(
+            [numpy_helper.from_array(np.float32(lo), b_lo), numpy_helper.from_array(np.float32(hi), b_hi)]
+        )
+        clip = onnx.helper.make_node("Clip", [x, b_lo, b_hi], [out_name], name=f"{out_name}_node")
+        g.node.insert(list(g.node).index(q), clip)
+        q.input[0] = out_name
     return out, len(done)

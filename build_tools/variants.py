@@ -101,7 +101,9 @@ def dequantize_layers(
     """Return a copy of a QDQ graph in which the named Conv/Gemm nodes compute in float.
 
     For each named node, an input produced by ``DequantizeLinear(QuantizeLinear(x))`` is rewired to the float
-    ``x``. ONNX Runtime's quantizer removes Clip/Relu activations whose effect the quantization range already has
+    ``x`` (the input's quantization is where MobileNetV2's int8 error sits; reading the dequantized value instead
+    was measured to recover nothing). The price: x's producer now also outputs float and loses its fused int8
+    kernel in ONNX Runtime; :func:`float_cost_macs` counts it. ONNX Runtime's quantizer removes Clip/Relu activations whose effect the quantization range already has
     (ReLU6 in MobileNetV2; the tensor keeps the activation's output name): with ``reference`` (the fp32 graph the
     QDQ graph came from) the removed activation is restored exactly; without it, ``x`` is clipped to the range
     the QuantizeLinear represents, which restores the activation approximately (calibrated saturation). A weight/bias produced by
@@ -129,7 +131,9 @@ def dequantize_layers(
     float_outputs = {n.output[0] for n in g.node if n.name in layers}
     followers: set[str] = set()
     changed = True
-    while changed:  # transitively: a follower's output is float for the non-Conv ops after it (GAP -> Flatten)
+    while (
+        changed
+    ):  # transitively: a follower's output is float for the non-Conv ops after it (GAP -> Flatten)
         changed = False
         for n in g.node:
             if n.op_type in ("Conv", "Gemm", "QuantizeLinear", "DequantizeLinear") or n.name in followers:
@@ -320,6 +324,23 @@ def prune_onnx_2_4(model: onnx.ModelProto, layers: Sequence[str], prune: Callabl
         pruned = prune(w.T)[0].T if node.op_type == "Gemm" and not trans_b else prune(w)[0]
         inits[w_name].CopyFrom(numpy_helper.from_array(pruned.astype(w.dtype), w_name))
     return out
+
+
+def float_cost_macs(qdq: onnx.ModelProto, node_name: str, macs: dict[str, int]) -> int:
+    """MACs (per image) that run in float when ``node_name`` returns to float with :func:`dequantize_layers`:
+    its own, plus those of the Conv/Gemm producers of its quantized inputs (they must output float)."""
+    g = qdq.graph
+    prod = _producers(g)
+    node = next(n for n in g.node if n.name == node_name)
+    cost = macs.get(node_name, 0)
+    for name in node.input:
+        dq = prod.get(name)
+        q = prod.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear":
+            p = prod.get(q.input[0])
+            if p is not None:
+                cost += macs.get(p.name, 0)
+    return cost
 
 
 def rank_in_context(

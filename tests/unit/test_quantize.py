@@ -53,3 +53,12 @@ def test_metrics():
     assert sqnr_db(ref, ref) == float("inf") and sqnr_db(ref, ref * 1.1) == pytest.approx(20.0)
     lo, hi = wilson_interval(80, 100)
     assert 0.70 < lo < 0.8 < hi < 0.88
+
+
+def test_calibration_batches_are_equal_sized_for_histogram_calibrators(tmp_path):
+    r = ArrayCalibrationReader("input", np.zeros((12, 3, 4, 4), np.float32), batch_size=8)
+    sizes = [len(b["input"]) for b in r]
+    assert sizes == [6, 6]
+    fp32 = tiny_classifier(tmp_path / "tiny.onnx")
+    calib = np.random.default_rng(3).normal(0, 1, (12, 3, 32, 32)).astype(np.float32)
+    assert quantize_int8(fp32, tmp_path / "p.onnx", calib, method="percentile").is_file()
