@@ -66,7 +66,7 @@ class BuildConfig:
     data_dir: Path | None = None
     calib_dir: Path | None = None
     calib_limit: int = 128
-    calib_methods: Sequence[CalibMethod] = ("minmax", "percentile")
+    calib_methods: Sequence[str] = ("minmax", "percentile:99.999", "percentile:99.99")
     eval_dir: Path | None = None
     eval_limit: int | None = None
     analysis_limit: int = 32
@@ -132,6 +132,29 @@ class BuildConfig:
                 raise ValueError(f"{name} folder {d} does not exist")
         if self.data_dir is not None and (self.calib_dir is not None or self.eval_dir is not None):
             raise ValueError("give either data_dir (split three ways) or calib_dir/eval_dir, not both")
+
+
+def parse_calib_method(spec: str) -> tuple[CalibMethod, float]:
+    """``minmax`` | ``percentile`` | ``percentile:P`` (P in (90, 100), default 99.999) -> (method, percentile).
+
+    Raises:
+        ValueError: anything else (``entropy`` through quantize_static silently equals minmax: refused).
+    """
+    name, _, arg = spec.partition(":")
+    if name == "minmax" and not arg:
+        return "minmax", 100.0
+    if name == "percentile":
+        try:
+            p = float(arg) if arg else 99.999
+        except ValueError:
+            raise ValueError(f"bad percentile in {spec!r}") from None
+        if not 90 < p < 100:
+            raise ValueError(f"percentile must be in (90, 100), got {p}")
+        return "percentile", p
+    raise ValueError(
+        f"unknown calibration method {spec!r}; expected minmax, percentile or percentile:P "
+        "(entropy through quantize_static silently equals minmax)"
+    )
 
 
 @dataclass
@@ -297,13 +320,14 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
         progress.update(step, description="int8: calibration method chosen by measurement")
         if "int8" in wanted:
             scores: dict[str, var.Score] = {}
-            for method in cfg.calib_methods:
-                p = work / f"int8_{method}.onnx"
+            for spec in cfg.calib_methods:
+                method, pct = parse_calib_method(spec)
+                p = work / f"int8_{spec.replace(':', '_')}.onnx"
                 with _quiet():
-                    quantize_int8(fp32_path, p, calib, method=method)
-                scores[method] = evaluate(p)
+                    quantize_int8(fp32_path, p, calib, method=method, percentile=pct)
+                scores[spec] = evaluate(p)
             best = min(scores, key=lambda m: (scores[m].kl, -scores[m].agreement))
-            paths["int8"] = work / f"int8_{best}.onnx"
+            paths["int8"] = work / f"int8_{best.replace(':', '_')}.onnx"
             plans["int8"] = dict.fromkeys(layer_names, "int8")
             tried = "; ".join(f"{m}: agreement {s.agreement:.3f}, KL {s.kl:.4f}" for m, s in scores.items())
             notes["int8"].append(

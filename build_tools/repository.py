@@ -39,7 +39,9 @@ class ServingOptions:
     """Knobs of the generated configs. Units in the names."""
 
     max_batch_size: int = 8
-    max_queue_delay_microseconds: int = 2000
+    # 0: no waiting for a fuller batch; under load the dynamic batcher still batches whatever is queued when the
+    # model frees up. Measured: 2000 us cost ~2 ms per hop at concurrency 1 (3 hops in the ensemble).
+    max_queue_delay_microseconds: int = 0
     variant_backend: VariantBackend = "python"  # "onnxruntime": for the official Triton container
     intra_op_num_threads: int = 2
     preprocess_instances: int = 1

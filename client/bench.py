@@ -55,7 +55,9 @@ ENSEMBLE = "classifier"
 ENSEMBLE_INPUT = "IMAGE"
 VARIANT_INPUT = "input"
 
-TargetKind = Literal["variant", "ensemble"]
+TargetKind = Literal["variant", "ensemble", "scheduler"]
+SCHEDULER = "scheduler"
+SCHEDULER_INPUT = "INPUT"
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ def bench_targets(variants: Sequence[str], ensemble: str = ENSEMBLE, scheduler: 
     """Every variant directly, the ensemble forced to each variant, and (``scheduler``) the ensemble's own pick."""
     out = [Target(v, v, "variant", {}, v) for v in variants]
     out += [Target(f"{ensemble}[{v}]", ensemble, "ensemble", {"variant": v}, v) for v in variants]
+    # the scheduler model alone (tensor in, BLS to the forced variant): its own overhead, without preprocessing
+    out += [Target(f"{SCHEDULER}[{v}]", SCHEDULER, "scheduler", {"variant": v}, v) for v in variants]
     if scheduler:
         out.append(Target(f"{ensemble}[scheduler]", ensemble, "ensemble", {}, None))
     return out
@@ -118,8 +122,11 @@ class InputData:
     ensemble_json: Path
     images: list[str]
     tensors: list  # numpy float32 [3, 224, 224] each
+    scheduler_json: Path | None = None
 
     def for_target(self, t: Target) -> Path:
+        if t.kind == "scheduler":
+            return self.scheduler_json
         return self.variant_json if t.kind == "variant" else self.ensemble_json
 
 
@@ -152,6 +159,7 @@ def make_input_data(items: Sequence, folder: str | os.PathLike) -> InputData:
         ensemble_json=write_bytes_input_data(folder / "ensemble_input.json", ENSEMBLE_INPUT, blobs),
         images=[str(it.path) for it in items],
         tensors=tensors,
+        scheduler_json=write_tensor_input_data(folder / "scheduler_input.json", SCHEDULER_INPUT, tensors),
     )
 
 
@@ -325,6 +333,7 @@ class BenchResult:
             for c in self.config["concurrency"]:
                 p = self.point(t.name, "concurrency", c)
                 ens = self.point(f"{ENSEMBLE}[{t.name}]", "concurrency", c)
+                sch = self.point(f"{SCHEDULER}[{t.name}]", "concurrency", c)
                 bare = self.bare_point(t.name, min(c, max_b))
                 rows.append(
                     {
@@ -345,6 +354,10 @@ class BenchResult:
                         "ensemble_p99_ms": ens.p99_ms if ens else None,
                         "ensemble_p50_over_direct_p50": (
                             ens.p50_ms / p.p50_ms if ens and p and ens.p50_ms and p.p50_ms else None
+                        ),
+                        "scheduler_p50_ms": sch.p50_ms if sch else None,
+                        "scheduler_p50_over_direct_p50": (
+                            sch.p50_ms / p.p50_ms if sch and p and sch.p50_ms and p.p50_ms else None
                         ),
                         "ensemble_over_bare": (
                             ens.throughput_infer_per_s / bare.img_per_s

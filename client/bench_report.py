@@ -125,15 +125,17 @@ def markdown(result: BenchResult, plots: Sequence[Path] = ()) -> str:
         "## Served variants vs bare ONNX Runtime, and the ensemble's overhead",
         "",
         "| variant | conc. | served img/s | p50 ms | p99 ms | bare img/s (batch) | served / bare "
-        "| ensemble img/s | ensemble p50 ms | ensemble p99 ms | ensemble p50 / direct p50 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ensemble img/s | ensemble p50 ms | ensemble p99 ms | ensemble p50 / direct p50 "
+        "| scheduler p50 ms | scheduler p50 / direct p50 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result.summary()["by_variant"]:
         lines.append(
             f"| {r['variant']} | {r['concurrency']} | {_fmt(r['served_img_per_s'])} | {_fmt(r['served_p50_ms'])} "
             f"| {_fmt(r['served_p99_ms'])} | {_fmt(r['bare_img_per_s'])} ({r['bare_batch']}) "
             f"| {_fmt(r['served_over_bare'], 2)} | {_fmt(r['ensemble_img_per_s'])} | {_fmt(r['ensemble_p50_ms'])} "
-            f"| {_fmt(r['ensemble_p99_ms'])} | {_fmt(r['ensemble_p50_over_direct_p50'], 2)} |"
+            f"| {_fmt(r['ensemble_p99_ms'])} | {_fmt(r['ensemble_p50_over_direct_p50'], 2)} "
+            f"| {_fmt(r.get('scheduler_p50_ms'))} | {_fmt(r.get('scheduler_p50_over_direct_p50'), 2)} |"
         )
     lines += [
         "",

@@ -416,6 +416,9 @@ app.command("engines")(_engines)
 from tcsched.build_tools.analysis import analyze_command as _analyze  # noqa: E402
 
 app.command("analyze")(_analyze)
+from tcsched.client.ramp import ramp_command as _ramp  # noqa: E402
+
+app.command("ramp")(_ramp)
 
 
 def main() -> None:  # pragma: no cover

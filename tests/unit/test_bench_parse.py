@@ -211,7 +211,17 @@ def test_command_line_and_validation(tmp_path):
 
 def test_targets_and_config_validation(tmp_path):
     names = [t.name for t in bench_targets(["v32", "v8"])]
-    assert names == ["v32", "v8", "classifier[v32]", "classifier[v8]", "classifier[scheduler]"]
+    assert names == [
+        "v32",
+        "v8",
+        "classifier[v32]",
+        "classifier[v8]",
+        "scheduler[v32]",
+        "scheduler[v8]",
+        "classifier[scheduler]",
+    ]
+    sched = [t for t in bench_targets(["v32"]) if t.kind == "scheduler"]
+    assert sched[0].model == "scheduler" and sched[0].request_parameters == {"variant": "v32"}
     ramp = ramp_targets(["v32"], 25.0)
     assert ramp[0].request_parameters == {"latency_budget_ms": 25.0} and ramp[1].request_parameters == {
         "variant": "v32"

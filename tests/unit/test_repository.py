@@ -28,7 +28,10 @@ def test_variant_config_python_and_onnxruntime_backends():
         "v", r.ServingOptions(variant_backend="onnxruntime"), "input", "logits", [3, 224, 224], 1000
     )
     assert ort.backend == "onnxruntime" and ort.default_model_filename == "model.onnx"
-    assert ort.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert ort.HasField("dynamic_batching")
+    assert (
+        ort.dynamic_batching.max_queue_delay_microseconds == r.ServingOptions().max_queue_delay_microseconds
+    )
     text = r.render(ort)
     assert text_format.Parse(text, mc.ModelConfig()) == ort
 

@@ -1,0 +1,239 @@
+"""``tcsched ramp``: the scheduler under load vs every static variant, side by side (issue: the scheduler's brain).
+
+A closed-loop load ramp (perf_analyzer concurrency levels) on the ``classifier`` ensemble with real images. At
+every level each target runs in turn (interleaved): the ensemble with ``latency_budget_ms`` set (the scheduler
+picks the most accurate variant that its prediction says fits), then the ensemble forced to each static variant.
+Per point: p50/p99 (perf_analyzer's CSV), the share of requests within the budget (per-request latencies from
+``--profile-export-file``), and the served accuracy: the accuracy of the variants that actually answered, weighted
+by how many requests each answered (each response's ``VARIANT`` output), from the manifest's measured figures.
+Output: ``ramp.json``, ``ramp.md`` and ``ramp.png`` (within-budget share and p99 against concurrency).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tcsched.manifest import Manifest
+
+ENSEMBLE = "classifier"
+
+
+@dataclass
+class RampPoint:
+    target: str
+    concurrency: int
+    throughput_img_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    within_budget: float | None
+    n_requests: int
+    served_by: dict[str, int]
+    served_agreement: float | None
+    served_top1: float | None
+    stable: bool
+
+
+def served_accuracy(manifest: Manifest, counts: dict[str, int]) -> tuple[float | None, float | None]:
+    """(agreement with fp32, top-1) of the variants that served, weighted by their request counts."""
+    n = sum(counts.values())
+    if n == 0:
+        return None, None
+    agree = sum(manifest.variant(v).accuracy.agreement_with_fp32 * c for v, c in counts.items()) / n
+    tops = [manifest.variant(v).accuracy.top1 for v in counts]
+    top1 = (
+        None
+        if any(t is None for t in tops)
+        else sum(manifest.variant(v).accuracy.top1 * c for v, c in counts.items()) / n
+    )
+    return agree, top1
+
+
+def run_ramp(
+    repo: Path,
+    output: Path,
+    latency_budget_ms: float,
+    concurrency: Sequence[int] = (1, 2, 4, 8, 12, 16),
+    variants: Sequence[str] | None = None,
+    data_dir: Path | None = None,
+    n_images: int = 32,
+    measurement_interval_ms: int = 2000,
+    url: str | None = None,
+    log=print,
+) -> list[RampPoint]:
+    """Run the ramp and write the report; returns every point.
+
+    Raises:
+        ValueError: bad budget or concurrency, unknown variant, no manifest (before any load is sent).
+    """
+    from tcsched.client.bench import make_input_data, pick_images, ramp_targets
+    from tcsched.client.perf_analyzer import run_perf_analyzer, within_budget_share
+    from tcsched.server import TritonServer
+
+    if not (math.isfinite(latency_budget_ms) and latency_budget_ms > 0):
+        raise ValueError(f"latency_budget_ms must be > 0, got {latency_budget_ms}")
+    if not concurrency or min(concurrency) < 1:
+        raise ValueError(f"concurrency levels must be >= 1, got {list(concurrency)}")
+    manifest = Manifest.read(Path(repo) / "manifest.json")
+    names = list(variants) if variants else [v.name for v in manifest.variants if v.serve_on_cpu_for_speed]
+    for v in names:
+        manifest.variant(v)  # KeyError names the known ones
+    output.mkdir(parents=True, exist_ok=True)
+    data = make_input_data(pick_images(data_dir, n_images), output / "raw")
+    targets = ramp_targets(names, latency_budget_ms)
+    points: list[RampPoint] = []
+    ctx = (
+        contextlib.nullcontext(None) if url else TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0)
+    )
+    t0 = time.perf_counter()
+    with ctx as server:
+        grpc_url = url or server.grpc_url
+        for t in targets:  # warm-up: every path loaded and its sessions initialised
+            run_perf_analyzer(
+                t.model,
+                grpc_url,
+                input_data=data.ensemble_json,
+                concurrency=1,
+                request_parameters=t.request_parameters,
+                measurement_interval_ms=500,
+                max_trials=3,
+                stability_percentage=100,
+            )
+        for c in concurrency:
+            for t in targets:
+                p = run_perf_analyzer(
+                    t.model,
+                    grpc_url,
+                    input_data=data.ensemble_json,
+                    concurrency=c,
+                    request_parameters=t.request_parameters,
+                    measurement_interval_ms=measurement_interval_ms,
+                    stability_percentage=25.0,
+                    max_trials=5,
+                    profile_export=True,
+                    string_outputs=("VARIANT",),
+                    target=t.name,
+                )
+                counts = p.profile.output_counts("VARIANT") if p.profile is not None else {}
+                agree, top1 = served_accuracy(manifest, counts)
+                share = within_budget_share(p.profile, latency_budget_ms) if p.profile is not None else None
+                point = RampPoint(
+                    t.name,
+                    c,
+                    p.throughput_infer_per_s,
+                    p.p50_ms,
+                    p.p99_ms,
+                    share,
+                    sum(counts.values()),
+                    counts,
+                    agree,
+                    top1,
+                    p.stable,
+                )
+                points.append(point)
+                log(
+                    f"c={c:<3} {t.name:<42} {p.throughput_infer_per_s:7.1f} img/s  p99 {p.p99_ms or 0:7.1f} ms  "
+                    f"within {latency_budget_ms:g} ms: {0 if share is None else share:6.1%}  served {counts}"
+                )
+    write_ramp_report(points, manifest, latency_budget_ms, output, time.perf_counter() - t0)
+    return points
+
+
+def write_ramp_report(
+    points: list[RampPoint], manifest: Manifest, budget_ms: float, output: Path, wall_s: float
+) -> None:
+    (output / "ramp.json").write_text(
+        json.dumps(
+            {"latency_budget_ms": budget_ms, "wall_s": wall_s, "points": [asdict(p) for p in points]},
+            indent=2,
+        )
+    )
+    lines = [
+        f"# Load ramp: scheduler with latency_budget_ms={budget_ms:g} vs static variants",
+        "",
+        f"Closed loop (perf_analyzer concurrency), gRPC, real images, ensemble `{ENSEMBLE}`; {wall_s:.0f} s in all. "
+        "Served accuracy: the manifest's measured agreement with fp32 / top-1 of the variants that answered, "
+        "weighted by requests.",
+        "",
+        "| concurrency | target | img/s | p50 ms | p99 ms | within budget | served agreement | served top-1 | served by |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    fmt = lambda x, f: "-" if x is None else f.format(x)  # noqa: E731
+    for p in points:
+        lines.append(
+            f"| {p.concurrency} | {p.target} | {p.throughput_img_s:.1f} | {fmt(p.p50_ms, '{:.1f}')} | "
+            f"{fmt(p.p99_ms, '{:.1f}')} | {fmt(p.within_budget, '{:.1%}')} | {fmt(p.served_agreement, '{:.1%}')} | "
+            f"{fmt(p.served_top1, '{:.1%}')} | {', '.join(f'{k}: {v}' for k, v in p.served_by.items())} |"
+        )
+    (output / "ramp.md").write_text("\n".join(lines) + "\n")
+    plot_ramp(points, budget_ms, output / "ramp.png")
+
+
+def plot_ramp(points: list[RampPoint], budget_ms: float, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for target in dict.fromkeys(p.target for p in points):
+        pts = [p for p in points if p.target == target]
+        xs = [p.concurrency for p in pts]
+        style = {"lw": 2.5, "color": "black"} if "budget" in target else {"ls": "--"}
+        a.plot(xs, [100 * (p.within_budget or 0) for p in pts], marker="o", label=target, **style)
+        b.plot(xs, [p.p99_ms or float("nan") for p in pts], marker="o", label=target, **style)
+    a.axhline(95, color="grey", lw=0.8, ls=":")
+    a.set(
+        xlabel="concurrency (requests in flight)",
+        ylabel=f"% of requests within {budget_ms:g} ms",
+        ylim=(0, 105),
+    )
+    b.axhline(budget_ms, color="red", lw=0.8, ls=":", label=f"budget {budget_ms:g} ms")
+    b.set(xlabel="concurrency (requests in flight)", ylabel="p99 latency, ms", yscale="log")
+    a.legend(fontsize=8)
+    b.legend(fontsize=8)
+    fig.suptitle("tcsched scheduler vs static variants under a load ramp")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def ramp_command(
+    repo: Path = Path("model_repository"),
+    output: Path = Path("reports/ramp"),
+    latency_budget_ms: float = 40.0,
+    concurrency: str = "1,2,4,8,12,16",
+    variants: str = None,
+    data_dir: Path = None,
+    measurement_interval_ms: int = 2000,
+    url: str = None,
+):
+    """Load ramp: the scheduler with a latency budget vs each static variant (p99, share within budget, served
+    accuracy); writes ramp.json, ramp.md, ramp.png to OUTPUT."""
+    import typer
+
+    try:
+        levels = tuple(int(x) for x in concurrency.split(","))
+    except ValueError:
+        raise typer.BadParameter(
+            f"--concurrency must be comma-separated integers, got {concurrency!r}"
+        ) from None
+    try:
+        run_ramp(
+            repo,
+            output,
+            latency_budget_ms,
+            levels,
+            tuple(v.strip() for v in variants.split(",")) if variants else None,
+            data_dir,
+            measurement_interval_ms=measurement_interval_ms,
+            url=url,
+        )
+    except (ValueError, KeyError) as e:
+        raise typer.BadParameter(str(e)) from None
