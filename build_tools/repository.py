@@ -49,6 +49,8 @@ class ServingOptions:
     default_latency_budget_ms: float | None = None  # None: no latency budget unless the request sets one
     default_objective: str = ""  # "": max_accuracy with a latency budget, else min_latency
     drift_margin: float = 0.25  # widening of the calibration ranges for the drift check, x their width
+    latency_headroom: float = 0.7  # a variant fits a budget when predicted <= this x the budget
+    max_utilization: float = 0.8  # above it a variant cannot keep up with the arrival rate
     bls_timeout_ms: int = 10_000
     unhealthy_cooldown_s: float = 30.0
     extra_scheduler_parameters: dict[str, str] = field(default_factory=dict)
@@ -128,6 +130,8 @@ def scheduler_config(opts: ServingOptions, chw: list[int], classes: int) -> mc.M
             else opts.default_latency_budget_ms,
             "default_objective": opts.default_objective,
             "drift_margin": opts.drift_margin,
+            "latency_headroom": opts.latency_headroom,
+            "max_utilization": opts.max_utilization,
             "bls_timeout_ms": opts.bls_timeout_ms,
             "unhealthy_cooldown_s": opts.unhealthy_cooldown_s,
             **opts.extra_scheduler_parameters,

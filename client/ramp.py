@@ -27,7 +27,7 @@ ENSEMBLE = "classifier"
 @dataclass
 class RampPoint:
     target: str
-    concurrency: int
+    concurrency: float  # the load level: requests in flight, or req/s in request-rate mode
     throughput_img_s: float
     p50_ms: float | None
     p99_ms: float | None
@@ -59,6 +59,7 @@ def run_ramp(
     output: Path,
     latency_budget_ms: float,
     concurrency: Sequence[int] = (1, 2, 4, 8, 12, 16),
+    request_rates: Sequence[float] | None = None,
     variants: Sequence[str] | None = None,
     data_dir: Path | None = None,
     n_images: int = 32,
@@ -77,8 +78,13 @@ def run_ramp(
 
     if not (math.isfinite(latency_budget_ms) and latency_budget_ms > 0):
         raise ValueError(f"latency_budget_ms must be > 0, got {latency_budget_ms}")
-    if not concurrency or min(concurrency) < 1:
+    if request_rates is not None:
+        if not request_rates or min(request_rates) <= 0:
+            raise ValueError(f"request rates must be > 0 req/s, got {list(request_rates)}")
+    elif not concurrency or min(concurrency) < 1:
         raise ValueError(f"concurrency levels must be >= 1, got {list(concurrency)}")
+    mode = "request_rate" if request_rates is not None else "concurrency"
+    levels = list(request_rates) if request_rates is not None else list(concurrency)
     manifest = Manifest.read(Path(repo) / "manifest.json")
     names = list(variants) if variants else [v.name for v in manifest.variants if v.serve_on_cpu_for_speed]
     for v in names:
@@ -104,13 +110,13 @@ def run_ramp(
                 max_trials=3,
                 stability_percentage=100,
             )
-        for c in concurrency:
+        for c in levels:
             for t in targets:
                 p = run_perf_analyzer(
                     t.model,
                     grpc_url,
                     input_data=data.ensemble_json,
-                    concurrency=c,
+                    **({"request_rate": float(c)} if mode == "request_rate" else {"concurrency": int(c)}),
                     request_parameters=t.request_parameters,
                     measurement_interval_ms=measurement_interval_ms,
                     stability_percentage=25.0,
@@ -137,30 +143,42 @@ def run_ramp(
                 )
                 points.append(point)
                 log(
-                    f"c={c:<3} {t.name:<42} {p.throughput_infer_per_s:7.1f} img/s  p99 {p.p99_ms or 0:7.1f} ms  "
+                    f"{'rate' if mode == 'request_rate' else 'c'}={c:<4g} {t.name:<42} {p.throughput_infer_per_s:7.1f} img/s  p99 {p.p99_ms or 0:7.1f} ms  "
                     f"within {latency_budget_ms:g} ms: {0 if share is None else share:6.1%}  served {counts}"
                 )
-    write_ramp_report(points, manifest, latency_budget_ms, output, time.perf_counter() - t0)
+    write_ramp_report(points, manifest, latency_budget_ms, output, time.perf_counter() - t0, mode)
     return points
 
 
 def write_ramp_report(
-    points: list[RampPoint], manifest: Manifest, budget_ms: float, output: Path, wall_s: float
+    points: list[RampPoint],
+    manifest: Manifest,
+    budget_ms: float,
+    output: Path,
+    wall_s: float,
+    mode: str = "concurrency",
 ) -> None:
     (output / "ramp.json").write_text(
         json.dumps(
-            {"latency_budget_ms": budget_ms, "wall_s": wall_s, "points": [asdict(p) for p in points]},
+            {
+                "latency_budget_ms": budget_ms,
+                "mode": mode,
+                "wall_s": wall_s,
+                "points": [asdict(p) for p in points],
+            },
             indent=2,
         )
     )
+    level = "request rate (req/s)" if mode == "request_rate" else "concurrency"
     lines = [
         f"# Load ramp: scheduler with latency_budget_ms={budget_ms:g} vs static variants",
         "",
-        f"Closed loop (perf_analyzer concurrency), gRPC, real images, ensemble `{ENSEMBLE}`; {wall_s:.0f} s in all. "
+        f"{'Open loop (perf_analyzer --request-rate, constant arrivals)' if mode == 'request_rate' else 'Closed loop (perf_analyzer concurrency)'}, "
+        f"gRPC, real images, ensemble `{ENSEMBLE}`; {wall_s:.0f} s in all. "
         "Served accuracy: the manifest's measured agreement with fp32 / top-1 of the variants that answered, "
         "weighted by requests.",
         "",
-        "| concurrency | target | img/s | p50 ms | p99 ms | within budget | served agreement | served top-1 | served by |",
+        f"| {level} | target | img/s | p50 ms | p99 ms | within budget | served agreement | served top-1 | served by |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     fmt = lambda x, f: "-" if x is None else f.format(x)  # noqa: E731
@@ -171,10 +189,10 @@ def write_ramp_report(
             f"{fmt(p.served_top1, '{:.1%}')} | {', '.join(f'{k}: {v}' for k, v in p.served_by.items())} |"
         )
     (output / "ramp.md").write_text("\n".join(lines) + "\n")
-    plot_ramp(points, budget_ms, output / "ramp.png")
+    plot_ramp(points, budget_ms, output / "ramp.png", level)
 
 
-def plot_ramp(points: list[RampPoint], budget_ms: float, path: Path) -> Path:
+def plot_ramp(points: list[RampPoint], budget_ms: float, path: Path, level: str = "concurrency") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +201,7 @@ def plot_ramp(points: list[RampPoint], budget_ms: float, path: Path) -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for target in dict.fromkeys(p.target for p in points):
         pts = [p for p in points if p.target == target]
-        xs = [p.concurrency for p in pts]
+        xs = [p.concurrency for p in pts]  # the load level: concurrency or request rate
         style = {"lw": 2.5, "color": "black"} if "budget" in target else {"ls": "--"}
         a.plot(xs, [100 * (p.within_budget or 0) for p in pts], marker="o", label=target, **style)
         b.plot(xs, [p.p99_ms or float("nan") for p in pts], marker="o", label=target, **style)
@@ -194,7 +212,7 @@ def plot_ramp(points: list[RampPoint], budget_ms: float, path: Path) -> Path:
         ylim=(0, 105),
     )
     b.axhline(budget_ms, color="red", lw=0.8, ls=":", label=f"budget {budget_ms:g} ms")
-    b.set(xlabel="concurrency (requests in flight)", ylabel="p99 latency, ms", yscale="log")
+    b.set(xlabel=level, ylabel="p99 latency, ms", yscale="log")
     a.legend(fontsize=8)
     b.legend(fontsize=8)
     fig.suptitle("tcsched scheduler vs static variants under a load ramp")
@@ -207,31 +225,35 @@ def plot_ramp(points: list[RampPoint], budget_ms: float, path: Path) -> Path:
 def ramp_command(
     repo: Path = Path("model_repository"),
     output: Path = Path("reports/ramp"),
-    latency_budget_ms: float = 40.0,
+    latency_budget_ms: float = 50.0,
     concurrency: str = "1,2,4,8,12,16",
+    request_rates: str = None,
     variants: str = None,
     data_dir: Path = None,
     measurement_interval_ms: int = 2000,
     url: str = None,
 ):
     """Load ramp: the scheduler with a latency budget vs each static variant (p99, share within budget, served
-    accuracy); writes ramp.json, ramp.md, ramp.png to OUTPUT."""
+    accuracy); --request-rates gives an open-loop sweep instead of concurrency; writes ramp.json, ramp.md,
+    ramp.png to OUTPUT."""
     import typer
 
     try:
         levels = tuple(int(x) for x in concurrency.split(","))
+        rates = tuple(float(x) for x in request_rates.split(",")) if request_rates else None
     except ValueError:
         raise typer.BadParameter(
-            f"--concurrency must be comma-separated integers, got {concurrency!r}"
+            "--concurrency takes integers, --request-rates numbers, comma-separated"
         ) from None
     try:
         run_ramp(
             repo,
             output,
             latency_budget_ms,
-            levels,
-            tuple(v.strip() for v in variants.split(",")) if variants else None,
-            data_dir,
+            concurrency=levels,
+            request_rates=rates,
+            variants=tuple(v.strip() for v in variants.split(",")) if variants else None,
+            data_dir=data_dir,
             measurement_interval_ms=measurement_interval_ms,
             url=url,
         )

@@ -42,10 +42,12 @@ def drift_check(x: np.ndarray, stats: InputStatistics | None, margin: float = 0.
     Three cheap statistics (~0.3 ms), each against the calibration images' 1st-99th percentile range widened by
     ``margin`` times its width on both sides: the image's mean (very dark or bright), its standard deviation
     (flat, non-natural images), and its fraction of saturated values (> the calibration's 99th percentile + 0.25,
-    and at least 0.5). Manifests without percentiles fall back to the min-max ranges.
+    and at least 0.5). Manifests without percentiles fall back to the min-max ranges. The statistics are taken
+    on every 4th pixel in each direction (the calibration's on whole images).
     """
     if stats is None:
         return DriftResult(False)
+    x = x[:, ::4, ::4]  # every 4th pixel each way: the same statistics at 1/16 of the cost (~0.02 ms)
     checks = (
         ("mean", float(x.mean()), stats.image_mean_p01_p99 or stats.image_mean_range),
         ("std", float(x.std()), stats.image_std_p01_p99 or stats.image_std_range),
@@ -78,7 +80,9 @@ class LoadTracker:
     service_ratio: dict[str, float] = field(default_factory=dict)
     observed_ms: dict[str, float] = field(default_factory=dict)
     execute_ms: float = 0.0
+    arrival_per_ms: float = 0.0  # EWMA of images per ms reaching the scheduler
     in_flight: int = 0
+    _last_start: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def _ewma(self, old: float | None, new: float) -> float:
@@ -91,9 +95,28 @@ class LoadTracker:
                 ratio = min(10.0, max(0.1, observed_ms / predicted_ms))
                 self.service_ratio[variant] = self._ewma(self.service_ratio.get(variant), ratio)
 
-    def observe_execute(self, ms: float) -> None:
+    def observe_execute(self, ms: float, images: int = 0, start: float | None = None) -> None:
+        """One scheduler execute of ``images`` images that began at ``start`` (``time.perf_counter()``) and took
+        ``ms``: updates the execute-time EWMA and the arrival rate (images since the previous start / interval)."""
         with self._lock:
             self.execute_ms = self._ewma(self.execute_ms if self.execute_ms else None, ms)
+            if start is not None and images:
+                if self._last_start is not None and start > self._last_start:
+                    rate = images / ((start - self._last_start) * 1e3)
+                    self.arrival_per_ms = self._ewma(self.arrival_per_ms or None, rate)
+                self._last_start = start
+
+    def predicted_ms(
+        self, variant: str, service_ms: float, batch_size: int, max_utilization: float = 0.95
+    ) -> float:
+        """Queue + service for ``variant`` at the current arrival rate: utilisation u = rate x service per image,
+        waiting ~ service x u / (1 - u) (M/M/1, Kleinrock, Queueing Systems vol. 1, 1975); u above
+        ``max_utilization`` means the variant cannot keep up: 100x its service time."""
+        service = service_ms * self.ratio(variant)
+        u = self.arrival_per_ms * service / max(1, batch_size)
+        if u >= max_utilization:
+            return 100.0 * service
+        return service + service * u / (1.0 - u)
 
     def ratio(self, variant: str) -> float:
         return self.service_ratio.get(variant, 1.0)

@@ -14,8 +14,9 @@ Request parameters (Triton request parameters, e.g. ``client.infer(..., paramete
 
 Predicted latency of variant v for a batch of B images = queue + service:
   service = the build's measured p50 at batch B (interpolated) x the EWMA of observed/predicted BLS time of v
-  (so the profile is corrected for the serving process), queue = the EWMA of the scheduler's execute time (what
-  a request arriving now waits for the batch in progress). Both come from :class:`tcsched.scheduler.live.LoadTracker`.
+  (so the profile is corrected for the serving process); queue = service x u / (1 - u) with the utilisation
+  u = arrival rate x service per image (M/M/1), so a variant that cannot keep up with the current load is
+  predicted slow before its queue has grown. From :class:`tcsched.scheduler.live.LoadTracker`.
 
 Rules, in order:
   1. ``variant`` given: that variant (unknown name -> error naming the known ones).
@@ -151,12 +152,36 @@ class LiveState:
 
 
 class Policy:
-    """Chooses a variant for a batch of identical options. Stateless apart from :class:`LiveState`."""
+    """Chooses a variant for a batch of identical options. Stateless apart from :class:`LiveState`.
 
-    def __init__(self, manifest: Manifest, state: LiveState | None = None):
+    ``latency_headroom``: a variant fits a latency budget when its predicted latency is at most this fraction of
+    it; the prediction covers the scheduler's queue and the variant, not the preprocessing step and the network
+    before it (measured on 2 shared cores: ~0.3 of the end-to-end time under load).
+    ``max_utilization``: above it a variant is taken as unable to keep up with the arrival rate.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        state: LiveState | None = None,
+        latency_headroom: float = 0.7,
+        max_utilization: float = 0.8,
+    ):
+        if not 0 < latency_headroom <= 1 or not 0 < max_utilization < 1:
+            raise ValueError(
+                f"latency_headroom must be in (0, 1] and max_utilization in (0, 1), got {latency_headroom}, "
+                f"{max_utilization}"
+            )
         self.manifest = manifest
         self.state = state or LiveState()
+        self.latency_headroom = latency_headroom
+        self.max_utilization = max_utilization
         self.reference = manifest.variant(manifest.reference_variant).name
+
+    def _kl(self, e: VariantEntry) -> float:
+        if e.name == self.reference:
+            return 0.0
+        return e.accuracy.kl_vs_fp32 if e.accuracy is not None else math.inf
 
     def _drop(self, e: VariantEntry) -> float:
         if e.name == self.reference:
@@ -179,13 +204,14 @@ class Policy:
             RequestError: ``opts.variant`` names no variant.
         """
         m = self.manifest
-        queue_ms = load.execute_ms if load is not None else 0.0
 
         def predict(e: VariantEntry) -> float | None:
             service = predicted_latency_ms(e, batch_size)
             if service is None:
                 return None
-            return queue_ms + service * (load.ratio(e.name) if load is not None else 1.0)
+            if load is None:
+                return service
+            return load.predicted_ms(e.name, service, batch_size, max_utilization=self.max_utilization)
 
         if opts.variant is not None:
             try:
@@ -211,7 +237,9 @@ class Policy:
 
         budget = opts.accuracy_budget_points
         within_acc = [e for e in pool if self._drop(e) <= budget]
-        by_accuracy = sorted(pool, key=lambda e: (self._drop(e), speed(e)))
+        # most accurate first: measured top-1 drop, ties broken by the KL vs fp32 (steadier than top-1 on a few
+        # hundred images, where a variant can tie fp32's top-1 exactly), then speed
+        by_accuracy = sorted(pool, key=lambda e: (self._drop(e), self._kl(e), speed(e)))
         ordered: list[Decision] = []
         code_sfx = "_ood" if ood_note else ""
         if opts.resolved_objective == "min_latency":
@@ -236,7 +264,11 @@ class Policy:
                 )
         else:
             lb = opts.latency_budget_ms
-            fits = [e for e in by_accuracy if e in within_acc and (lb is None or speed(e) <= lb)]
+            fits = [
+                e
+                for e in by_accuracy
+                if e in within_acc and (lb is None or speed(e) <= lb * self.latency_headroom)
+            ]
             for e in fits:
                 why = "most accurate" + ("" if lb is None else f" within latency budget {lb:g} ms")
                 ordered.append(Decision(e.name, why + ood_note, lat[e.name], "max_accuracy" + code_sfx))

@@ -161,5 +161,6 @@ class SchedulerService:
                 err = RuntimeError("every attempted variant failed: " + "; ".join(errors))
                 for i in idx:
                     out[i] = err
-        self.load.observe_execute((time.perf_counter() - t_exec) * 1e3)
+        images = sum(len(x) for _, x in requests)
+        self.load.observe_execute((time.perf_counter() - t_exec) * 1e3, images, t_exec)
         return out  # type: ignore[return-value]

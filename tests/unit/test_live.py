@@ -94,16 +94,28 @@ def test_drift_steers_away_from_int8_variants():
 
 
 def test_load_moves_max_accuracy_to_cheaper_variants():
-    p = Policy(make_manifest(SPECS))
+    p = Policy(make_manifest(SPECS), latency_headroom=1.0, max_utilization=0.95)
     o = RequestOptions(latency_budget_ms=40.0, accuracy_budget_points=5.0)
     assert o.resolved_objective == "max_accuracy"
     idle = LoadTracker()
-    assert p.rank(o, batch_size=8, load=idle)[0].variant == "m_fp32"  # 32 ms fits
+    assert p.rank(o, batch_size=8, load=idle)[0].variant == "m_fp32"  # 32 ms fits, no queue
     busy = LoadTracker()
-    busy.observe_execute(20.0)  # a request arriving now waits ~20 ms
+    busy.arrival_per_ms = 0.15  # 150 img/s: fp32 u = 0.15 * 32/8 = 0.6 -> 32 + 32 * 0.6/0.4 = 80 ms
     d = p.rank(o, batch_size=8, load=busy)[0]
-    assert d.variant == "m_mixed" and d.predicted_latency_ms == pytest.approx(38.0)
-    slow = LoadTracker()
-    slow.observe_execute(20.0)
-    slow.observe_variant("m_mixed", 36.0, 18.0)  # observed 2x the profile
-    assert p.rank(o, batch_size=8, load=slow)[0].variant == "m_int8"
+    u = 0.15 * 18 / 8  # int8_mixed: 18 ms per batch of 8
+    assert d.variant == "m_mixed" and d.predicted_latency_ms == pytest.approx(18 + 18 * u / (1 - u))
+    busy.observe_variant("m_mixed", 36.0, 18.0)  # observed 2x its profile: u = 0.675 -> 111 ms
+    assert p.rank(o, batch_size=8, load=busy)[0].variant == "m_int8"
+    overloaded = LoadTracker()
+    overloaded.arrival_per_ms = 1.0  # beyond every variant's capacity: the fastest, as documented
+    d = p.rank(o, batch_size=8, load=overloaded)[0]
+    assert d.variant == "m_int8" and d.code == "degraded_latency"
+
+
+def test_arrival_rate_from_executes():
+    t = LoadTracker(alpha=1.0)
+    t.observe_execute(5.0, images=4, start=10.0)
+    t.observe_execute(5.0, images=8, start=10.1)  # 8 images 100 ms after the previous start
+    assert t.arrival_per_ms == pytest.approx(0.08)
+    assert t.predicted_ms("v", 10.0, batch_size=1) == pytest.approx(10.0 / (1 - 0.8))
+    assert t.predicted_ms("v", 20.0, batch_size=1) == 2000.0  # u = 1.6: cannot keep up

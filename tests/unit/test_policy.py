@@ -71,10 +71,23 @@ def test_emulated_precision_never_chosen_for_speed_on_cpu(policy):
     assert "m_fp16" in [d.variant for d in gpu.rank(RequestOptions(accuracy_budget_points=0.2))]
 
 
-def test_max_accuracy_within_latency_budget(policy):
+def test_max_accuracy_within_latency_budget():
+    policy = Policy(make_manifest(SPECS), latency_headroom=1.0)
     o = RequestOptions(objective="max_accuracy", latency_budget_ms=20.0, accuracy_budget_points=5)
     assert policy.rank(o, batch_size=8)[0].variant == "m_mixed"
     assert policy.rank(o, batch_size=1)[0].variant == "m_fp32"
+
+
+def test_latency_headroom_keeps_a_margin_for_what_the_scheduler_cannot_see():
+    o = RequestOptions(latency_budget_ms=20.0, accuracy_budget_points=5)
+    assert (
+        Policy(make_manifest(SPECS), latency_headroom=1.0).rank(o, batch_size=8)[0].variant == "m_mixed"
+    )  # 18 <= 20
+    assert (
+        Policy(make_manifest(SPECS), latency_headroom=0.7).rank(o, batch_size=8)[0].variant == "m_int8"
+    )  # 18 > 14
+    with pytest.raises(ValueError, match="latency_headroom"):
+        Policy(make_manifest(SPECS), latency_headroom=0.0)
 
 
 def test_nothing_fits_degrades_predictably(policy):

@@ -62,3 +62,21 @@ def test_calibration_batches_are_equal_sized_for_histogram_calibrators(tmp_path)
     fp32 = tiny_classifier(tmp_path / "tiny.onnx")
     calib = np.random.default_rng(3).normal(0, 1, (12, 3, 32, 32)).astype(np.float32)
     assert quantize_int8(fp32, tmp_path / "p.onnx", calib, method="percentile").is_file()
+
+
+def test_calibration_method_specs():
+    from tcsched.build_tools.build import BuildConfig, parse_calib_method
+
+    assert parse_calib_method("minmax") == ("minmax", 100.0)
+    assert parse_calib_method("percentile") == ("percentile", 99.999)
+    assert parse_calib_method("percentile:99.99") == ("percentile", 99.99)
+    for bad, needle in [
+        ("entropy", "silently equals minmax"),
+        ("percentile:100", "in \\(90, 100\\)"),
+        ("percentile:x", "bad"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            parse_calib_method(bad)
+    BuildConfig().validate()  # the defaults are valid
+    with pytest.raises(ValueError, match="entropy"):
+        BuildConfig(calib_methods=("minmax", "entropy")).validate()

@@ -92,7 +92,12 @@ class TritonPythonModel:
             RequestOptions(),
         )
         self.service = SchedulerService(
-            Policy(manifest, state),
+            Policy(
+                manifest,
+                state,
+                latency_headroom=float(params.get("latency_headroom", "0.7")),
+                max_utilization=float(params.get("max_utilization", "0.8")),
+            ),
             defaults,
             self._infer,
             load=LoadTracker(alpha=float(params.get("latency_ewma_alpha", "0.3"))),
