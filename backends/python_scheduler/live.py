@@ -103,7 +103,12 @@ class LoadTracker:
             if start is not None and images:
                 if self._last_start is not None and start > self._last_start:
                     rate = images / ((start - self._last_start) * 1e3)
-                    self.arrival_per_ms = self._ewma(self.arrival_per_ms or None, rate)
+                    # fast attack, slow decay: a rise in load counts at once (an expensive variant slipped in
+                    # while the estimate catches up costs the tail), a fall is smoothed
+                    if rate > self.arrival_per_ms:
+                        self.arrival_per_ms = rate
+                    else:
+                        self.arrival_per_ms = self._ewma(self.arrival_per_ms, rate)
                 self._last_start = start
 
     def predicted_ms(

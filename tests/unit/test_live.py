@@ -119,3 +119,10 @@ def test_arrival_rate_from_executes():
     assert t.arrival_per_ms == pytest.approx(0.08)
     assert t.predicted_ms("v", 10.0, batch_size=1) == pytest.approx(10.0 / (1 - 0.8))
     assert t.predicted_ms("v", 20.0, batch_size=1) == 2000.0  # u = 1.6: cannot keep up
+    slow = LoadTracker(alpha=0.5)
+    slow.observe_execute(1.0, images=1, start=0.0)
+    slow.observe_execute(1.0, images=1, start=1.0)  # 1 img/s
+    slow.observe_execute(1.0, images=8, start=1.01)  # a burst: 800 img/s counts at once
+    assert slow.arrival_per_ms == pytest.approx(0.8)
+    slow.observe_execute(1.0, images=1, start=2.01)  # then it decays smoothly
+    assert slow.arrival_per_ms == pytest.approx(0.5 * 0.8 + 0.5 * 0.001)
