@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SHARED_DATA ?= ../shared/data/imagenet-sample
 DATA_DIR := $(if $(wildcard $(SHARED_DATA)/labels.csv),--data-dir $(SHARED_DATA),)
 
-.PHONY: setup demo test test-unit lint eval bench clean
+.PHONY: setup demo test test-unit lint eval bench ramp clean
 
 $(VENV)/.installed: pyproject.toml
 	# perf_analyzer (inside the tritonclient[all] wheel) needs Debian's libb64; root on CI and dev machines
@@ -43,8 +43,14 @@ eval: setup
 # (JSON, CSV, report.md, PNG plots); about 6-8 min on 2 cores. Builds the repository first if it is missing.
 BENCH_DATA := $(if $(wildcard $(SHARED_DATA)/labels.csv),--data-dir $(SHARED_DATA),)
 bench: setup
-	test -f model_repository/manifest.json || $(BIN)/tcsched build $(EVAL_DIR)
+	test -f model_repository/manifest.json || $(BIN)/tcsched build $(DATA_DIR)
 	$(BIN)/tcsched bench --repo model_repository --output reports/bench $(BENCH_DATA)
+
+# Issue-5 load ramp: the scheduler with a latency budget vs each static variant (reports/ramp/).
+ramp: setup
+	test -f model_repository/manifest.json || $(BIN)/tcsched build $(DATA_DIR)
+	$(BIN)/tcsched ramp --repo model_repository --output reports/ramp --latency-budget-ms 95 \
+	  --concurrency 1,4,8,12,16 $(BENCH_DATA)
 
 clean:
 	rm -rf .tcsched reports model_repository/*/ model_repository/manifest.json
