@@ -81,6 +81,17 @@ def _dynamic_batching(cfg: mc.ModelConfig, opts: ServingOptions) -> None:
     cfg.dynamic_batching.max_queue_delay_microseconds = opts.max_queue_delay_microseconds
 
 
+def _warmup(cfg: mc.ModelConfig, input_name: str, chw: list[int], batch_sizes: list[int]) -> None:
+    """Triton's ``model_warmup``: zero tensors at these batch sizes before the model is marked ready, so the
+    first real requests (and the scheduler's latency observations) do not pay for a cold ONNX Runtime session."""
+    for b in batch_sizes:
+        w = cfg.model_warmup.add(name=f"zeros_batch{b}", batch_size=b)
+        spec = w.inputs[input_name]
+        spec.data_type = mc.TYPE_FP32
+        spec.dims.extend(chw)
+        spec.zero_data = True
+
+
 def variant_config(
     name: str, opts: ServingOptions, input_name: str, output_name: str, chw: list[int], classes: int
 ) -> mc.ModelConfig:
@@ -89,6 +100,7 @@ def variant_config(
     cfg.input.append(_tensor(mc.ModelInput, input_name, mc.TYPE_FP32, chw))
     cfg.output.append(_tensor(mc.ModelOutput, output_name, mc.TYPE_FP32, [classes]))
     _dynamic_batching(cfg, opts)
+    _warmup(cfg, input_name, chw, sorted({1, opts.max_batch_size}))
     if opts.variant_backend == "python":
         cfg.backend = "python"
         cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))

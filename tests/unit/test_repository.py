@@ -24,6 +24,7 @@ def test_variant_config_python_and_onnxruntime_backends():
     py = r.variant_config("v", r.ServingOptions(), "input", "logits", [3, 224, 224], 1000)
     assert py.backend == "python" and py.parameters["onnx_file"].string_value == "model.onnx"
     assert py.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert [(w.batch_size, w.inputs["input"].zero_data) for w in py.model_warmup] == [(1, True), (8, True)]
     ort = r.variant_config(
         "v", r.ServingOptions(variant_backend="onnxruntime"), "input", "logits", [3, 224, 224], 1000
     )
