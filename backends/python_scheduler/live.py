@@ -70,14 +70,17 @@ def drift_check(x: np.ndarray, stats: InputStatistics | None, margin: float = 0.
 class LoadTracker:
     """Thread-safe online load state.
 
-    ``service_ratio[v]``: EWMA of observed BLS ms / the manifest's predicted ms for variant ``v`` (starts at 1):
-    corrects the offline profile for the serving process (contention, cache, threads).
+    ``offset_ms[v]``: EWMA of observed BLS ms minus the manifest's predicted ms for variant ``v``: corrects the
+    offline profile for the serving process (IPC and stub overhead, contention). The overhead is mostly the same
+    for every variant, so a variant not observed yet inherits ``global_offset_ms`` (the EWMA over all): a
+    per-variant ratio would make every observed variant look worse than the unobserved ones.
     ``execute_ms``: EWMA of the scheduler's own execute duration, the time a request arriving now waits before
     its batch starts (one scheduler instance executes one batch at a time).
     """
 
     alpha: float = 0.3
-    service_ratio: dict[str, float] = field(default_factory=dict)
+    offset_ms: dict[str, float] = field(default_factory=dict)
+    global_offset_ms: float | None = None
     observed_ms: dict[str, float] = field(default_factory=dict)
     execute_ms: float = 0.0
     arrival_per_ms: float = 0.0  # EWMA of images per ms reaching the scheduler
@@ -91,9 +94,10 @@ class LoadTracker:
     def observe_variant(self, variant: str, observed_ms: float, predicted_ms: float | None) -> None:
         with self._lock:
             self.observed_ms[variant] = self._ewma(self.observed_ms.get(variant), observed_ms)
-            if predicted_ms and predicted_ms > 0:
-                ratio = min(10.0, max(0.1, observed_ms / predicted_ms))
-                self.service_ratio[variant] = self._ewma(self.service_ratio.get(variant), ratio)
+            if predicted_ms is not None and predicted_ms > 0:
+                d = max(-0.9 * predicted_ms, observed_ms - predicted_ms)
+                self.offset_ms[variant] = self._ewma(self.offset_ms.get(variant), d)
+                self.global_offset_ms = self._ewma(self.global_offset_ms, d)
 
     def observe_execute(self, ms: float, images: int = 0, start: float | None = None) -> None:
         """One scheduler execute of ``images`` images that began at ``start`` (``time.perf_counter()``) and took
@@ -117,14 +121,16 @@ class LoadTracker:
         """Queue + service for ``variant`` at the current arrival rate: utilisation u = rate x service per image,
         waiting ~ service x u / (1 - u) (M/M/1, Kleinrock, Queueing Systems vol. 1, 1975); u above
         ``max_utilization`` means the variant cannot keep up: 100x its service time."""
-        service = service_ms * self.ratio(variant)
+        service = self.service_ms(variant, service_ms)
         u = self.arrival_per_ms * service / max(1, batch_size)
         if u >= max_utilization:
             return 100.0 * service
         return service + service * u / (1.0 - u)
 
-    def ratio(self, variant: str) -> float:
-        return self.service_ratio.get(variant, 1.0)
+    def service_ms(self, variant: str, profiled_ms: float) -> float:
+        """The profile's ms corrected by the observed offset (the variant's, else the global one)."""
+        off = self.offset_ms.get(variant, self.global_offset_ms or 0.0)
+        return max(0.1 * profiled_ms, profiled_ms + off)
 
     def begin(self, n: int) -> float:
         with self._lock:

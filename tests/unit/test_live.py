@@ -55,20 +55,33 @@ def test_saturated_fraction():
     assert saturated_fraction(_png(np.full((8, 8, 3), 100, np.uint8))) == 0.0
 
 
-def test_load_tracker_ewma_and_clamp():
+def test_load_tracker_offsets_and_execute_ewma():
     t = LoadTracker(alpha=0.5)
-    t.observe_variant("a", 10.0, 5.0)
-    assert t.ratio("a") == 2.0 and t.ratio("b") == 1.0
+    assert t.service_ms("a", 5.0) == 5.0  # nothing observed yet
+    t.observe_variant("a", 8.0, 5.0)  # +3 ms of serving overhead
+    assert t.service_ms("a", 5.0) == 8.0
+    assert t.service_ms("b", 20.0) == 23.0  # an unobserved variant inherits the global offset
     t.observe_variant("a", 5.0, 5.0)
-    assert t.ratio("a") == 1.5
-    t.observe_variant("c", 1000.0, 1.0)
-    assert t.ratio("c") == 10.0  # clamped
+    assert t.service_ms("a", 5.0) == 6.5
+    t.observe_variant("c", 0.0, 10.0)  # faster than profiled: bounded below
+    assert t.service_ms("c", 10.0) >= 1.0
     t.observe_execute(8.0)
     t.observe_execute(4.0)
     assert t.execute_ms == 6.0
     t.begin(3)
     t.end(5)
     assert t.in_flight == 0
+
+
+def test_observed_overhead_does_not_make_the_scheduler_flip():
+    p = Policy(make_manifest(SPECS))
+    t = LoadTracker()
+    o = RequestOptions(accuracy_budget_points=5.0)
+    first = p.rank(o, load=t)[0].variant
+    for _ in range(5):  # the same ~2 ms BLS overhead on whatever is served
+        d = p.rank(o, load=t)[0]
+        assert d.variant == first
+        t.observe_variant(d.variant, 2.0 + 3.0, 3.0)
 
 
 def test_gpu_state_is_none_without_a_gpu():
@@ -104,7 +117,8 @@ def test_load_moves_max_accuracy_to_cheaper_variants():
     d = p.rank(o, batch_size=8, load=busy)[0]
     u = 0.15 * 18 / 8  # int8_mixed: 18 ms per batch of 8
     assert d.variant == "m_mixed" and d.predicted_latency_ms == pytest.approx(18 + 18 * u / (1 - u))
-    busy.observe_variant("m_mixed", 36.0, 18.0)  # observed 2x its profile: u = 0.675 -> 111 ms
+    busy.observe_variant("m_mixed", 36.0, 18.0)  # observed +18 ms over its profile: u = 0.675 -> 111 ms
+    busy.offset_ms["m_int8"] = 0.0  # int8 not slowed (without this it would inherit the global +18 ms)
     assert p.rank(o, batch_size=8, load=busy)[0].variant == "m_int8"
     overloaded = LoadTracker()
     overloaded.arrival_per_ms = 1.0  # beyond every variant's capacity: the fastest, as documented
