@@ -466,16 +466,9 @@ class AnalysisReport(_Model):
             FileNotFoundError: no file at ``path``.
             ValueError: another schema major version, or invalid content.
         """
-        import json
+        from tcsched.manifest import read_versioned_json
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no analysis at {path}; run `tcsched analyze`")
-        raw = json.loads(path.read_text())
-        version = str(raw.get("schema_version", "0"))
-        if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-            raise ValueError(f"{path} has schema_version {version}, this tcsched reads {SCHEMA_VERSION}")
-        return cls.model_validate(raw)
+        return cls.model_validate(read_versioned_json(path, SCHEMA_VERSION, "analysis", "tcsched analyze"))
 
     def layer(self, name: str) -> LayerReport:
         """The layer with ONNX node name ``name``.

@@ -186,14 +186,24 @@ class Manifest(_Model):
             FileNotFoundError: no manifest at ``path`` (run ``tcsched build``).
             ValueError: unsupported schema version or invalid content.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no manifest at {path}; run `tcsched build` first")
-        raw = json.loads(path.read_text())
-        version = str(raw.get("schema_version", "0"))
-        if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-            raise ValueError(
-                f"manifest {path} has schema_version {version}, this tcsched reads {SCHEMA_VERSION}: "
-                "rebuild the repository with `tcsched build`"
-            )
-        return cls.model_validate(raw)
+        return cls.model_validate(read_versioned_json(path, SCHEMA_VERSION, "manifest", "tcsched build"))
+
+
+def read_versioned_json(path: str | os.PathLike, schema_version: str, what: str, command: str) -> dict:
+    """Load a schema-versioned JSON document, refusing another major ``schema_version``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``; the message names ``command``, which writes it.
+        ValueError: another schema major version (rebuild it with ``command``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}; run `{command}` first")
+    raw = json.loads(path.read_text())
+    version = str(raw.get("schema_version", "0"))
+    if version.split(".")[0] != schema_version.split(".")[0]:
+        raise ValueError(
+            f"{what} {path} has schema_version {version}, this tcsched reads {schema_version}: "
+            f"rebuild it with `{command}`"
+        )
+    return raw
