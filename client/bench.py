@@ -257,7 +257,7 @@ class BenchConfig:
     url: str | None = None  # gRPC host:port of a running server; None: start one on ``repo``
     data_dir: Path | None = None  # labeled/plain image folder; None: scikit-image's default photos
     n_images: int = 16
-    variants: tuple[str, ...] | None = None  # default: every variant of the manifest
+    variants: tuple[str, ...] | None = None  # default: every variant the manifest serves for speed here
     scheduler: bool = True  # also the ensemble with the scheduler's own choice
     concurrency: tuple[int, ...] = (1, 4, 8)
     request_rates: tuple[float, ...] | None = None  # absolute; None: rate_fractions of the slowest target
@@ -475,7 +475,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResu
     cfg.validate()
     manifest = Manifest.read(Path(cfg.repo) / "manifest.json")
     known = [v.name for v in manifest.variants]
-    variants = list(cfg.variants) if cfg.variants else known
+    # default: the variants this machine serves for speed (an emulated precision, fp16 on a CPU, is never chosen
+    # by the scheduler there; name it with --variants to measure it anyway)
+    served = [v.name for v in manifest.variants if v.serve_on_cpu_for_speed or manifest.target == "gpu"]
+    variants = list(cfg.variants) if cfg.variants else served
     unknown = [v for v in variants if v not in known]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; the repository {cfg.repo} has {known}")
@@ -676,7 +679,9 @@ def bench_command(
     url: str = typer.Option(None, help="gRPC host:port of a running server (default: start one on --repo)"),
     data_dir: Path = typer.Option(None, help="real images (default: scikit-image's photos)"),
     images: int = typer.Option(16, help="how many images perf_analyzer cycles through"),
-    variants: str = typer.Option(None, help="comma-separated variant models (default: all)"),
+    variants: str = typer.Option(
+        None, help="comma-separated variant models (default: those served for speed here; fp16 on CPU is not)"
+    ),
     scheduler: bool = typer.Option(True, help="also the ensemble with the scheduler's own choice"),
     concurrency: str = typer.Option("1,4,8", help="concurrency levels"),
     request_rates: str = typer.Option(None, help="request rates, req/s (default: --rate-fractions)"),

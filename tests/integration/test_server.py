@@ -183,3 +183,42 @@ def test_classify_cli(server):
         timeout=120,
     )
     assert bad.returncode == 2 and "cannot decode" in bad.stdout
+
+
+def test_eval_command_on_a_few_labeled_images(server, built_repo, imagenet_sample, tmp_path):
+    """`tcsched eval` through the running server: every variant forced, the scheduler, torchvision eager."""
+    import json
+
+    out = tmp_path / "eval.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tcsched.cli",
+            "eval",
+            str(imagenet_sample),
+            "--repo",
+            str(built_repo),
+            "--url",
+            server.http_url,
+            "--limit",
+            "12",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    m = Manifest.read(built_repo / "manifest.json")
+    assert set(rows) == {"torchvision eager fp32", "served: scheduler (default)"} | {
+        f"served: {v.name}" for v in m.variants
+    }
+    fp32 = rows[f"served: {m.reference_variant}"]
+    assert fp32["n_images"] == 12 and fp32["errors"] == 0
+    assert fp32["agreement_with_reference"] == 1.0  # the served fp32 is torchvision eager
+    assert fp32["top1"] == rows["torchvision eager fp32"]["top1"]
+    lo, hi = fp32["ci95_top1"]
+    assert lo <= fp32["top1"] <= hi
