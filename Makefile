@@ -44,7 +44,8 @@ eval: setup
 BENCH_DATA := $(if $(wildcard $(SHARED_DATA)/labels.csv),--data-dir $(SHARED_DATA),)
 bench: setup
 	test -f model_repository/manifest.json || $(BIN)/tcsched build $(DATA_DIR)
-	$(BIN)/tcsched bench --repo model_repository --output reports/bench $(BENCH_DATA)
+	$(BIN)/tcsched bench --repo model_repository --output reports/bench $(BENCH_DATA) \
+	  --measurement-interval-ms 1500 --rate-fractions 0.7
 
 # Issue-5 load ramp: the scheduler with a latency budget vs each static variant (reports/ramp/).
 ramp: setup
