@@ -82,7 +82,13 @@ def test_short_bench_writes_report_and_plots(server, built_repo, tmp_path):
     result = run_bench(cfg, log=lambda s: None)
     assert not result.errors, result.errors
     targets = {p.target for p in result.points}
-    assert targets == {FP32, f"classifier[{FP32}]"}
+    assert targets == {FP32, f"classifier[{FP32}]", f"scheduler[{FP32}]"}
+    sched = result.point(f"scheduler[{FP32}]", "concurrency", 1)
+    assert sched is not None and sched.p50_ms > 0  # the scheduler model alone, tensor in, BLS to fp32
+    row = next(r for r in result.summary()["by_variant"] if r["concurrency"] == 1)
+    assert row["scheduler_p50_over_direct_p50"] == pytest.approx(
+        sched.p50_ms / result.point(FP32, "concurrency", 1).p50_ms
+    )
     modes = {(p.target, p.mode, p.load) for p in result.points}
     assert {(FP32, "concurrency", 1.0), (FP32, "concurrency", 2.0)} <= modes
     assert any(p.mode == "request_rate" for p in result.points)
