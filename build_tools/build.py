@@ -417,7 +417,9 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
     ref = logits["fp32"]
     ref_top1 = topk_accuracy(ref, y_eval, 1) if y_eval is not None else None
     p50 = {n: {b: float(np.median(v)) for b, v in d.items()} for n, d in lat.items()}
-    eval_name = f"{splits.description} (figures on the evaluation split)"
+    eval_name = splits.description + (
+        " (figures on the evaluation split)" if cfg.data_dir is not None else ""
+    )
     if dropped:
         notes["fp32"] += dropped
     entries = []
