@@ -117,5 +117,5 @@ def distill_pruned(
             for sm, mask in masks:
                 sm.weight.mul_(mask)
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, loss.item())
     return student.eval()
