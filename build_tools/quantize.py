@@ -125,6 +125,36 @@ def quantize_int8(
     return output
 
 
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node that outputs it."""
+    return {o: n for n in graph.node for o in n.output}
+
+
+def representable_range(scale: np.ndarray, zero_point: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float range a Q/DQ pair can represent, float64: ((qmin - zp) * s, (qmax - zp) * s), qmin/qmax from the
+    zero point's integer type (uint8: 0..255, int8: -128..127)."""
+    info = np.iinfo(zero_point.dtype)
+    zp = zero_point.astype(np.float64)
+    s = scale.astype(np.float64)
+    return (info.min - zp) * s, (info.max - zp) * s
+
+
+def dequantize_initializer(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
+    """Value of ``DequantizeLinear(initializer)`` in float64: (q - zp) * scale, per-axis scales broadcast along
+    the node's ``axis`` (ONNX default 1). float64 keeps int32 biases above 2^24 exact."""
+    from onnx import numpy_helper
+
+    q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float64)
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
+    zp = numpy_helper.to_array(inits[dq.input[2]]).astype(np.float64) if len(dq.input) > 2 else np.zeros(1)
+    if scale.ndim == 1 and scale.size > 1:
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale, zp = scale.reshape(shape), np.asarray(zp).reshape(shape)
+    return (q - zp) * scale
+
+
 def strip_output_qdq(model: onnx.ModelProto) -> int:
     """Remove QuantizeLinear -> DequantizeLinear pairs that feed graph outputs, in place; returns how many.
 
@@ -133,7 +163,7 @@ def strip_output_qdq(model: onnx.ModelProto) -> int:
     writes the output directly instead; the Gemm itself stays int8 (DQ inputs -> QGemm with a float output).
     """
     g = model.graph
-    prod = {o: n for n in g.node for o in n.output}
+    prod = producers(g)
     removed = 0
     for out in g.output:
         dq = prod.get(out.name)
@@ -179,10 +209,9 @@ def to_symmetric_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         src = inits.get(node.input[0])
         if src is None or src.data_type != onnx.TensorProto.INT32:
             continue
-        q = numpy_helper.to_array(src).astype(np.float64)
-        sc = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-        zp = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64) if len(node.input) > 2 else 0.0
-        g.initializer.append(numpy_helper.from_array(((q - zp) * sc).astype(np.float32), node.output[0]))
+        g.initializer.append(
+            numpy_helper.from_array(dequantize_initializer(node, inits).astype(np.float32), node.output[0])
+        )
         g.node.remove(node)
     used = {i for n in g.node for i in n.input}
     keep = [i for i in g.initializer if i.name in used]
@@ -200,8 +229,7 @@ def to_symmetric_int8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if zp.dtype != np.uint8 and not np.any(zp):
             continue
         scale = numpy_helper.to_array(inits[s_name]).astype(np.float64)
-        info = np.iinfo(zp.dtype)
-        lo, hi = (info.min - zp.astype(np.float64)) * scale, (info.max - zp.astype(np.float64)) * scale
+        lo, hi = representable_range(scale, zp)
         new_scale = np.maximum(np.abs(lo), np.abs(hi)) / 127.0
         inits[s_name].CopyFrom(
             numpy_helper.from_array(new_scale.astype(np.float32).reshape(scale.shape), s_name)

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from tcsched.build_tools.quantize import dequantize_initializer, producers, representable_range
 from tcsched.metrics import mean_kl, top1_agreement, topk_accuracy
 from tcsched.ort_runtime import OrtClassifier
 
@@ -79,22 +80,6 @@ def run_model(model: onnx.ModelProto | str | os.PathLike, x: np.ndarray, threads
 # ---------------------------------------------------------------------------------------------- int8_mixed
 
 
-def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in graph.node for o in n.output}
-
-
-def _dequantize_initializer(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
-    q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float32)
-    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
-    zp = numpy_helper.to_array(inits[dq.input[2]]).astype(np.float32) if len(dq.input) > 2 else np.zeros(1)
-    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-    if scale.ndim == 1 and scale.size > 1:
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        scale, zp = scale.reshape(shape), np.asarray(zp).reshape(shape)
-    return (q - zp) * scale
-
-
 def dequantize_layers(
     qdq: onnx.ModelProto, layers: Sequence[str], reference: onnx.ModelProto | None = None
 ) -> onnx.ModelProto:
@@ -121,7 +106,7 @@ def dequantize_layers(
     missing = set(layers) - names
     if missing:
         raise ValueError(f"layers not in the graph: {sorted(missing)[:5]}")
-    prod = _producers(g)
+    prod = producers(g)
     inits = {i.name: i for i in g.initializer}
     ref_inits = {i.name: i for i in reference.graph.initializer} if reference is not None else {}
     clipped: dict[str, str] = {}
@@ -181,7 +166,7 @@ def dequantize_layers(
             elif src in inits:
                 float_name = f"{name}_float_{node.name}"
                 original = ref_inits.get(src.removesuffix("_quantized"))
-                value = _dequantize_initializer(dq, inits)
+                value = dequantize_initializer(dq, inits)
                 if original is not None and tuple(original.dims) == value.shape:
                     value = numpy_helper.to_array(original)  # the fp32 weight itself, not its int8 rounding
                 g.initializer.append(numpy_helper.from_array(value.astype(np.float32), float_name))
@@ -198,14 +183,16 @@ def _activation_bounds(
     """Bounds of the activation folded into ``q``: from the reference graph's Clip/Relu when it produced the
     tensor, (-inf, inf) when the reference shows no activation there, else the representable range of ``q``."""
     if reference is not None:
-        ref_prod = _producers(reference.graph)
+        ref_prod = producers(reference.graph)
         act = ref_prod.get(q.input[0])
         if act is None or act.op_type not in ("Clip", "Relu"):
             return -np.inf, np.inf
         if act.op_type == "Relu":
             return 0.0, np.inf
         return _clip_bounds(act, reference.graph)
-    return _representable_range(q, inits)
+    zp = numpy_helper.to_array(inits[q.input[2]]) if len(q.input) > 2 else np.zeros(1, np.uint8)
+    lo, hi = representable_range(numpy_helper.to_array(inits[q.input[1]]), zp)
+    return float(np.min(lo)), float(np.max(hi))
 
 
 def _clip_bounds(clip: onnx.NodeProto, graph: onnx.GraphProto) -> tuple[float, float]:
@@ -224,15 +211,6 @@ def _clip_bounds(clip: onnx.NodeProto, graph: onnx.GraphProto) -> tuple[float, f
 
     ins = list(clip.input) + ["", "", ""]
     return value(ins[1], -np.inf), value(ins[2], np.inf)
-
-
-def _representable_range(q: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[float, float]:
-    """Float range [lo, hi] a per-tensor QuantizeLinear can represent: ((qmin - zp) * s, (qmax - zp) * s)."""
-    scale = float(numpy_helper.to_array(inits[q.input[1]]).reshape(-1)[0])
-    zp_arr = numpy_helper.to_array(inits[q.input[2]]) if len(q.input) > 2 else np.zeros(1, np.uint8)
-    info = np.iinfo(zp_arr.dtype)
-    zp = float(zp_arr.reshape(-1)[0])
-    return (info.min - zp) * scale, (info.max - zp) * scale
 
 
 def _remove_dead(g: onnx.GraphProto) -> None:
@@ -330,7 +308,7 @@ def float_cost_macs(qdq: onnx.ModelProto, node_name: str, macs: dict[str, int]) 
     """MACs (per image) that run in float when ``node_name`` returns to float with :func:`dequantize_layers`:
     its own, plus those of the Conv/Gemm producers of its quantized inputs (they must output float)."""
     g = qdq.graph
-    prod = _producers(g)
+    prod = producers(g)
     node = next(n for n in g.node if n.name == node_name)
     cost = macs.get(node_name, 0)
     for name in node.input:
