@@ -498,8 +498,12 @@ def _build_sparse24(cfg, report, fp32_model, torch_model, calib, evaluate, work,
     candidates: list[tuple[list[str], var.Score, str]] = []
 
     # largest k (least damaging first) that still meets the budget, without fine-tuning
-    def at(k: int) -> var.Score:
-        return evaluate(var.prune_onnx_2_4(fp32_model, order[:k], an.prune_2_4))
+    scores: dict[int, var.Score] = {}
+
+    def at(k: int) -> var.Score:  # each k evaluated once (the search revisits its final k)
+        if k not in scores:
+            scores[k] = evaluate(var.prune_onnx_2_4(fp32_model, order[:k], an.prune_2_4))
+        return scores[k]
 
     lo, hi = 0, len(order)
     s_all = at(hi)

@@ -109,6 +109,7 @@ def dequantize_layers(
     prod = producers(g)
     inits = {i.name: i for i in g.initializer}
     ref_inits = {i.name: i for i in reference.graph.initializer} if reference is not None else {}
+    ref_prod = producers(reference.graph) if reference is not None else {}
     clipped: dict[str, str] = {}
     new_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
     # a float layer's output stays float for consumers that are not Conv/Gemm (residual Add, pooling): they read
@@ -147,7 +148,7 @@ def dequantize_layers(
             q = prod.get(src)
             if q is not None and q.op_type == "QuantizeLinear":
                 if q.name not in clipped:
-                    lo, hi = _activation_bounds(q, inits, reference)
+                    lo, hi = _activation_bounds(q, inits, reference, ref_prod)
                     if np.isinf(lo) and np.isinf(hi):  # no activation was folded: the float tensor as it is
                         clipped[q.name] = q.input[0]
                     else:
@@ -178,12 +179,15 @@ def dequantize_layers(
 
 
 def _activation_bounds(
-    q: onnx.NodeProto, inits: dict[str, onnx.TensorProto], reference: onnx.ModelProto | None
+    q: onnx.NodeProto,
+    inits: dict[str, onnx.TensorProto],
+    reference: onnx.ModelProto | None,
+    ref_prod: dict[str, onnx.NodeProto],
 ) -> tuple[float, float]:
     """Bounds of the activation folded into ``q``: from the reference graph's Clip/Relu when it produced the
-    tensor, (-inf, inf) when the reference shows no activation there, else the representable range of ``q``."""
+    tensor (``ref_prod``: the reference's producer map), (-inf, inf) when the reference shows no activation
+    there, else the representable range of ``q``."""
     if reference is not None:
-        ref_prod = producers(reference.graph)
         act = ref_prod.get(q.input[0])
         if act is None or act.op_type not in ("Clip", "Relu"):
             return -np.inf, np.inf

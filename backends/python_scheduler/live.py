@@ -150,10 +150,22 @@ class GpuState:
 
 
 _nvml_failed = False
+_last_reading: tuple[float, GpuState | None] | None = None
 
 
-def gpu_state(index: int = 0) -> GpuState | None:
-    """NVML reading of GPU ``index``; ``None`` without a GPU or NVML (never raises)."""
+def gpu_state(index: int = 0, max_age_s: float = 1.0) -> GpuState | None:
+    """NVML reading of GPU ``index``, at most one query per ``max_age_s`` (callers sit on the serving path; NVML
+    samples utilisation over ~1/6 s to 1 s anyway); ``None`` without a GPU or NVML (never raises)."""
+    global _last_reading
+    now = time.monotonic()
+    if _last_reading is not None and now - _last_reading[0] < max_age_s:
+        return _last_reading[1]
+    reading = _query_gpu(index)
+    _last_reading = (now, reading)
+    return reading
+
+
+def _query_gpu(index: int) -> GpuState | None:
     global _nvml_failed
     if _nvml_failed:
         return None
