@@ -10,10 +10,13 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(width=None if sys.stdout.isatty() else 140)
+# Errors go to stderr whole: never wrapped or cut to the terminal's width, so they can be grepped and logged.
+err_console = Console(stderr=True, soft_wrap=True)
 
 REPO_OPT = typer.Option(Path("model_repository"), "--repo", "-r", help="model repository folder")
 
@@ -140,7 +143,7 @@ def build(
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         except (ImportError, RuntimeError) as e:
-            console.print(f"[red]{e}[/red]")
+            err_console.print(f"[red]{escape(str(e))}[/red]")
             raise typer.Exit(1) from None
         _print_manifest(gpu_manifest)
 
@@ -186,7 +189,7 @@ def serve(
     try:
         server.start()
     except (ServerError, FileNotFoundError, ValueError) as e:
-        console.print(f"[red]{e}[/red]")
+        err_console.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(1) from None
     console.print(f"tritonserver ready (log: {server.log_file})")
     console.print(f"  HTTP     http://{server.http_url}   (tritonclient.http, perf_analyzer -i http)")
@@ -195,7 +198,7 @@ def serve(
     try:
         while not stop.wait(1.0):
             if not server.alive():
-                console.print(f"[red]tritonserver exited:[/red]\n{server.log_tail()}")
+                err_console.print(f"[red]tritonserver exited:[/red]\n{server.log_tail()}")
                 raise typer.Exit(1)
     finally:
         console.print("stopping tritonserver ...")
@@ -208,12 +211,20 @@ def _classify_table(paths, results) -> Table:
         t.add_column(c)
     for p, r in zip(paths, results, strict=True):
         if isinstance(r, Exception):
-            t.add_row(str(p), f"[red]error: {r}[/red]", "-", "-", "-")
+            t.add_row(str(Path(p).name), "[red]error (full message below)[/red]", "-", "-", "-")
         else:
             top = "\n".join(f"{x.label} ({x.index}) {x.score:.2f}" for x in r.topk)
             why = (r.decision or {}).get("reason", "")
             t.add_row(str(Path(p).name), top, r.variant, why, f"{r.latency_ms:.1f}")
     return t
+
+
+def _print_results(paths, results) -> None:
+    """The results table on stdout; each failed image's full error on stderr as `error: <path>: <message>`."""
+    console.print(_classify_table(paths, results))
+    for p, r in zip(paths, results, strict=True):
+        if isinstance(r, Exception):
+            err_console.print(f"error: {p}: {r}", markup=False, highlight=False)
 
 
 @app.command()
@@ -236,7 +247,7 @@ def classify(
         raise typer.BadParameter(f"no such file(s): {', '.join(missing)}")
     with ClassifierClient(url, protocol) as client:  # type: ignore[arg-type]
         if not client.ready():
-            console.print(
+            err_console.print(
                 f"[red]no ready 'classifier' model at {url} ({protocol}); start it with `tcsched serve`[/red]"
             )
             raise typer.Exit(1)
@@ -265,7 +276,7 @@ def classify(
             )
         )
     else:
-        console.print(_classify_table(images, results))
+        _print_results(images, results)
     if any(isinstance(r, Exception) for r in results):
         raise typer.Exit(2)
 
@@ -314,7 +325,7 @@ def run(
                     results.append(client.classify(Path(p).read_bytes(), 5, params))
                 except Exception as e:  # noqa: BLE001
                     results.append(e)
-        console.print(_classify_table(paths, results))
+        _print_results(paths, results)
         console.print("stopping tritonserver ...")
     console.print("[green]done[/green]")
     if any(isinstance(r, Exception) for r in results):

@@ -72,7 +72,7 @@ def test_serve_refuses_a_folder_without_manifest(tmp_path):
         text=True,
         timeout=60,
     )
-    assert out.returncode == 1 and "tcsched build" in out.stdout
+    assert out.returncode == 1 and "run `tcsched build`" in out.stderr
 
 
 @pytest.mark.slow

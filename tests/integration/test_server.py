@@ -176,13 +176,19 @@ def test_classify_cli(server):
     )
     assert out.returncode == 0, out.stderr
     assert "cat" in out.stdout and "mobilenet_v2_" in out.stdout
+    # A narrow terminal (CI has none: rich falls back to 80 columns) must not cut the error message.
+    import os
+
     bad = subprocess.run(
         [sys.executable, "-m", "tcsched.cli", "classify", __file__, "--url", server.http_url],
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, "COLUMNS": "40"},
     )
-    assert bad.returncode == 2 and "cannot decode" in bad.stdout
+    assert bad.returncode == 2, bad.stderr
+    line = next(ln for ln in bad.stderr.splitlines() if ln.startswith("error: "))
+    assert __file__ in line and "cannot decode" in line
 
 
 def test_eval_command_on_a_few_labeled_images(server, built_repo, imagenet_sample, tmp_path):
