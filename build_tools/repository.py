@@ -53,6 +53,8 @@ class ServingOptions:
     max_utilization: float = 0.8  # above it a variant cannot keep up with the arrival rate
     bls_timeout_ms: int = 10_000
     unhealthy_cooldown_s: float = 30.0
+    # custom metrics are summed in the scheduler and pushed this often (each push is IPC to the server)
+    metrics_flush_interval_ms: float = 250.0
     extra_scheduler_parameters: dict[str, str] = field(default_factory=dict)
 
 
@@ -146,6 +148,7 @@ def scheduler_config(opts: ServingOptions, chw: list[int], classes: int) -> mc.M
             "max_utilization": opts.max_utilization,
             "bls_timeout_ms": opts.bls_timeout_ms,
             "unhealthy_cooldown_s": opts.unhealthy_cooldown_s,
+            "metrics_flush_interval_ms": opts.metrics_flush_interval_ms,
             **opts.extra_scheduler_parameters,
         },
     )

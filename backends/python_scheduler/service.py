@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -68,6 +68,95 @@ class Events:
     def fallback(self, from_variant: str, to_variant: str, n: int) -> None: ...
     def drift(self, n: int) -> None: ...
     def latency(self, variant: str, observed_ms: float, predicted_ms: float | None) -> None: ...
+
+
+@dataclass
+class MetricsSnapshot:
+    """Events summed since the last flush: counts per (variant, reason code) and per (from, to) fallback, drift
+    detections, and per variant the BLS latency (last and sum, ms; call count) and the last predicted latency (ms)."""
+
+    decisions: dict[tuple[str, str], int] = field(default_factory=dict)
+    fallbacks: dict[tuple[str, str], int] = field(default_factory=dict)
+    drift: int = 0
+    bls_last_ms: dict[str, float] = field(default_factory=dict)
+    bls_sum_ms: dict[str, float] = field(default_factory=dict)
+    bls_calls: dict[str, int] = field(default_factory=dict)
+    predicted_last_ms: dict[str, float] = field(default_factory=dict)
+
+    def empty(self) -> bool:
+        return not (self.decisions or self.fallbacks or self.drift or self.bls_calls)
+
+
+class BatchedEvents(Events):
+    """Sums events in memory and hands them to ``sink`` from a daemon thread every ``flush_interval_s`` seconds.
+
+    The request path only updates a few dicts under a lock. Each ``pb_utils`` metric call is an IPC round trip from
+    the Python-backend stub to the server: five per batch cost +0.2 ms of the scheduler's p50 at concurrency 1
+    (int8, 2-core CPU, 600 rounds in shuffled order beside the same model without metrics, which this class
+    matches within noise); summed and flushed a few times a second they leave the request path.
+    Metrics therefore lag by at most ``flush_interval_s`` (Prometheus scrapes every 15 s by default). An exception
+    in ``sink`` is logged and does not stop the thread. :meth:`close` flushes what is left and stops.
+
+    Raises:
+        ValueError: ``flush_interval_s`` not > 0.
+    """
+
+    def __init__(self, sink: Callable[[MetricsSnapshot], None], flush_interval_s: float = 0.25):
+        import threading
+
+        if not flush_interval_s > 0:
+            raise ValueError(f"flush_interval_s must be > 0, got {flush_interval_s}")
+        self.sink = sink
+        self.flush_interval_s = flush_interval_s
+        self._lock = threading.Lock()
+        self._snap = MetricsSnapshot()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tcsched-metrics", daemon=True)
+        self._thread.start()
+
+    def decision(self, variant: str, code: str, n: int) -> None:
+        with self._lock:
+            d = self._snap.decisions
+            d[variant, code] = d.get((variant, code), 0) + n
+
+    def fallback(self, from_variant: str, to_variant: str, n: int) -> None:
+        with self._lock:
+            f = self._snap.fallbacks
+            f[from_variant, to_variant] = f.get((from_variant, to_variant), 0) + n
+
+    def drift(self, n: int) -> None:
+        with self._lock:
+            self._snap.drift += n
+
+    def latency(self, variant: str, observed_ms: float, predicted_ms: float | None) -> None:
+        with self._lock:
+            s = self._snap
+            s.bls_last_ms[variant] = observed_ms
+            s.bls_sum_ms[variant] = s.bls_sum_ms.get(variant, 0.0) + observed_ms
+            s.bls_calls[variant] = s.bls_calls.get(variant, 0) + 1
+            if predicted_ms is not None:
+                s.predicted_last_ms[variant] = predicted_ms
+
+    def flush(self) -> None:
+        """Hand what was summed since the last flush to ``sink`` (nothing when there is nothing)."""
+        with self._lock:
+            snap, self._snap = self._snap, MetricsSnapshot()
+        if snap.empty():
+            return
+        try:
+            self.sink(snap)
+        except Exception:  # noqa: BLE001 - a metric must never take serving down
+            log.exception("metrics sink failed")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_interval_s):
+            self.flush()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread (waits at most ``timeout_s`` seconds), then flush what is left."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        self.flush()
 
 
 class SchedulerService:

@@ -69,3 +69,56 @@ def test_all_variants_failing_is_an_error_per_request():
     svc = SchedulerService(Policy(make_manifest(SPECS)), RequestOptions(), FakeVariants(failing=set(SPECS)))
     out = svc.handle([req(1.0), req(2.0)])
     assert all(isinstance(o, RuntimeError) and "every attempted variant failed" in str(o) for o in out)
+
+
+def test_batched_events_sum_between_flushes_and_reach_the_sink_on_close():
+    import pytest
+
+    from tcsched.scheduler.service import BatchedEvents
+
+    snaps = []
+    ev = BatchedEvents(snaps.append, flush_interval_s=3600)  # only explicit flushes in this test
+    ev.decision("m_int8", "min_latency", 2)
+    ev.decision("m_int8", "min_latency", 3)
+    ev.fallback("m_int8", "m_fp32", 1)
+    ev.drift(1)
+    ev.latency("m_int8", 4.0, 3.0)
+    ev.latency("m_int8", 6.0, None)
+    ev.flush()
+    ev.flush()  # nothing new: the sink is not called
+    ev.decision("m_fp32", "forced", 1)
+    ev.close()
+    assert len(snaps) == 2
+    s = snaps[0]
+    assert s.decisions == {("m_int8", "min_latency"): 5} and s.fallbacks == {("m_int8", "m_fp32"): 1}
+    assert s.drift == 1 and s.bls_calls == {"m_int8": 2} and s.bls_sum_ms == {"m_int8": 10.0}
+    assert s.bls_last_ms == {"m_int8": 6.0} and s.predicted_last_ms == {"m_int8": 3.0}
+    assert snaps[1].decisions == {("m_fp32", "forced"): 1}
+    with pytest.raises(ValueError, match="flush_interval_s"):
+        BatchedEvents(snaps.append, flush_interval_s=0)
+
+
+def test_batched_events_flush_from_their_thread_and_survive_a_failing_sink():
+    import threading
+
+    from tcsched.scheduler.service import BatchedEvents
+
+    got = threading.Event()
+    calls = []
+
+    def sink(snap):
+        calls.append(snap)
+        if len(calls) == 1:
+            raise RuntimeError("metrics server gone")
+        got.set()
+
+    ev = BatchedEvents(sink, flush_interval_s=0.01)
+    ev.drift(1)
+    for _ in range(200):  # wait for the first (failing) flush
+        if calls:
+            break
+        threading.Event().wait(0.01)
+    ev.drift(2)
+    assert got.wait(5), "the thread stopped after the sink failed"
+    ev.close()
+    assert [c.drift for c in calls] == [1, 2]

@@ -16,11 +16,12 @@ import triton_python_backend_utils as pb_utils
 from tcsched.manifest import Manifest
 from tcsched.scheduler.live import LoadTracker, gpu_state
 from tcsched.scheduler.policy import LiveState, Policy, RequestOptions, parse_parameters
-from tcsched.scheduler.service import Events, SchedulerService
+from tcsched.scheduler.service import BatchedEvents, MetricsSnapshot, SchedulerService
 
 
-class _Metrics(Events):
-    """Prometheus metrics through ``pb_utils.MetricFamily`` (one Metric per label set, created on first use)."""
+class _Metrics:
+    """Prometheus metrics through ``pb_utils.MetricFamily`` (one Metric per label set, created on first use),
+    fed with summed :class:`MetricsSnapshot` s a few times a second by :class:`BatchedEvents`."""
 
     def __init__(self):
         C, G = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
@@ -50,21 +51,19 @@ class _Metrics(Events):
             self._m[key] = family.Metric(labels=labels)
         return self._m[key]
 
-    def decision(self, variant, code, n):
-        self._get(self.f_decisions, variant=variant, reason=code).increment(n)
-
-    def fallback(self, from_variant, to_variant, n):
-        self._get(self.f_fallbacks, from_variant=from_variant, to_variant=to_variant).increment(n)
-
-    def drift(self, n):
-        self._get(self.f_drift).increment(n)
-
-    def latency(self, variant, observed_ms, predicted_ms):
-        self._get(self.f_observed, variant=variant).set(observed_ms)
-        self._get(self.f_obs_sum, variant=variant).increment(observed_ms)
-        self._get(self.f_bls, variant=variant).increment(1)
-        if predicted_ms is not None:
-            self._get(self.f_predicted, variant=variant).set(predicted_ms)
+    def __call__(self, s: MetricsSnapshot) -> None:
+        for (variant, code), n in s.decisions.items():
+            self._get(self.f_decisions, variant=variant, reason=code).increment(n)
+        for (src, dst), n in s.fallbacks.items():
+            self._get(self.f_fallbacks, from_variant=src, to_variant=dst).increment(n)
+        if s.drift:
+            self._get(self.f_drift).increment(s.drift)
+        for variant, n in s.bls_calls.items():
+            self._get(self.f_observed, variant=variant).set(s.bls_last_ms[variant])
+            self._get(self.f_obs_sum, variant=variant).increment(s.bls_sum_ms[variant])
+            self._get(self.f_bls, variant=variant).increment(n)
+        for variant, ms in s.predicted_last_ms.items():
+            self._get(self.f_predicted, variant=variant).set(ms)
         gpu = gpu_state()
         if gpu is not None:
             self._get(self.f_gpu).set(gpu.utilization_percent)
@@ -91,6 +90,10 @@ class TritonPythonModel:
             },
             RequestOptions(),
         )
+        # metric updates are IPC calls to the server: summed, and flushed from a thread off the request path
+        self.events = BatchedEvents(
+            _Metrics(), flush_interval_s=float(params.get("metrics_flush_interval_ms", "250")) / 1e3
+        )
         self.service = SchedulerService(
             Policy(
                 manifest,
@@ -103,7 +106,7 @@ class TritonPythonModel:
             load=LoadTracker(alpha=float(params.get("latency_ewma_alpha", "0.3"))),
             input_statistics=manifest.input_statistics,
             drift_margin=float(params.get("drift_margin", "0.25")),
-            events=_Metrics(),
+            events=self.events,
         )
         self.input_name = manifest.input.name
         self.output_name = manifest.output.name
@@ -145,3 +148,6 @@ class TritonPythonModel:
                 )
             )
         return responses
+
+    def finalize(self):
+        self.events.close()
