@@ -172,6 +172,29 @@ def ensemble_config(opts: ServingOptions, classes: int) -> mc.ModelConfig:
     return cfg
 
 
+def pipeline_name(variant: str) -> str:
+    """Name of the plain ensemble preprocess -> ``variant`` (no scheduler) that ``tcsched bench`` serves beside the
+    repository to measure what the scheduler adds to the same JPEG request."""
+    return f"pipeline_{variant}"
+
+
+def pipeline_config(
+    variant: str, opts: ServingOptions, classes: int, input_name: str = "input", output_name: str = "logits"
+) -> mc.ModelConfig:
+    """The ensemble ``IMAGE`` (encoded bytes) -> ``preprocess`` -> ``variant`` -> ``LOGITS``: the classifier
+    ensemble without the scheduler, pinned to one variant (same inputs and preprocessing as ``classifier``)."""
+    cfg = mc.ModelConfig(name=pipeline_name(variant), platform="ensemble", max_batch_size=opts.max_batch_size)
+    cfg.input.append(_tensor(mc.ModelInput, "IMAGE", mc.TYPE_STRING, [1]))
+    cfg.output.append(_tensor(mc.ModelOutput, "LOGITS", mc.TYPE_FP32, [classes]))
+    pre = cfg.ensemble_scheduling.step.add(model_name=PREPROCESS, model_version=-1)
+    pre.input_map["IMAGE"] = "IMAGE"
+    pre.output_map["INPUT"] = "preprocessed"
+    var = cfg.ensemble_scheduling.step.add(model_name=variant, model_version=-1)
+    var.input_map[input_name] = "preprocessed"
+    var.output_map[output_name] = "LOGITS"
+    return cfg
+
+
 def thin_model_source(kind: Literal["preprocess", "scheduler", "ort_variant"]) -> str:
     """Source of a thin ``model.py`` from ``backends/python_scheduler/triton_models``."""
     return (resources.files("tcsched.scheduler") / "triton_models" / f"{kind}.py").read_text()

@@ -37,6 +37,7 @@ from typing import Literal
 
 import typer
 
+from tcsched.build_tools.repository import pipeline_name
 from tcsched.client.perf_analyzer import (
     PerfAnalyzerError,
     PerfPoint,
@@ -55,7 +56,7 @@ ENSEMBLE = "classifier"
 ENSEMBLE_INPUT = "IMAGE"
 VARIANT_INPUT = "input"
 
-TargetKind = Literal["variant", "ensemble", "scheduler"]
+TargetKind = Literal["variant", "ensemble", "scheduler", "pipeline"]
 SCHEDULER = "scheduler"
 SCHEDULER_INPUT = "INPUT"
 
@@ -75,9 +76,16 @@ class Target:
     variant: str | None = None
 
 
-def bench_targets(variants: Sequence[str], ensemble: str = ENSEMBLE, scheduler: bool = True) -> list[Target]:
-    """Every variant directly, the ensemble forced to each variant, and (``scheduler``) the ensemble's own pick."""
+def bench_targets(
+    variants: Sequence[str], ensemble: str = ENSEMBLE, scheduler: bool = True, pipelines: bool = False
+) -> list[Target]:
+    """Every variant directly, the ensemble forced to each variant, the scheduler model alone forced to each
+    variant, (``pipelines``) the plain ensemble preprocess -> variant without the scheduler, and (``scheduler``)
+    the ensemble's own pick."""
     out = [Target(v, v, "variant", {}, v) for v in variants]
+    if pipelines:
+        # same JPEG request and preprocessing as the ensemble, no scheduler: what the scheduler adds
+        out += [Target(pipeline_name(v), pipeline_name(v), "pipeline", {}, v) for v in variants]
     out += [Target(f"{ensemble}[{v}]", ensemble, "ensemble", {"variant": v}, v) for v in variants]
     # the scheduler model alone (tensor in, BLS to the forced variant): its own overhead, without preprocessing
     out += [Target(f"{SCHEDULER}[{v}]", SCHEDULER, "scheduler", {"variant": v}, v) for v in variants]
@@ -127,7 +135,7 @@ class InputData:
     def for_target(self, t: Target) -> Path:
         if t.kind == "scheduler":
             return self.scheduler_json
-        return self.variant_json if t.kind == "variant" else self.ensemble_json
+        return self.variant_json if t.kind == "variant" else self.ensemble_json  # ensemble, pipeline
 
 
 def pick_images(data_dir: str | os.PathLike | None, n: int) -> list:
@@ -334,6 +342,7 @@ class BenchResult:
                 p = self.point(t.name, "concurrency", c)
                 ens = self.point(f"{ENSEMBLE}[{t.name}]", "concurrency", c)
                 sch = self.point(f"{SCHEDULER}[{t.name}]", "concurrency", c)
+                pipe = self.point(pipeline_name(t.name), "concurrency", c)
                 bare = self.bare_point(t.name, min(c, max_b))
                 rows.append(
                     {
@@ -354,6 +363,11 @@ class BenchResult:
                         "ensemble_p99_ms": ens.p99_ms if ens else None,
                         "ensemble_p50_over_direct_p50": (
                             ens.p50_ms / p.p50_ms if ens and p and ens.p50_ms and p.p50_ms else None
+                        ),
+                        "pipeline_p50_ms": pipe.p50_ms if pipe else None,
+                        # the scheduler's overhead on the same JPEG request: classifier[v] vs preprocess -> v
+                        "ensemble_p50_over_pipeline_p50": (
+                            ens.p50_ms / pipe.p50_ms if ens and pipe and ens.p50_ms and pipe.p50_ms else None
                         ),
                         "scheduler_p50_ms": sch.p50_ms if sch else None,
                         "scheduler_p50_over_direct_p50": (
@@ -452,13 +466,41 @@ def _check_server(url: str, models: Sequence[str]) -> None:
 
 def plan(cfg: BenchConfig, variants: Sequence[str]) -> dict:
     """How many perf_analyzer points and bare measurements a config runs, and a rough duration (s)."""
-    n_targets = len(bench_targets(variants, scheduler=cfg.scheduler))
+    n_targets = len(bench_targets(variants, scheduler=cfg.scheduler, pipelines=cfg.url is None))
     n_rates = len(cfg.request_rates) if cfg.request_rates else len(cfg.rate_fractions)
     points = n_targets * (len(cfg.concurrency) + n_rates)
     bare = len(variants) * len(cfg.concurrency) if cfg.bare else 0
     per_point = (3 + 1) * cfg.measurement_interval_ms / 1000 + 1.0  # 3 windows, usually one more, startup
     est = points * per_point + bare * (3 * cfg.measurement_interval_ms / 1000 + 1) + n_targets * 3 + 25
     return {"perf_analyzer_points": points, "bare_points": bare, "estimated_s": round(est)}
+
+
+def write_pipelines(folder: Path, manifest, variants: Sequence[str]) -> Path:
+    """Write a model repository holding one plain ensemble preprocess -> variant per variant (configs only; the
+    models they call live in the main repository). Returns ``folder``, replaced if it existed."""
+    import shutil
+
+    from tcsched.build_tools.repository import ServingOptions, pipeline_config, render
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    opts = ServingOptions(max_batch_size=manifest.max_batch_size)
+    classes = manifest.output.shape[-1]
+    for v in variants:
+        cfg = pipeline_config(v, opts, classes, manifest.input.name, manifest.output.name)
+        (folder / cfg.name / "1").mkdir(parents=True)
+        (folder / cfg.name / "config.pbtxt").write_text(render(cfg))
+    return folder
+
+
+def _has_models(url: str, models: Sequence[str]) -> bool:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        return all(client.is_model_ready(m) for m in models)
+    finally:
+        client.close()
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
@@ -487,7 +529,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResu
     if cfg.url is not None:
         _check_server(cfg.url, [*variants, ENSEMBLE])
     items = pick_images(cfg.data_dir, cfg.n_images)
-    targets = bench_targets(variants, scheduler=cfg.scheduler)
+    # the plain pipelines are served beside the repository by the bench's own server; an external one
+    # (--url) has them only if it was started with them
+    pipelines = cfg.url is None or _has_models(cfg.url, [pipeline_name(v) for v in variants])
+    if not pipelines:
+        log("no pipeline_<variant> models on the server at --url: ensemble vs pipeline not measured")
+    targets = bench_targets(variants, scheduler=cfg.scheduler, pipelines=pipelines)
     est = plan(cfg, variants)
     log(
         f"perf_analyzer {pa_version}: {est['perf_analyzer_points']} points over {len(targets)} targets, "
@@ -499,6 +546,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResu
     data = make_input_data(items, raw)
     log(f"input data: {len(items)} real images from {cfg.data_dir or 'scikit-image default photos'}")
 
+    extra_args = []
+    if cfg.url is None:
+        overlay = write_pipelines(raw / "pipelines_repository", manifest, variants)
+        extra_args = [f"--model-repository={overlay}"]
     server_ctx = (
         contextlib.nullcontext(None)
         if cfg.url
@@ -508,6 +559,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResu
             grpc_port=0,
             metrics_port=0,
             log_file=raw / "tritonserver.log",
+            extra_args=extra_args,
         )
     )
     points: list[PerfPoint] = []
@@ -531,7 +583,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResu
                     measurement_interval_ms=cfg.measurement_interval_ms,
                     stability_percentage=cfg.stability_percentage,
                     max_trials=cfg.max_trials,
-                    stats_models=[ENSEMBLE, "preprocess", "scheduler", *known],
+                    stats_models=[ENSEMBLE, "preprocess", "scheduler", *known]
+                    + ([pipeline_name(v) for v in variants] if pipelines else []),
                     work_dir=raw,
                     target=t.name,
                     timeout_s=cfg.timeout_s,

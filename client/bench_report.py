@@ -126,8 +126,8 @@ def markdown(result: BenchResult, plots: Sequence[Path] = ()) -> str:
         "",
         "| variant | conc. | served img/s | p50 ms | p99 ms | bare img/s (batch) | served / bare "
         "| ensemble img/s | ensemble p50 ms | ensemble p99 ms | ensemble p50 / direct p50 "
-        "| scheduler p50 ms | scheduler p50 / direct p50 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| pipeline p50 ms | ensemble p50 / pipeline p50 | scheduler p50 ms | scheduler p50 / direct p50 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result.summary()["by_variant"]:
         lines.append(
@@ -135,13 +135,17 @@ def markdown(result: BenchResult, plots: Sequence[Path] = ()) -> str:
             f"| {_fmt(r['served_p99_ms'])} | {_fmt(r['bare_img_per_s'])} ({r['bare_batch']}) "
             f"| {_fmt(r['served_over_bare'], 2)} | {_fmt(r['ensemble_img_per_s'])} | {_fmt(r['ensemble_p50_ms'])} "
             f"| {_fmt(r['ensemble_p99_ms'])} | {_fmt(r['ensemble_p50_over_direct_p50'], 2)} "
+            f"| {_fmt(r.get('pipeline_p50_ms'))} | {_fmt(r.get('ensemble_p50_over_pipeline_p50'), 2)} "
             f"| {_fmt(r.get('scheduler_p50_ms'))} | {_fmt(r.get('scheduler_p50_over_direct_p50'), 2)} |"
         )
     lines += [
         "",
         f"Ensemble = `{ENSEMBLE}` (preprocess: JPEG decode + resize on the server, then scheduler → variant by BLS) "
         "forced to the variant with the request parameter `variant`; the direct variant gets the already "
-        "preprocessed tensor, so the ratio includes decoding and preprocessing.",
+        "preprocessed tensor, so the ratio includes decoding and preprocessing. Pipeline = `pipeline_<variant>`, "
+        "the same ensemble without the scheduler (IMAGE -> preprocess -> variant), served beside the repository by "
+        "the bench's own server: ensemble / pipeline is what the scheduler adds to the same JPEG request. "
+        "Scheduler = the `scheduler` model alone, tensor in, variant forced: the Python-backend hop + BLS.",
         "",
         "## Every point",
         "",

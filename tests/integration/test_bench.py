@@ -124,3 +124,35 @@ def test_bad_input_fails_before_any_work(built_repo, tmp_path):
     with pytest.raises(ValueError, match="concurrency"):
         run_bench(BenchConfig(repo=built_repo, output=tmp_path, concurrency=(0,)))
     assert not any(tmp_path.iterdir())
+
+
+def test_bench_own_server_measures_the_pipeline_without_scheduler(built_repo, tmp_path):
+    """Without --url the bench serves pipeline_<variant> (preprocess -> variant) beside the repository, so the
+    ensemble is compared with the same JPEG request minus the scheduler."""
+    cfg = BenchConfig(
+        repo=built_repo,
+        output=tmp_path / "bench",
+        n_images=2,
+        variants=(FP32,),
+        scheduler=False,
+        concurrency=(1,),
+        rate_fractions=(),
+        measurement_interval_ms=600,
+        stability_percentage=50.0,
+        max_trials=4,
+        bare=False,
+        warmup=False,
+    )
+    result = run_bench(cfg, log=lambda s: None)
+    assert not result.errors, result.errors
+    pipe = result.point(f"pipeline_{FP32}", "concurrency", 1)
+    assert pipe is not None and pipe.p50_ms > 0
+    stats = pipe.server_stats
+    # the pipeline ran preprocess and the variant, never the scheduler
+    assert stats["preprocess"].inference_count >= 1 and stats[FP32].inference_count >= 1
+    assert stats["scheduler"].inference_count == 0
+    row = result.summary()["by_variant"][0]
+    ens = result.point(f"classifier[{FP32}]", "concurrency", 1)
+    assert row["ensemble_p50_over_pipeline_p50"] == pytest.approx(ens.p50_ms / pipe.p50_ms)
+    write_report(result, tmp_path / "report")
+    assert "ensemble p50 / pipeline p50" in (tmp_path / "report" / "report.md").read_text()

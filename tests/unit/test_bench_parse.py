@@ -220,6 +220,9 @@ def test_targets_and_config_validation(tmp_path):
         "scheduler[v8]",
         "classifier[scheduler]",
     ]
+    with_pipes = bench_targets(["v32", "v8"], pipelines=True)
+    assert [t.name for t in with_pipes][2:4] == ["pipeline_v32", "pipeline_v8"]
+    assert with_pipes[2].kind == "pipeline" and with_pipes[2].variant == "v32"
     sched = [t for t in bench_targets(["v32"]) if t.kind == "scheduler"]
     assert sched[0].model == "scheduler" and sched[0].request_parameters == {"variant": "v32"}
     ramp = ramp_targets(["v32"], 25.0)

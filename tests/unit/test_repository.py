@@ -37,6 +37,24 @@ def test_variant_config_python_and_onnxruntime_backends():
     assert text_format.Parse(text, mc.ModelConfig()) == ort
 
 
+def test_pipeline_config_is_the_ensemble_without_the_scheduler():
+    cfg = r.pipeline_config("v8", r.ServingOptions(max_batch_size=4), 1000, "input", "logits")
+    assert cfg.name == r.pipeline_name("v8") == "pipeline_v8" and cfg.platform == "ensemble"
+    assert cfg.max_batch_size == 4 and [i.name for i in cfg.input] == ["IMAGE"]
+    pre, var = cfg.ensemble_scheduling.step
+    assert (pre.model_name, dict(pre.input_map), dict(pre.output_map)) == (
+        r.PREPROCESS,
+        {"IMAGE": "IMAGE"},
+        {"INPUT": "preprocessed"},
+    )
+    assert (var.model_name, dict(var.input_map), dict(var.output_map)) == (
+        "v8",
+        {"input": "preprocessed"},
+        {"logits": "LOGITS"},
+    )
+    assert r.parse(r.render(cfg)) == cfg
+
+
 def test_labels_must_be_single_lines(tmp_path):
     with pytest.raises(ValueError, match="single-line"):
         r.write_pipeline(tmp_path, ["a", "b\nc"], r.ServingOptions())
