@@ -29,6 +29,10 @@ class ImageDecodeError(ValueError):
     """The bytes are not a decodable image; the message says what was received and what is expected."""
 
 
+_MEAN_C11 = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+_STD_C11 = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Decode encoded image bytes (JPEG, PNG, BMP, WebP, ... anything PIL reads) into an RGB PIL image.
 
@@ -89,9 +93,13 @@ def preprocess_pil(img: Image.Image, resize: int = RESIZE_SIZE, crop: int = CROP
     top = int(round((h - crop) / 2.0))
     left = int(round((w - crop) / 2.0))
     img = img.crop((left, top, left + crop, top + crop))
-    x = np.asarray(img, dtype=np.float32) / 255.0  # HWC
-    x = (x - np.asarray(IMAGENET_MEAN, dtype=np.float32)) / np.asarray(IMAGENET_STD, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+    # torchvision's order of float32 operations (ToTensor: CHW, .float().div(255); Normalize: .sub_(mean).div_(std)),
+    # in place on contiguous channel planes: the same IEEE results, ~3x faster than broadcasting over HWC
+    x = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32, order="C")  # CHW copy
+    x /= np.float32(255.0)
+    x -= _MEAN_C11
+    x /= _STD_C11
+    return x
 
 
 def preprocess_bytes(data: bytes) -> np.ndarray:
