@@ -55,6 +55,11 @@ class ServingOptions:
     unhealthy_cooldown_s: float = 30.0
     # custom metrics are summed in the scheduler and pushed this often (each push is IPC to the server)
     metrics_flush_interval_ms: float = 250.0
+    # models before the scheduler whose time (queue + work, from Triton's metrics) counts against the latency
+    # budget; metrics_url "" = $TCSCHED_METRICS_URL (tcsched serve sets it), else http://127.0.0.1:8002/metrics
+    upstream_models: str = PREPROCESS
+    metrics_url: str = ""
+    upstream_probe_interval_ms: float = 200.0
     extra_scheduler_parameters: dict[str, str] = field(default_factory=dict)
 
 
@@ -149,6 +154,9 @@ def scheduler_config(opts: ServingOptions, chw: list[int], classes: int) -> mc.M
             "bls_timeout_ms": opts.bls_timeout_ms,
             "unhealthy_cooldown_s": opts.unhealthy_cooldown_s,
             "metrics_flush_interval_ms": opts.metrics_flush_interval_ms,
+            "upstream_models": opts.upstream_models,
+            "metrics_url": opts.metrics_url,
+            "upstream_probe_interval_ms": opts.upstream_probe_interval_ms,
             **opts.extra_scheduler_parameters,
         },
     )

@@ -146,6 +146,8 @@ class TritonServer:
         libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # the scheduler reads the upstream (preprocess) time from this server's own metrics endpoint
+        env["TCSCHED_METRICS_URL"] = self.metrics_url
         # two cores: the Python-backend models' own math libraries must not start a thread per core each
         env.setdefault("OMP_NUM_THREADS", "1")
         return env

@@ -3,19 +3,26 @@
 - :func:`drift_check`: a cheap test of one preprocessed image against the calibration statistics in the manifest.
 - :class:`LoadTracker`: requests in flight, an EWMA of each variant's observed BLS time relative to the build's
   profile, and an EWMA of the scheduler's own execute time (the wait a newly arriving request sees).
+- :class:`UpstreamProbe`: the time requests spent recently in the models before the scheduler (``preprocess``:
+  its queue and its work), read from Triton's own Prometheus metrics; the latency budget a request has left.
 - :func:`gpu_state`: NVML utilisation and memory when a GPU exists; ``None`` on a CPU (pynvml imported lazily).
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from tcsched.imaging import IMAGENET_MEAN, IMAGENET_STD
 from tcsched.manifest import InputStatistics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -180,3 +187,107 @@ def _query_gpu(index: int) -> GpuState | None:
     except Exception:  # noqa: BLE001 - no GPU, no driver, no pynvml: the CPU case
         _nvml_failed = True
         return None
+
+
+_SAMPLE = re.compile(r"^(\w+)\{([^}]*)\}\s+(\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def sum_metric(text: str, name: str, models: Sequence[str]) -> float:
+    """Sum of the samples of Prometheus metric ``name`` whose ``model`` label is in ``models`` (every version).
+
+    ``text`` is the Prometheus text exposition format that Triton serves on its metrics port, e.g.
+    ``nv_inference_request_duration_us{model="preprocess",version="1"} 123``. A missing metric sums to 0.
+    """
+    wanted = set(models)
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        m = _SAMPLE.match(line)
+        if m is None or m.group(1) != name:
+            continue
+        labels = dict(_LABEL.findall(m.group(2)))
+        if labels.get("model") in wanted:
+            total += float(m.group(3))
+    return total
+
+
+class UpstreamProbe:
+    """The mean time (ms) that requests completed in the last ``interval_s`` spent in the ``models`` upstream of
+    the scheduler, from Triton's cumulative counters ``nv_inference_request_duration_us`` (queue + compute of a
+    request in a model) and ``nv_inference_request_success``: delta duration / delta count between two scrapes of
+    ``metrics_url`` (Triton metrics, docs/user_guide/metrics.md). A scrape with no completed request reads 0 (idle).
+
+    The scheduler cannot see how long a request has already waited before it (Triton's Python backend exposes no
+    arrival time), yet under overload most of the client's latency is spent in ``preprocess``'s queue; the policy
+    subtracts this from the latency budget. A thread scrapes; :meth:`wait_ms` only reads a float. An unreachable
+    endpoint reads 0 (logged once), so the scheduler never fails because of it.
+
+    Raises:
+        ValueError: no model named, or ``interval_s`` not > 0.
+    """
+
+    DURATION = "nv_inference_request_duration_us"
+    COUNT = "nv_inference_request_success"
+
+    def __init__(
+        self,
+        metrics_url: str,
+        models: Sequence[str],
+        interval_s: float = 0.2,
+        timeout_s: float = 0.5,
+        fetch=None,
+    ):
+        if not models:
+            raise ValueError("UpstreamProbe needs at least one upstream model name")
+        if not interval_s > 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        self.metrics_url = metrics_url
+        self.models = tuple(models)
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._fetch = fetch or self._http_get
+        self._last: tuple[float, float] | None = None
+        self._wait_ms = 0.0
+        self._warned = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tcsched-upstream", daemon=True)
+        self._thread.start()
+
+    def _http_get(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(self.metrics_url, timeout=self.timeout_s) as r:
+            return r.read().decode()
+
+    def poll(self) -> float:
+        """Scrape once and update :meth:`wait_ms`; returns it."""
+        try:
+            text = self._fetch()
+        except Exception as e:  # noqa: BLE001 - no metrics endpoint: no upstream correction
+            if not self._warned:
+                log.warning(
+                    "upstream probe: cannot read %s (%s); no upstream wait assumed", self.metrics_url, e
+                )
+                self._warned = True
+            self._last, self._wait_ms = None, 0.0
+            return 0.0
+        now = (sum_metric(text, self.DURATION, self.models), sum_metric(text, self.COUNT, self.models))
+        if self._last is not None:
+            d_us, d_n = now[0] - self._last[0], now[1] - self._last[1]
+            self._wait_ms = d_us / d_n / 1e3 if d_n > 0 and d_us >= 0 else 0.0
+        self._last = now
+        return self._wait_ms
+
+    def wait_ms(self) -> float:
+        """Mean ms spent upstream by the requests completed in the last interval (0 when idle or unknown)."""
+        return self._wait_ms
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)

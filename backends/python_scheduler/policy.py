@@ -24,8 +24,9 @@ Rules, in order:
      when the input is out of the calibration distribution (:func:`tcsched.scheduler.live.drift_check`), INT8
      variants (int8, int8_mixed) are dropped from the candidates: their ranges were calibrated on other data.
   3. ``min_latency``: the fastest candidate whose measured top-1 drop <= ``accuracy_budget``.
-     ``max_accuracy``: the most accurate candidate (within the accuracy budget) whose predicted latency <=
-     ``latency_budget_ms``.
+     ``max_accuracy``: the most accurate candidate (within the accuracy budget) whose predicted latency, plus
+     the time the request already spent upstream (``preprocess``, from Triton's metrics), fits
+     ``latency_budget_ms`` x ``latency_headroom``.
   4. Nothing fits: ``min_latency`` degrades to the most accurate candidate (accuracy is never traded away
      beyond the budget); ``max_accuracy`` degrades to the fastest candidate within the accuracy budget, else the
      fastest. The reason says which degradation happened.
@@ -195,10 +196,14 @@ class Policy:
         now: float | None = None,
         load: LoadTracker | None = None,
         drift: DriftResult | None = None,
+        upstream_ms: float = 0.0,
     ) -> list[Decision]:
         """Every usable variant, best first, each with the reason it holds that place.
 
-        The first is the decision; the rest are the fallbacks in order.
+        The first is the decision; the rest are the fallbacks in order. ``upstream_ms``: time the request has
+        already spent before the scheduler (``preprocess``'s queue and work, ms; see
+        :class:`tcsched.scheduler.live.UpstreamProbe`): ``max_accuracy`` fits ``upstream_ms`` + predicted latency
+        into the latency budget.
 
         Raises:
             RequestError: ``opts.variant`` names no variant.
@@ -264,13 +269,15 @@ class Policy:
                 )
         else:
             lb = opts.latency_budget_ms
+            up = max(0.0, upstream_ms)
+            up_note = f" ({up:.1f} ms already spent upstream)" if up > 0 else ""
             fits = [
                 e
                 for e in by_accuracy
-                if e in within_acc and (lb is None or speed(e) <= lb * self.latency_headroom)
+                if e in within_acc and (lb is None or up + speed(e) <= lb * self.latency_headroom)
             ]
             for e in fits:
-                why = "most accurate" + ("" if lb is None else f" within latency budget {lb:g} ms")
+                why = "most accurate" + ("" if lb is None else f" within latency budget {lb:g} ms{up_note}")
                 ordered.append(Decision(e.name, why + ood_note, lat[e.name], "max_accuracy" + code_sfx))
             if not ordered:
                 fallback = sorted(within_acc, key=speed) or sorted(pool, key=speed)
@@ -278,7 +285,7 @@ class Policy:
                 ordered.append(
                     Decision(
                         e.name,
-                        f"no variant within latency budget {lb:g} ms: fastest acceptable{ood_note}",
+                        f"no variant within latency budget {lb:g} ms{up_note}: fastest acceptable{ood_note}",
                         lat[e.name],
                         "degraded_latency" + code_sfx,
                     )

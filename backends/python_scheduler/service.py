@@ -40,10 +40,11 @@ class Served:
     fallback_from: str | None = None
     infer_ms: float = 0.0
     drift: DriftResult | None = None
+    upstream_ms: float = 0.0
 
     def decision_json(self) -> str:
         """The decision as one JSON object (the DECISION output): variant, reason, code, predicted and observed
-        latency (ms), fallback origin, drift."""
+        latency (ms), time already spent upstream (ms), fallback origin, drift."""
         import json
 
         return json.dumps(
@@ -55,6 +56,7 @@ class Served:
                 if self.decision.predicted_latency_ms is None
                 else round(self.decision.predicted_latency_ms, 3),
                 "observed_bls_ms": round(self.infer_ms, 3),
+                "upstream_ms": round(self.upstream_ms, 3),
                 "fallback_from": self.fallback_from,
                 "out_of_distribution": bool(self.drift and self.drift.out_of_distribution),
             }
@@ -170,6 +172,7 @@ class SchedulerService:
         input_statistics: InputStatistics | None = None,
         drift_margin: float = 0.25,
         events: Events | None = None,
+        upstream_ms: Callable[[], float] | None = None,
     ):
         self.policy = policy
         self.defaults = defaults
@@ -179,6 +182,8 @@ class SchedulerService:
         self.input_statistics = input_statistics
         self.drift_margin = drift_margin
         self.events = events or Events()
+        # time requests already spent before the scheduler (ms), e.g. UpstreamProbe.wait_ms; None: 0
+        self.upstream_ms = upstream_ms
         self.fallbacks = 0
 
     def _drift(self, x: np.ndarray) -> DriftResult:
@@ -210,10 +215,13 @@ class SchedulerService:
         if n_drift:
             self.events.drift(n_drift)
 
+        up = self.upstream_ms() if self.upstream_ms is not None else 0.0
         for (opts, drift), idx in groups.items():
             batch = requests[idx[0]][1] if len(idx) == 1 else np.concatenate([requests[i][1] for i in idx])
             try:
-                ranked = self.policy.rank(opts, batch_size=len(batch), load=self.load, drift=drift)
+                ranked = self.policy.rank(
+                    opts, batch_size=len(batch), load=self.load, drift=drift, upstream_ms=up
+                )
             except RequestError as e:
                 for i in idx:
                     out[i] = e
@@ -243,7 +251,7 @@ class SchedulerService:
                 for i in idx:
                     n = len(requests[i][1])
                     fallback_from = attempts[0].variant if k else None
-                    out[i] = Served(logits[start : start + n], decision, fallback_from, ms, drift)
+                    out[i] = Served(logits[start : start + n], decision, fallback_from, ms, drift, up)
                     start += n
                 break
             else:

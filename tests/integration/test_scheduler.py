@@ -127,3 +127,15 @@ def test_decision_metrics_and_latency_gauges(explicit_server):
     )
     assert metric(explicit_server, "tcsched_observed_latency_ms", variant=r.variant) > 0
     assert metric(explicit_server, "tcsched_predicted_latency_ms", variant=r.variant) > 0
+
+
+def test_scheduler_reads_the_time_spent_in_preprocess_from_triton_metrics(explicit_server):
+    """The UpstreamProbe scrapes this server's metrics endpoint ($TCSCHED_METRICS_URL, set by TritonServer)."""
+    img = default_photo("coffee").read_bytes()
+    seen = []
+    with ClassifierClient(explicit_server.http_url) as c:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(u > 0 for u in seen):
+            r = c.classify(img, parameters={"latency_budget_ms": 500.0})
+            seen.append(r.decision["upstream_ms"])
+    assert any(0 < u < 500 for u in seen), seen  # preprocess decodes a JPEG in a few ms here

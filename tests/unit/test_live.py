@@ -140,3 +140,46 @@ def test_arrival_rate_from_executes():
     assert slow.arrival_per_ms == pytest.approx(0.8)
     slow.observe_execute(1.0, images=1, start=2.01)  # then it decays smoothly
     assert slow.arrival_per_ms == pytest.approx(0.5 * 0.8 + 0.5 * 0.001)
+
+
+METRICS = """# HELP nv_inference_request_duration_us Cumulative inference request duration in microseconds
+# TYPE nv_inference_request_duration_us counter
+nv_inference_request_duration_us{model="preprocess",version="1"} %d
+nv_inference_request_duration_us{model="scheduler",version="1"} 999999
+nv_inference_request_success{model="preprocess",version="1"} %d
+nv_inference_request_success{model="classifier",version="1"} 77
+"""
+
+
+def test_sum_metric_reads_only_the_named_models():
+    from tcsched.scheduler.live import sum_metric
+
+    text = METRICS % (1500, 3)
+    assert sum_metric(text, "nv_inference_request_duration_us", ["preprocess"]) == 1500
+    assert sum_metric(text, "nv_inference_request_duration_us", ["preprocess", "scheduler"]) == 1001499
+    assert sum_metric(text, "nv_inference_request_success", ["nope"]) == 0
+    assert sum_metric(text, "nv_gpu_utilization", ["preprocess"]) == 0
+
+
+def test_upstream_probe_turns_counter_deltas_into_mean_ms_and_survives_a_dead_endpoint():
+    from tcsched.scheduler.live import UpstreamProbe
+
+    pages = iter([METRICS % (1_000, 1), METRICS % (61_000, 4), METRICS % (61_000, 4), OSError("refused")])
+
+    def fetch():
+        page = next(pages)
+        if isinstance(page, Exception):
+            raise page
+        return page
+
+    probe = UpstreamProbe("http://unused", ["preprocess"], interval_s=3600, fetch=fetch)
+    try:
+        assert probe.poll() == 0.0  # first scrape: nothing to compare with
+        assert probe.poll() == pytest.approx(20.0)  # 60 000 us over 3 requests
+        assert probe.wait_ms() == pytest.approx(20.0)
+        assert probe.poll() == 0.0  # idle: no request completed
+        assert probe.poll() == 0.0  # endpoint gone: no correction, no exception
+    finally:
+        probe.close()
+    with pytest.raises(ValueError, match="upstream model"):
+        UpstreamProbe("http://unused", [])

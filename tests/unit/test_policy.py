@@ -90,6 +90,19 @@ def test_latency_headroom_keeps_a_margin_for_what_the_scheduler_cannot_see():
         Policy(make_manifest(SPECS), latency_headroom=0.0)
 
 
+def test_time_spent_upstream_counts_against_the_latency_budget():
+    policy = Policy(make_manifest(SPECS), latency_headroom=1.0)
+    o = RequestOptions(objective="max_accuracy", latency_budget_ms=20.0, accuracy_budget_points=5)
+    assert policy.rank(o, batch_size=1, upstream_ms=0.0)[0].variant == "m_fp32"  # 5 ms fits 20
+    d = policy.rank(o, batch_size=1, upstream_ms=16.5)[0]  # 3.5 ms left: int8 (3 ms) fits, mixed (4) not
+    assert d.variant == "m_int8" and "16.5 ms already spent upstream" in d.reason
+    d = policy.rank(o, batch_size=1, upstream_ms=30.0)[0]  # nothing fits: the fastest
+    assert d.variant == "m_int8" and d.code == "degraded_latency" and "upstream" in d.reason
+    # min_latency is about accuracy first: upstream time does not change it
+    m = RequestOptions(objective="min_latency", accuracy_budget_points=1.0)
+    assert policy.rank(m, upstream_ms=30.0)[0].variant == policy.rank(m)[0].variant == "m_mixed"
+
+
 def test_nothing_fits_degrades_predictably(policy):
     o = RequestOptions(objective="max_accuracy", latency_budget_ms=1.0, accuracy_budget_points=1.0)
     d = policy.rank(o, batch_size=8)[0]

@@ -122,3 +122,19 @@ def test_batched_events_flush_from_their_thread_and_survive_a_failing_sink():
     assert got.wait(5), "the thread stopped after the sink failed"
     ev.close()
     assert [c.drift for c in calls] == [1, 2]
+
+
+def test_upstream_time_reaches_the_policy_and_the_decision():
+    import json
+
+    specs = {"m_fp32": ("fp32", 0.0, {1: 5.0, 8: 32.0}), "m_int8": ("int8", 0.5, {1: 3.0, 8: 12.0})}
+    infer = FakeVariants()
+    svc = SchedulerService(
+        Policy(make_manifest(specs), latency_headroom=1.0),
+        RequestOptions(),
+        infer,
+        upstream_ms=lambda: 16.0,
+    )
+    out = svc.handle([req(1.0, latency_budget_ms=20.0, accuracy_budget=1.0)])
+    assert out[0].decision.variant == "m_int8"  # 16 + 5 > 20; 16 + 3 fits
+    assert json.loads(out[0].decision_json())["upstream_ms"] == 16.0

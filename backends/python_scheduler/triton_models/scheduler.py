@@ -8,13 +8,14 @@ config.pbtxt parameters. Custom metrics appear on Triton's metrics port with the
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tcsched.manifest import Manifest
-from tcsched.scheduler.live import LoadTracker, gpu_state
+from tcsched.scheduler.live import LoadTracker, UpstreamProbe, gpu_state
 from tcsched.scheduler.policy import LiveState, Policy, RequestOptions, parse_parameters
 from tcsched.scheduler.service import BatchedEvents, MetricsSnapshot, SchedulerService
 
@@ -94,6 +95,20 @@ class TritonPythonModel:
         self.events = BatchedEvents(
             _Metrics(), flush_interval_s=float(params.get("metrics_flush_interval_ms", "250")) / 1e3
         )
+        # time already spent in preprocess (its queue + work), read from Triton's own metrics endpoint; the URL:
+        # the config's metrics_url, else $TCSCHED_METRICS_URL (set by tcsched serve), else Triton's default port
+        upstream = [m for m in params.get("upstream_models", "").split(",") if m.strip()]
+        self.upstream = (
+            UpstreamProbe(
+                params.get("metrics_url")
+                or os.environ.get("TCSCHED_METRICS_URL")
+                or "http://127.0.0.1:8002/metrics",
+                [m.strip() for m in upstream],
+                interval_s=float(params.get("upstream_probe_interval_ms", "200")) / 1e3,
+            )
+            if upstream
+            else None
+        )
         self.service = SchedulerService(
             Policy(
                 manifest,
@@ -107,6 +122,7 @@ class TritonPythonModel:
             input_statistics=manifest.input_statistics,
             drift_margin=float(params.get("drift_margin", "0.25")),
             events=self.events,
+            upstream_ms=self.upstream.wait_ms if self.upstream is not None else None,
         )
         self.input_name = manifest.input.name
         self.output_name = manifest.output.name
@@ -151,3 +167,5 @@ class TritonPythonModel:
 
     def finalize(self):
         self.events.close()
+        if self.upstream is not None:
+            self.upstream.close()
