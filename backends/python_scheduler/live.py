@@ -189,6 +189,30 @@ def _query_gpu(index: int) -> GpuState | None:
         return None
 
 
+class Periodic:
+    """Calls ``fn()`` every ``interval_s`` seconds from a daemon thread named ``name`` until :meth:`stop`.
+
+    The background loop of :class:`UpstreamProbe` and :class:`tcsched.scheduler.service.BatchedEvents`; ``fn``
+    handles its own errors (an exception ends the thread).
+    """
+
+    def __init__(self, fn, interval_s: float, name: str):
+        self._fn = fn
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._fn()
+
+    def stop(self, timeout_s: float) -> None:
+        """Stop the loop; waits at most ``timeout_s`` seconds for a call in progress to end."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+
 _SAMPLE = re.compile(r"^(\w+)\{([^}]*)\}\s+(\S+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -251,9 +275,7 @@ class UpstreamProbe:
         self._last: tuple[float, float] | None = None
         self._wait_ms = 0.0
         self._warned = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tcsched-upstream", daemon=True)
-        self._thread.start()
+        self._loop = Periodic(self.poll, interval_s, "tcsched-upstream")
 
     def _http_get(self) -> str:
         import urllib.request
@@ -284,10 +306,5 @@ class UpstreamProbe:
         """Mean ms spent upstream by the requests completed in the last interval (0 when idle or unknown)."""
         return self._wait_ms
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.poll()
-
     def close(self, timeout_s: float = 2.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout_s)
+        self._loop.stop(timeout_s)

@@ -9,6 +9,7 @@ once to the next-ranked variant when a variant fails. Errors are returned per re
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tcsched.manifest import InputStatistics
-from tcsched.scheduler.live import DriftResult, LoadTracker, drift_check
+from tcsched.scheduler.live import DriftResult, LoadTracker, Periodic, drift_check
 from tcsched.scheduler.policy import (
     Decision,
     Policy,
@@ -104,17 +105,13 @@ class BatchedEvents(Events):
     """
 
     def __init__(self, sink: Callable[[MetricsSnapshot], None], flush_interval_s: float = 0.25):
-        import threading
-
         if not flush_interval_s > 0:
             raise ValueError(f"flush_interval_s must be > 0, got {flush_interval_s}")
         self.sink = sink
         self.flush_interval_s = flush_interval_s
         self._lock = threading.Lock()
         self._snap = MetricsSnapshot()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tcsched-metrics", daemon=True)
-        self._thread.start()
+        self._loop = Periodic(self.flush, flush_interval_s, "tcsched-metrics")
 
     def decision(self, variant: str, code: str, n: int) -> None:
         with self._lock:
@@ -150,14 +147,9 @@ class BatchedEvents(Events):
         except Exception:  # noqa: BLE001 - a metric must never take serving down
             log.exception("metrics sink failed")
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.flush_interval_s):
-            self.flush()
-
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the thread (waits at most ``timeout_s`` seconds), then flush what is left."""
-        self._stop.set()
-        self._thread.join(timeout_s)
+        self._loop.stop(timeout_s)
         self.flush()
 
 
