@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ from typing import Literal
 
 import typer
 
-from tcsched.build_tools.repository import pipeline_name
+from tcsched.build_tools.repository import ServingOptions, pipeline_config, pipeline_name, render
 from tcsched.client.perf_analyzer import (
     PerfAnalyzerError,
     PerfPoint,
@@ -478,10 +479,6 @@ def plan(cfg: BenchConfig, variants: Sequence[str]) -> dict:
 def write_pipelines(folder: Path, manifest, variants: Sequence[str]) -> Path:
     """Write a model repository holding one plain ensemble preprocess -> variant per variant (configs only; the
     models they call live in the main repository). Returns ``folder``, replaced if it existed."""
-    import shutil
-
-    from tcsched.build_tools.repository import ServingOptions, pipeline_config, render
-
     if folder.exists():
         shutil.rmtree(folder)
     opts = ServingOptions(max_batch_size=manifest.max_batch_size)
