@@ -39,6 +39,7 @@ from typing import Literal
 import typer
 
 from tcsched.build_tools.repository import ServingOptions, pipeline_config, pipeline_name, render
+from tcsched.client.overhead import OverheadResult, measure_overhead
 from tcsched.client.perf_analyzer import (
     PerfAnalyzerError,
     PerfPoint,
@@ -132,6 +133,7 @@ class InputData:
     images: list[str]
     tensors: list  # numpy float32 [3, 224, 224] each
     scheduler_json: Path | None = None
+    blobs: list = field(default_factory=list)  # the encoded images, same order as ``tensors``
 
     def for_target(self, t: Target) -> Path:
         if t.kind == "scheduler":
@@ -169,6 +171,7 @@ def make_input_data(items: Sequence, folder: str | os.PathLike) -> InputData:
         images=[str(it.path) for it in items],
         tensors=tensors,
         scheduler_json=write_tensor_input_data(folder / "scheduler_input.json", SCHEDULER_INPUT, tensors),
+        blobs=blobs,
     )
 
 
@@ -277,6 +280,7 @@ class BenchConfig:
     bare: bool = True
     warmup: bool = True
     timeout_s: float = 240.0
+    overhead_rounds: int = 200  # interleaved concurrency-1 overhead measurement (client/overhead.py); 0: skip
 
     def validate(self) -> None:
         """Raises ValueError on any bad option, before anything starts."""
@@ -297,6 +301,8 @@ class BenchConfig:
             raise ValueError(f"measurement interval must be >= 200 ms, got {self.measurement_interval_ms}")
         if not (0 < self.stability_percentage <= 1000):
             raise ValueError(f"stability percentage must be in (0, 1000], got {self.stability_percentage}")
+        if self.overhead_rounds != 0 and self.overhead_rounds < 2:
+            raise ValueError(f"overhead_rounds must be 0 (skip) or >= 2, got {self.overhead_rounds}")
         if self.max_trials < 3:
             raise ValueError(f"max_trials must be >= 3, got {self.max_trials}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
@@ -321,6 +327,7 @@ class BenchResult:
     bare: list[BarePoint]
     errors: list[str]
     wall_s: float
+    overhead: list[OverheadResult] = field(default_factory=list)
 
     def point(self, target: str, mode: str, load: float) -> PerfPoint | None:
         for p in self.points:
@@ -391,6 +398,7 @@ class BenchResult:
             "summary": self.summary(),
             "points": [p.as_dict() for p in self.points],
             "bare": [asdict(b) for b in self.bare],
+            "overhead": [asdict(o) for o in self.overhead],
             "errors": self.errors,
             "wall_s": self.wall_s,
         }
@@ -473,6 +481,7 @@ def plan(cfg: BenchConfig, variants: Sequence[str]) -> dict:
     bare = len(variants) * len(cfg.concurrency) if cfg.bare else 0
     per_point = (3 + 1) * cfg.measurement_interval_ms / 1000 + 1.0  # 3 windows, usually one more, startup
     est = points * per_point + bare * (3 * cfg.measurement_interval_ms / 1000 + 1) + n_targets * 3 + 25
+    est += cfg.overhead_rounds * n_targets * 0.012  # one ~10 ms request per target per round
     return {"perf_analyzer_points": points, "bare_points": bare, "estimated_s": round(est)}
 
 
@@ -618,6 +627,22 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResu
                 p = _run(cmd, cfg.timeout_s, cwd=raw)
                 if p.returncode != 0:
                     raise PerfAnalyzerError(f"warm-up of {t.name} failed:\n{(p.stdout + p.stderr)[-3000:]}")
+        overhead: list[OverheadResult] = []
+        if cfg.overhead_rounds:
+            log(
+                f"overhead at concurrency 1: {cfg.overhead_rounds} rounds, targets interleaved in random order"
+            )
+            try:
+                overhead = measure_overhead(
+                    url, targets, data.tensors, data.blobs, rounds=cfg.overhead_rounds
+                )
+            except Exception as e:  # noqa: BLE001 - reported with the results, the sweep still runs
+                errors.append(f"overhead: {type(e).__name__}: {str(e)[-600:]}")
+            for o in overhead:
+                log(
+                    f"  {o.variant:34s} "
+                    + "  ".join(f"{k} {e.ratio:.3f} [{e.low:.3f}, {e.high:.3f}]" for k, e in o.ratios.items())
+                )
         sessions = {}
         if cfg.bare:
             from tcsched.ort_runtime import OrtClassifier
@@ -672,7 +697,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResu
         protocol="grpc",
         request_distribution="constant",
     )
-    return BenchResult(conf, env, targets, points, bare, errors, time.monotonic() - t_start)
+    return BenchResult(conf, env, targets, points, bare, errors, time.monotonic() - t_start, overhead)
 
 
 def _usage(p: PerfPoint, variants: Sequence[str]) -> dict[str, dict]:
@@ -743,6 +768,9 @@ def bench_command(
     max_trials: int = typer.Option(6, help="perf_analyzer -r, windows per level at most"),
     bare: bool = typer.Option(True, help="measure each variant's bare ONNX Runtime session"),
     warmup: bool = typer.Option(True, help="warm every target up before measuring"),
+    overhead_rounds: int = typer.Option(
+        200, help="rounds of the interleaved concurrency-1 overhead measurement (0: skip)"
+    ),
 ):
     """perf_analyzer sweeps (concurrency, request rate) of every variant and the ensemble, bare ONNX Runtime
     as the lower bound; writes JSON, CSV, markdown and PNG plots to OUTPUT."""
@@ -767,6 +795,7 @@ def bench_command(
         max_trials=max_trials,
         bare=bare,
         warmup=warmup,
+        overhead_rounds=overhead_rounds,
     )
     try:
         result = run_bench(cfg, log=lambda s: console.print(s, highlight=False, markup=False))

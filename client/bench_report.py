@@ -147,6 +147,39 @@ def markdown(result: BenchResult, plots: Sequence[Path] = ()) -> str:
         "the bench's own server: ensemble / pipeline is what the scheduler adds to the same JPEG request. "
         "Scheduler = the `scheduler` model alone, tensor in, variant forced: the Python-backend hop + BLS.",
         "",
+    ]
+    if result.overhead:
+        o0 = result.overhead[0]
+        lines += [
+            f"## Scheduler overhead at concurrency 1, targets interleaved ({o0.rounds} rounds)",
+            "",
+            "| variant | direct p50 ms | scheduler p50 ms | pipeline p50 ms | ensemble p50 ms "
+            "| ensemble / pipeline [95% CI] | scheduler / direct [95% CI] | ensemble / direct [95% CI] |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+
+        def ci(o, k):
+            e = o.ratios.get(k)
+            return f"{e.ratio:.3f} [{e.low:.3f}, {e.high:.3f}]" if e else "–"
+
+        for o in result.overhead:
+            p50 = o.p50_ms
+            lines.append(
+                f"| {o.variant} | {_fmt(p50.get('variant'), 2)} | {_fmt(p50.get('scheduler'), 2)} "
+                f"| {_fmt(p50.get('pipeline'), 2)} | {_fmt(p50.get('ensemble'), 2)} "
+                f"| {ci(o, 'ensemble_over_pipeline')} | {ci(o, 'scheduler_over_direct')} "
+                f"| {ci(o, 'ensemble_over_direct')} |"
+            )
+        lines += [
+            "",
+            "Each round sends one request (batch 1, gRPC, Python tritonclient) to every target in a fresh random "
+            "order, same image for all targets, images cycled over rounds (`tcsched.client.overhead`). Drifts "
+            "of the shared machine fall on all targets alike, so these ratios are steadier than the "
+            "perf_analyzer ones above, which measure one target after the other. CI: paired bootstrap over "
+            "rounds. The client's own cost is in both sides of every ratio.",
+            "",
+        ]
+    lines += [
         "## Every point",
         "",
         "| target | load | img/s | p50 ms | p90 ms | p99 ms | queue ms | compute in ms | infer ms | out ms "

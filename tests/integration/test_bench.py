@@ -78,6 +78,7 @@ def test_short_bench_writes_report_and_plots(server, built_repo, tmp_path):
         stability_percentage=50.0,
         max_trials=4,
         warmup=True,
+        overhead_rounds=0,
     )
     result = run_bench(cfg, log=lambda s: None)
     assert not result.errors, result.errors
@@ -142,9 +143,18 @@ def test_bench_own_server_measures_the_pipeline_without_scheduler(built_repo, tm
         max_trials=4,
         bare=False,
         warmup=False,
+        overhead_rounds=6,
     )
     result = run_bench(cfg, log=lambda s: None)
     assert not result.errors, result.errors
+    # the interleaved overhead measurement: every kind of target measured on the same rounds
+    (oh,) = result.overhead
+    assert oh.variant == FP32 and oh.rounds == 6
+    assert set(oh.p50_ms) == {"variant", "pipeline", "ensemble", "scheduler"}
+    for e in oh.ratios.values():
+        assert 0 < e.low <= e.ratio <= e.high
+    # the ensemble also decodes and resizes the JPEG and makes two more hops than a direct tensor call
+    assert oh.ratios["ensemble_over_direct"].ratio > 1
     pipe = result.point(f"pipeline_{FP32}", "concurrency", 1)
     assert pipe is not None and pipe.p50_ms > 0
     stats = pipe.server_stats
@@ -155,4 +165,5 @@ def test_bench_own_server_measures_the_pipeline_without_scheduler(built_repo, tm
     ens = result.point(f"classifier[{FP32}]", "concurrency", 1)
     assert row["ensemble_p50_over_pipeline_p50"] == pytest.approx(ens.p50_ms / pipe.p50_ms)
     write_report(result, tmp_path / "report")
-    assert "ensemble p50 / pipeline p50" in (tmp_path / "report" / "report.md").read_text()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "ensemble p50 / pipeline p50" in md and "targets interleaved (6 rounds)" in md
