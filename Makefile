@@ -51,7 +51,7 @@ bench: setup
 ramp: setup
 	test -f model_repository/manifest.json || $(BIN)/tcsched build $(DATA_DIR)
 	$(BIN)/tcsched ramp --repo model_repository --output reports/ramp --latency-budget-ms 95 \
-	  --concurrency 1,4,8,12,14,16 $(BENCH_DATA)
+	  --concurrency 1,4,8,10,12,14,16 --rounds 2 --measurement-interval-ms 1200 $(BENCH_DATA)
 
 clean:
 	rm -rf .tcsched reports model_repository/*/ model_repository/manifest.json

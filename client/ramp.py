@@ -1,8 +1,9 @@
 """``tcsched ramp``: the scheduler under load vs every static variant, side by side (issue: the scheduler's brain).
 
 A closed-loop load ramp (perf_analyzer concurrency levels) on the ``classifier`` ensemble with real images. At
-every level each target runs in turn (interleaved): the ensemble with ``latency_budget_ms`` set (the scheduler
-picks the most accurate variant that its prediction says fits), then the ensemble forced to each static variant.
+every level each target runs once per round (``rounds``, each round in a fresh random order, pooled): the
+ensemble with ``latency_budget_ms`` set (the scheduler picks the most accurate variant that its prediction says
+fits) and the ensemble forced to each static variant.
 Per point: p50/p99 (perf_analyzer's CSV), the share of requests within the budget (per-request latencies from
 ``--profile-export-file``), and the served accuracy: the accuracy of the variants that actually answered, weighted
 by how many requests each answered (each response's ``VARIANT`` output), from the manifest's measured figures.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -54,6 +56,36 @@ def served_accuracy(manifest: Manifest, counts: dict[str, int]) -> tuple[float |
     return agree, top1
 
 
+def pool_runs(target: str, level: float, runs: Sequence, manifest: Manifest, budget_ms: float) -> RampPoint:
+    """One :class:`RampPoint` from several perf_analyzer runs (``PerfPoint`` with a profile) of the same target
+    and level: latencies, requests and variant counts pooled, throughput averaged, stable only if all were."""
+    import numpy as np
+
+    from tcsched.client.perf_analyzer import within_budget_share
+
+    lat: list[float] = []
+    counts: dict[str, int] = {}
+    for p in runs:
+        if p.profile is not None:
+            lat += p.profile.latencies_ms()
+            for v, n in p.profile.output_counts("VARIANT").items():
+                counts[v] = counts.get(v, 0) + n
+    agree, top1 = served_accuracy(manifest, counts)
+    return RampPoint(
+        target,
+        level,
+        float(np.mean([p.throughput_infer_per_s for p in runs])),
+        float(np.percentile(lat, 50)) if lat else None,
+        float(np.percentile(lat, 99)) if lat else None,
+        within_budget_share(lat, budget_ms) if lat else None,
+        sum(counts.values()),
+        counts,
+        agree,
+        top1,
+        all(p.stable for p in runs),
+    )
+
+
 def run_ramp(
     repo: Path,
     output: Path,
@@ -66,14 +98,21 @@ def run_ramp(
     measurement_interval_ms: int = 2000,
     url: str | None = None,
     log=print,
+    rounds: int = 2,
+    seed: int = 0,
 ) -> list[RampPoint]:
     """Run the ramp and write the report; returns every point.
+
+    Each level runs ``rounds`` rounds; every round runs each target once, in a fresh random order, and a
+    target's point pools its rounds (requests, latencies, variants served; throughput is the mean). On a shared
+    2-core machine the throughput drifts by ~20% within minutes: one run per target in a fixed order put that
+    drift, and the transient after each level change (always on the first target), on particular targets.
 
     Raises:
         ValueError: bad budget or concurrency, unknown variant, no manifest (before any load is sent).
     """
     from tcsched.client.bench import make_input_data, pick_images, ramp_targets
-    from tcsched.client.perf_analyzer import run_perf_analyzer, within_budget_share
+    from tcsched.client.perf_analyzer import run_perf_analyzer
     from tcsched.server import TritonServer
 
     if not (math.isfinite(latency_budget_ms) and latency_budget_ms > 0):
@@ -83,6 +122,8 @@ def run_ramp(
             raise ValueError(f"request rates must be > 0 req/s, got {list(request_rates)}")
     elif not concurrency or min(concurrency) < 1:
         raise ValueError(f"concurrency levels must be >= 1, got {list(concurrency)}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     mode = "request_rate" if request_rates is not None else "concurrency"
     levels = list(request_rates) if request_rates is not None else list(concurrency)
     manifest = Manifest.read(Path(repo) / "manifest.json")
@@ -110,41 +151,40 @@ def run_ramp(
                 max_trials=3,
                 stability_percentage=100,
             )
+        rng = random.Random(seed)
         for c in levels:
+            runs: dict[str, list] = {t.name: [] for t in targets}
+            for _ in range(rounds):
+                order = list(targets)
+                rng.shuffle(order)
+                for t in order:
+                    runs[t.name].append(
+                        run_perf_analyzer(
+                            t.model,
+                            grpc_url,
+                            input_data=data.ensemble_json,
+                            **(
+                                {"request_rate": float(c)}
+                                if mode == "request_rate"
+                                else {"concurrency": int(c)}
+                            ),
+                            request_parameters=t.request_parameters,
+                            measurement_interval_ms=measurement_interval_ms,
+                            stability_percentage=25.0,
+                            max_trials=5,
+                            profile_export=True,
+                            string_outputs=("VARIANT",),
+                            target=t.name,
+                        )
+                    )
             for t in targets:
-                p = run_perf_analyzer(
-                    t.model,
-                    grpc_url,
-                    input_data=data.ensemble_json,
-                    **({"request_rate": float(c)} if mode == "request_rate" else {"concurrency": int(c)}),
-                    request_parameters=t.request_parameters,
-                    measurement_interval_ms=measurement_interval_ms,
-                    stability_percentage=25.0,
-                    max_trials=5,
-                    profile_export=True,
-                    string_outputs=("VARIANT",),
-                    target=t.name,
-                )
-                counts = p.profile.output_counts("VARIANT") if p.profile is not None else {}
-                agree, top1 = served_accuracy(manifest, counts)
-                share = within_budget_share(p.profile, latency_budget_ms) if p.profile is not None else None
-                point = RampPoint(
-                    t.name,
-                    c,
-                    p.throughput_infer_per_s,
-                    p.p50_ms,
-                    p.p99_ms,
-                    share,
-                    sum(counts.values()),
-                    counts,
-                    agree,
-                    top1,
-                    p.stable,
-                )
+                point = pool_runs(t.name, c, runs[t.name], manifest, latency_budget_ms)
                 points.append(point)
                 log(
-                    f"{'rate' if mode == 'request_rate' else 'c'}={c:<4g} {t.name:<42} {p.throughput_infer_per_s:7.1f} img/s  p99 {p.p99_ms or 0:7.1f} ms  "
-                    f"within {latency_budget_ms:g} ms: {0 if share is None else share:6.1%}  served {counts}"
+                    f"{'rate' if mode == 'request_rate' else 'c'}={c:<4g} {t.name:<42} "
+                    f"{point.throughput_img_s:7.1f} img/s  p99 {point.p99_ms or 0:7.1f} ms  within "
+                    f"{latency_budget_ms:g} ms: {0 if point.within_budget is None else point.within_budget:6.1%}  "
+                    f"served {point.served_by}"
                 )
     write_ramp_report(points, manifest, latency_budget_ms, output, time.perf_counter() - t0, mode)
     return points
@@ -232,6 +272,7 @@ def ramp_command(
     data_dir: Path = None,
     measurement_interval_ms: int = 2000,
     url: str = None,
+    rounds: int = 2,
 ):
     """Load ramp: the scheduler with a latency budget vs each static variant (p99, share within budget, served
     accuracy); --request-rates gives an open-loop sweep instead of concurrency; writes ramp.json, ramp.md,
@@ -256,6 +297,7 @@ def ramp_command(
             data_dir=data_dir,
             measurement_interval_ms=measurement_interval_ms,
             url=url,
+            rounds=rounds,
         )
     except (ValueError, KeyError) as e:
         raise typer.BadParameter(str(e)) from None

@@ -252,3 +252,28 @@ def test_serving_threads(tmp_path):
     )
     assert serving_threads(tmp_path, "v") == 3
     assert serving_threads(tmp_path, "missing") == 2
+
+
+def test_ramp_pools_its_rounds():
+    """Two rounds of one target at one level become one point: requests, latencies and variants pooled."""
+    from types import SimpleNamespace
+
+    from tcsched.client.perf_analyzer import ProfileExperiment, RequestRecord
+    from tcsched.client.ramp import pool_runs
+    from tests.helpers import make_manifest
+
+    m = make_manifest({"v32": ("fp32", 0.0, {1: 5.0}), "v8": ("int8", 2.0, {1: 2.0})})
+
+    def run(latencies_ms, variant, img_s, stable=True):
+        reqs = [RequestRecord(0, int(ms * 1e6), {"VARIANT": variant}) for ms in latencies_ms]
+        prof = ProfileExperiment("concurrency", 4, reqs, [])
+        return SimpleNamespace(profile=prof, throughput_infer_per_s=img_s, stable=stable)
+
+    p = pool_runs(
+        "t", 4, [run([10, 20, 30], "v32", 100.0), run([40, 120], "v8", 50.0, stable=False)], m, 35.0
+    )
+    assert p.n_requests == 5 and p.served_by == {"v32": 3, "v8": 2}
+    assert p.within_budget == pytest.approx(3 / 5)
+    assert p.throughput_img_s == pytest.approx(75.0) and p.p50_ms == pytest.approx(30.0)
+    assert p.served_agreement == pytest.approx((3 * 1.0 + 2 * 0.98) / 5)
+    assert p.stable is False
