@@ -51,6 +51,7 @@ class ServingOptions:
     drift_margin: float = 0.25  # widening of the calibration ranges for the drift check, x their width
     latency_headroom: float = 0.7  # a variant fits a budget when predicted <= this x the budget
     max_utilization: float = 0.8  # above it a variant cannot keep up with the arrival rate
+    arrival_window_ms: float = 500.0  # the arrival rate is the images of the last this many ms
     bls_timeout_ms: int = 10_000
     unhealthy_cooldown_s: float = 30.0
     # custom metrics are summed in the scheduler and pushed this often (each push is IPC to the server)
@@ -151,6 +152,7 @@ def scheduler_config(opts: ServingOptions, chw: list[int], classes: int) -> mc.M
             "drift_margin": opts.drift_margin,
             "latency_headroom": opts.latency_headroom,
             "max_utilization": opts.max_utilization,
+            "arrival_window_ms": opts.arrival_window_ms,
             "bls_timeout_ms": opts.bls_timeout_ms,
             "unhealthy_cooldown_s": opts.unhealthy_cooldown_s,
             "metrics_flush_interval_ms": opts.metrics_flush_interval_ms,

@@ -14,6 +14,7 @@ import logging
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -83,6 +84,10 @@ class LoadTracker:
     per-variant ratio would make every observed variant look worse than the unobserved ones.
     ``execute_ms``: EWMA of the scheduler's own execute duration, the time a request arriving now waits before
     its batch starts (one scheduler instance executes one batch at a time).
+    ``arrival_per_ms``: images that reached the scheduler in the last ``arrival_window_ms``, per ms. A sliding
+    window, not a per-execute rate: under a closed-loop load the gaps between executes vary 10x, and a rate
+    taken per gap (even smoothed) dipped often enough to let 3-4% of the requests through to fp32 at loads
+    where fp32 was saturated (measured in `tcsched ramp`).
     """
 
     alpha: float = 0.3
@@ -90,9 +95,11 @@ class LoadTracker:
     global_offset_ms: float | None = None
     observed_ms: dict[str, float] = field(default_factory=dict)
     execute_ms: float = 0.0
-    arrival_per_ms: float = 0.0  # EWMA of images per ms reaching the scheduler
+    arrival_per_ms: float = 0.0  # images per ms reaching the scheduler, over the last arrival_window_ms
+    arrival_window_ms: float = 500.0
     in_flight: int = 0
-    _last_start: float | None = None
+    _arrivals: deque = field(default_factory=deque, repr=False)  # (start s, images), oldest first
+    _arrived: int = 0  # images in _arrivals
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def _ewma(self, old: float | None, new: float) -> float:
@@ -107,20 +114,17 @@ class LoadTracker:
                 self.global_offset_ms = self._ewma(self.global_offset_ms, d)
 
     def observe_execute(self, ms: float, images: int = 0, start: float | None = None) -> None:
-        """One scheduler execute of ``images`` images that began at ``start`` (``time.perf_counter()``) and took
-        ``ms``: updates the execute-time EWMA and the arrival rate (images since the previous start / interval)."""
+        """One scheduler execute of ``images`` images that began at ``start`` (``time.perf_counter()``, s) and
+        took ``ms``: updates the execute-time EWMA and the arrival rate over the last ``arrival_window_ms``."""
         with self._lock:
             self.execute_ms = self._ewma(self.execute_ms if self.execute_ms else None, ms)
             if start is not None and images:
-                if self._last_start is not None and start > self._last_start:
-                    rate = images / ((start - self._last_start) * 1e3)
-                    # fast attack, slow decay: a rise in load counts at once (an expensive variant slipped in
-                    # while the estimate catches up costs the tail), a fall is smoothed
-                    if rate > self.arrival_per_ms:
-                        self.arrival_per_ms = rate
-                    else:
-                        self.arrival_per_ms = self._ewma(self.arrival_per_ms, rate)
-                self._last_start = start
+                self._arrivals.append((start, images))
+                self._arrived += images
+                horizon = start - self.arrival_window_ms / 1e3
+                while self._arrivals and self._arrivals[0][0] <= horizon:
+                    self._arrived -= self._arrivals.popleft()[1]
+                self.arrival_per_ms = self._arrived / self.arrival_window_ms
 
     def predicted_ms(
         self, variant: str, service_ms: float, batch_size: int, max_utilization: float = 0.95

@@ -126,20 +126,23 @@ def test_load_moves_max_accuracy_to_cheaper_variants():
     assert d.variant == "m_int8" and d.code == "degraded_latency"
 
 
-def test_arrival_rate_from_executes():
-    t = LoadTracker(alpha=1.0)
+def test_arrival_rate_over_a_sliding_window():
+    t = LoadTracker(arrival_window_ms=500.0)
     t.observe_execute(5.0, images=4, start=10.0)
-    t.observe_execute(5.0, images=8, start=10.1)  # 8 images 100 ms after the previous start
-    assert t.arrival_per_ms == pytest.approx(0.08)
+    t.observe_execute(5.0, images=8, start=10.1)
+    assert t.arrival_per_ms == pytest.approx(12 / 500)  # 12 images in the last 500 ms
+    t.observe_execute(5.0, images=2, start=10.45)
+    assert t.arrival_per_ms == pytest.approx(14 / 500)
+    t.observe_execute(5.0, images=1, start=10.55)  # the first execute (10.0) left the window
+    assert t.arrival_per_ms == pytest.approx(11 / 500)
+    t.observe_execute(5.0, images=1, start=20.0)  # after a pause only the newest counts
+    assert t.arrival_per_ms == pytest.approx(1 / 500)
+    # a short gap does not read as a burst: 8 images 10 ms after the previous ones are 8 more in the window
+    t.observe_execute(5.0, images=8, start=20.01)
+    assert t.arrival_per_ms == pytest.approx(9 / 500)
+    t.arrival_per_ms = 0.08
     assert t.predicted_ms("v", 10.0, batch_size=1) == pytest.approx(10.0 / (1 - 0.8))
     assert t.predicted_ms("v", 20.0, batch_size=1) == 2000.0  # u = 1.6: cannot keep up
-    slow = LoadTracker(alpha=0.5)
-    slow.observe_execute(1.0, images=1, start=0.0)
-    slow.observe_execute(1.0, images=1, start=1.0)  # 1 img/s
-    slow.observe_execute(1.0, images=8, start=1.01)  # a burst: 800 img/s counts at once
-    assert slow.arrival_per_ms == pytest.approx(0.8)
-    slow.observe_execute(1.0, images=1, start=2.01)  # then it decays smoothly
-    assert slow.arrival_per_ms == pytest.approx(0.5 * 0.8 + 0.5 * 0.001)
 
 
 METRICS = """# HELP nv_inference_request_duration_us Cumulative inference request duration in microseconds

@@ -118,7 +118,10 @@ class TritonPythonModel:
             ),
             defaults,
             self._infer,
-            load=LoadTracker(alpha=float(params.get("latency_ewma_alpha", "0.3"))),
+            load=LoadTracker(
+                alpha=float(params.get("latency_ewma_alpha", "0.3")),
+                arrival_window_ms=float(params.get("arrival_window_ms", "500")),
+            ),
             input_statistics=manifest.input_statistics,
             drift_margin=float(params.get("drift_margin", "0.25")),
             events=self.events,
