@@ -75,6 +75,8 @@ class BuildConfig:
     max_float_layers: int = 24  # int8_mixed: beyond this many float nodes it is no longer an int8 variant
     finetune_steps: int = 0
     qat_steps: int = 200  # int8: quantization-aware fine-tune of the weights by distillation (0: off)
+    # fewer calibration images than this: no fine-tune (it would learn them by heart)
+    qat_min_images: int = 64
     weights: Path | None = None
     opset: int = 17
     latency_batch_sizes: Sequence[int] = (1, 8)
@@ -367,9 +369,14 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
                 f"(Clip folded into the ranges), logits left float; calibration on {len(calib)} images; "
                 f"method chosen on the selection split by KL vs fp32: {best} ({tried})"
             )
-            if cfg.qat_steps:
+            if cfg.qat_steps and len(calib) >= cfg.qat_min_images:
                 notes["int8"].append(
                     _qat_int8(cfg, paths, scores[best], calib, ort_fp32, evaluate, work, progress)
+                )
+            elif cfg.qat_steps:
+                notes["int8"].append(
+                    f"no quantization-aware fine-tune: {len(calib)} calibration images, fewer than "
+                    f"{cfg.qat_min_images} (with so few it learns them by heart)"
                 )
         progress.advance(step)
 

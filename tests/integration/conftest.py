@@ -23,6 +23,7 @@ def built_repo(tmp_path_factory) -> Path:
         eval_limit=48 if has_labels else None,
         latency_repeats=5,
         qat_steps=10,  # the default 200 takes ~4.5 min here; 10 runs the same path
+        qat_min_images=1,  # calibration here is scikit-image's few photos
     )
     build(cfg, Console(quiet=True))
     return cfg.output
