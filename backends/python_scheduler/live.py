@@ -86,8 +86,8 @@ class LoadTracker:
     its batch starts (one scheduler instance executes one batch at a time).
     ``arrival_per_ms``: images that reached the scheduler in the last ``arrival_window_ms``, per ms. A sliding
     window, not a per-execute rate: under a closed-loop load the gaps between executes vary 10x, and a rate
-    taken per gap (even smoothed) dipped often enough to let 3-4% of the requests through to fp32 at loads
-    where fp32 was saturated (measured in `tcsched ramp`).
+    taken per gap swings with them. (The 3-6% of requests the scheduler still sends to fp32 in `tcsched ramp`
+    come from the drift check, one out-of-distribution image of the 32, not from this estimate.)
     """
 
     alpha: float = 0.3
