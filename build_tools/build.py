@@ -73,6 +73,8 @@ class BuildConfig:
     max_top1_drop_points: float = 0.5
     min_agreement: float = 0.97
     max_float_layers: int = 24  # int8_mixed: beyond this many float nodes it is no longer an int8 variant
+    # int8_mixed: latency / fp32's at the largest latency batch size, measured for every candidate in the search
+    max_latency_ratio: float = 0.6
     finetune_steps: int = 0
     qat_steps: int = 200  # int8: quantization-aware fine-tune of the weights by distillation (0: off)
     # fewer calibration images than this: no fine-tune (it would learn them by heart)
@@ -119,6 +121,8 @@ class BuildConfig:
                 f"budget: max top-1 drop must be >= 0 points and agreement in [0, 1], "
                 f"got {self.max_top1_drop_points}, {self.min_agreement}"
             )
+        if not self.max_latency_ratio > 0:
+            raise ValueError(f"max_latency_ratio must be > 0, got {self.max_latency_ratio}")
         if self.finetune_steps < 0 or self.qat_steps < 0:
             raise ValueError(
                 f"finetune_steps and qat_steps must be >= 0, got {self.finetune_steps}, {self.qat_steps}"
@@ -403,6 +407,17 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
             ranking = [
                 n for n, gain in sorted(gains, key=lambda t: -t[1] / (cost[t[0]] + 0.005 * total)) if gain > 0
             ]
+            lat_b = max(cfg.latency_batch_sizes)
+            trial_path = work / "int8_mixed_trial.onnx"
+
+            def latency_ratio(m: onnx.ModelProto) -> float:
+                # the candidate and fp32 interleaved, batch lat_b, medians (as the manifest's figures)
+                onnx.save(m, str(trial_path))
+                t = measure_latency(
+                    {"fp32": fp32_path, "trial": trial_path}, [lat_b], 7, cfg.threads, select[:lat_b]
+                )
+                return float(np.median(t["trial"][lat_b]) / np.median(t["fp32"][lat_b]))
+
             res = var.search_mixed(
                 qdq,
                 ranking,
@@ -411,6 +426,8 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
                 cfg.min_agreement,
                 max_float_layers=cfg.max_float_layers,
                 reference=fp32_model,
+                latency_ratio=latency_ratio,
+                max_latency_ratio=cfg.max_latency_ratio,
             )
             mixed = var.dequantize_layers(qdq, res.float_layers, fp32_model)
             float_macs = sum(cost[n] for n in res.float_layers)
@@ -418,14 +435,24 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
             onnx.save(mixed, str(paths["int8_mixed"]))
             plans["int8_mixed"] = {n: ("fp32" if n in res.float_layers else "int8") for n in layer_names}
             plans["int8_mixed"].update({n: "fp32" for n in res.float_layers if n not in plans["int8_mixed"]})
-            trials = ", ".join(f"k={k}: agree {a:.3f} drop {d:+.2f}" for k, a, d in res.trials)
+            trials = ", ".join(
+                f"k={k}: agree {a:.3f} drop {d:+.2f}"
+                + (f" latency {res.latency_ratios[k]:.2f}x" if k in res.latency_ratios else "")
+                for k, a, d in res.trials
+            )
+            if res.stopped_at is not None:
+                trials += (
+                    f"; stopped at k={res.stopped_at}: {res.latency_ratios[res.stopped_at]:.2f}x fp32 at batch "
+                    f"{lat_b} > the {cfg.max_latency_ratio:g}x cap"
+                )
             notes["int8_mixed"].append(
                 f"Conv/Gemm/Add nodes of the int8 graph ranked by the KL vs fp32 each removes when it alone returns "
                 f"to float, per MAC that goes back to float (leave-one-out in context, {len(rank_x)} calibration images; the one-layer probe of "
                 f"analysis.json ranks Conv/Gemm only and needs ~3x more float layers on MobileNetV2); "
                 f"{len(res.float_layers)} kept float (fp16 on GPU) to meet top-1 drop <= "
                 f"{cfg.max_top1_drop_points} points and agreement >= {cfg.min_agreement:.0%} on the selection "
-                f"split ({'met' if res.met_budget else 'NOT met'}); trials: {trials}"
+                f"split ({'met' if res.met_budget else 'NOT met'}), each candidate's latency measured against fp32 "
+                f"(cap {cfg.max_latency_ratio:g}x at batch {lat_b}); trials: {trials}"
             )
             if res.float_layers:
                 notes["int8_mixed"].append(

@@ -244,6 +244,8 @@ class MixedSearchResult:
     met_budget: bool
     score: Score
     trials: list[tuple[int, float, float]] = field(default_factory=list)  # (k, agreement, drop points)
+    latency_ratios: dict[int, float] = field(default_factory=dict)  # k -> measured latency / fp32's
+    stopped_at: int | None = None  # the k whose latency went over max_latency_ratio (not evaluated)
 
 
 def search_mixed(
@@ -254,6 +256,8 @@ def search_mixed(
     min_agreement: float,
     max_float_layers: int | None = None,
     reference: onnx.ModelProto | None = None,
+    latency_ratio: Callable[[onnx.ModelProto], float] | None = None,
+    max_latency_ratio: float | None = None,
 ) -> MixedSearchResult:
     """Smallest k such that returning the k most sensitive layers (``ranking``, most sensitive first) to float
     meets the budget on the selection split. ``reference`` is the fp32 graph (see :func:`dequantize_layers`).
@@ -262,6 +266,10 @@ def search_mixed(
     image and is not monotonic in k, so a bisection can jump far past the smallest k that works (measured on
     MobileNetV2). At most ``max_float_layers`` + 1 evaluations.
 
+    ``latency_ratio(model)`` (measured latency / fp32's) is called for every k >= 1 before its accuracy: the
+    scan stops at the first k above ``max_latency_ratio`` (more float layers only add reorders and float work),
+    so the result, met or not, is never slower than the cap.
+
     Raises:
         ValueError: empty ranking or budgets out of range.
     """
@@ -269,19 +277,31 @@ def search_mixed(
         raise ValueError("ranking must name at least one layer")
     if max_drop_points < 0 or not 0 <= min_agreement <= 1:
         raise ValueError(f"bad budget: drop {max_drop_points} points, agreement {min_agreement}")
+    if max_latency_ratio is not None and (latency_ratio is None or not max_latency_ratio > 0):
+        raise ValueError(
+            f"max_latency_ratio {max_latency_ratio} needs a latency_ratio function and a value > 0"
+        )
     n = min(len(ranking), max_float_layers if max_float_layers is not None else len(ranking))
     trials: list[tuple[int, float, float]] = []
     best: tuple[int, Score] | None = None
+    ratios: dict[int, float] = {}
+    stopped = None
     for k in range(n + 1):
-        s = evaluate(dequantize_layers(qdq, ranking[:k], reference) if k else qdq)
+        model = dequantize_layers(qdq, ranking[:k], reference) if k else qdq
+        if k and latency_ratio is not None:
+            ratios[k] = latency_ratio(model)
+            if max_latency_ratio is not None and ratios[k] > max_latency_ratio:
+                stopped = k
+                break
+        s = evaluate(model)
         drop = s.top1_drop_points if s.top1_drop_points is not None else 100 * (1 - s.agreement)
         trials.append((k, s.agreement, drop))
         if s.meets(max_drop_points, min_agreement):
-            return MixedSearchResult(list(ranking[:k]), True, s, trials)
+            return MixedSearchResult(list(ranking[:k]), True, s, trials, ratios)
         if best is None or s.agreement > best[1].agreement:
             best = (k, s)
     k, s = best  # type: ignore[misc]
-    return MixedSearchResult(list(ranking[:k]), False, s, trials)
+    return MixedSearchResult(list(ranking[:k]), False, s, trials, ratios, stopped)
 
 
 # ------------------------------------------------------------------------------------------------ sparse24

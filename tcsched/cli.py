@@ -63,6 +63,10 @@ def build(
         0.97, help="accuracy budget: min top-1 agreement with fp32 (fraction)"
     ),
     finetune_steps: int = typer.Option(0, help="sparse24: knowledge-distillation fine-tune steps (0: none)"),
+    max_latency_ratio: float = typer.Option(
+        0.6,
+        help="int8_mixed: at most this x fp32's latency at the largest batch size, measured per candidate",
+    ),
     qat_steps: int = typer.Option(
         200, help="int8: quantization-aware fine-tune steps of the weights, distilled from fp32 (0: none)"
     ),
@@ -113,6 +117,7 @@ def build(
         min_agreement=min_agreement,
         finetune_steps=finetune_steps,
         qat_steps=qat_steps,
+        max_latency_ratio=max_latency_ratio,
         weights=weights,
         threads=threads,
         serving=ServingOptions(

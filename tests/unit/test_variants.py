@@ -73,6 +73,38 @@ def test_search_mixed_takes_the_smallest_k_and_reports_trials(tiny):
         search_mixed(q, [], evaluate, 0.5, 0.97)
 
 
+def test_search_mixed_stops_at_the_latency_cap(tiny):
+    fp32, q, _ = tiny
+    ranking = ["classifier", "dw_conv", "stem_conv"]
+
+    def n_float(model):
+        return sum(
+            1
+            for n in model.graph.node
+            if n.name in ranking
+            and not any(i.endswith("DequantizeLinear_Output") or "_quantized" in i for i in n.input[1:2])
+        )
+
+    evaluated = []
+
+    def evaluate(model):  # agreement would reach the budget only with all 3 layers float
+        evaluated.append(n_float(model))
+        return Score(agreement=[0.90, 0.93, 0.95, 0.99][n_float(model)], kl=0.1, top1_drop_points=0.0)
+
+    def latency(model):  # each float layer costs 0.1x fp32 on top of int8's 0.45x
+        return 0.45 + 0.1 * n_float(model)
+
+    res = search_mixed(
+        q, ranking, evaluate, 0.5, 0.97, reference=fp32, latency_ratio=latency, max_latency_ratio=0.6
+    )
+    # k=2 costs 0.65x: the scan stops there without evaluating it, and returns the best within the cap
+    assert res.stopped_at == 2 and evaluated == [0, 1]
+    assert res.latency_ratios == {1: pytest.approx(0.55), 2: pytest.approx(0.65)}
+    assert not res.met_budget and res.float_layers == ["classifier"]
+    with pytest.raises(ValueError, match="max_latency_ratio"):
+        search_mixed(q, ranking, evaluate, 0.5, 0.97, max_latency_ratio=0.6)
+
+
 def test_rank_in_context_covers_every_quantized_node(tiny):
     fp32, q, x = tiny
     ranked = rank_in_context(q, fp32, x, run_model(fp32, x))
