@@ -278,6 +278,23 @@ def _qat_int8(cfg, paths, ptq_score, calib, teacher, evaluate, work, progress) -
     )
 
 
+def candidate_latency_ratio(
+    model: onnx.ModelProto,
+    reference: Path,
+    scratch: Path,
+    batch_size: int,
+    threads: int,
+    sample: np.ndarray,
+    repeats: int = 7,
+) -> float:
+    """Median latency of ``model`` / median latency of the ``reference`` ONNX file, one ``session.run`` of
+    ``batch_size`` images each, the two interleaved (:func:`measure_latency`); ``model`` is written to
+    ``scratch`` first. Unitless (a ratio of ms)."""
+    onnx.save(model, str(scratch))
+    t = measure_latency({"ref": reference, "model": scratch}, [batch_size], repeats, threads, sample)
+    return float(np.median(t["model"][batch_size]) / np.median(t["ref"][batch_size]))
+
+
 def _quiet():
     """ONNX Runtime's calibrators print to stdout: keep the progress display clean."""
     return contextlib.redirect_stdout(io.StringIO())
@@ -408,15 +425,11 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
                 n for n, gain in sorted(gains, key=lambda t: -t[1] / (cost[t[0]] + 0.005 * total)) if gain > 0
             ]
             lat_b = max(cfg.latency_batch_sizes)
-            trial_path = work / "int8_mixed_trial.onnx"
 
             def latency_ratio(m: onnx.ModelProto) -> float:
-                # the candidate and fp32 interleaved, batch lat_b, medians (as the manifest's figures)
-                onnx.save(m, str(trial_path))
-                t = measure_latency(
-                    {"fp32": fp32_path, "trial": trial_path}, [lat_b], 7, cfg.threads, select[:lat_b]
+                return candidate_latency_ratio(
+                    m, fp32_path, work / "int8_mixed_trial.onnx", lat_b, cfg.threads, select[:lat_b]
                 )
-                return float(np.median(t["trial"][lat_b]) / np.median(t["fp32"][lat_b]))
 
             res = var.search_mixed(
                 qdq,

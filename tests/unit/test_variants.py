@@ -132,3 +132,14 @@ def test_prune_onnx_2_4_and_fp16(tmp_path):
     assert any(n.op_type == "Cast" for n in g.node)
     w16 = numpy_helper.to_array(next(i for i in g.initializer if i.dims == [10, 16]))
     assert w16.dtype == np.float16 and is_2to4(w16.astype(np.float32))
+
+
+def test_candidate_latency_is_measured_against_the_reference(tmp_path):
+    """The int8_mixed search's latency probe, timed for real with ONNX Runtime on a tiny graph."""
+    from tcsched.build_tools.build import candidate_latency_ratio
+
+    fp32 = tiny_classifier(tmp_path / "tiny.onnx")
+    x = np.random.default_rng(0).normal(0, 1, (8, 3, 32, 32)).astype(np.float32)
+    same = candidate_latency_ratio(onnx.load(fp32), fp32, tmp_path / "trial.onnx", 8, 1, x, repeats=15)
+    assert (tmp_path / "trial.onnx").is_file()
+    assert 0.3 < same < 3.0  # the same graph against itself: ~1, with a tiny graph's timing noise
