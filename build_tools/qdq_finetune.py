@@ -50,9 +50,8 @@ class _WeightSlot:
     """A trainable float tensor behind one initializer DequantizeLinear (a Conv/Gemm weight or bias)."""
 
     init_name: str  # the int8 / int32 initializer
-    scale: np.ndarray
-    zero_point: np.ndarray
-    axis: int
+    scale: np.ndarray  # reshaped to broadcast against the tensor (per channel along the DQ's axis)
+    zero_point: np.ndarray  # same shape as ``scale``
     qtype: int  # onnx.TensorProto data type of the initializer
 
 
@@ -81,10 +80,10 @@ class QDQTorchGraph:
         self.input_name = graph_inputs[0]
         self.output_name = g.output[0].name
         self.nodes = list(g.node)
-        self.const = {}  # name -> torch tensor (scales, zero points, float initializers)
+        self._node_attrs = [_attrs(n) for n in self.nodes]  # read once, not on every forward
+        self.const = {}  # name -> torch tensor (the float initializers)
         self.params = {}  # DQ output name -> torch Parameter (float weight / bias)
         self.slots: dict[str, _WeightSlot] = {}
-        self._bshape: dict[str, list[int]] = {}
         for name, t in inits.items():
             if t.data_type in (onnx.TensorProto.FLOAT,):
                 self.const[name] = torch.from_numpy(numpy_helper.to_array(t).copy())
@@ -106,12 +105,12 @@ class QDQTorchGraph:
             # int8 weights are trained in units of their own quantization step (w = v * scale), so one learning
             # rate moves every channel by the same fraction of a step (cf. LSQ, Esser et al. 2020,
             # arXiv:1902.08153); int32 biases in real units (their step, s_in * s_w, is ~1e-6)
-            v = w - zp.reshape(shape)
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+            v = w - zp
             if q.data_type == onnx.TensorProto.INT32:
-                v = v * scale.reshape(shape)
+                v = v * scale
             self.params[n.output[0]] = torch.nn.Parameter(torch.from_numpy(v.astype(np.float32)))
-            self.slots[n.output[0]] = _WeightSlot(q.name, scale, zp, axis, q.data_type)
-            self._bshape[n.output[0]] = shape
+            self.slots[n.output[0]] = _WeightSlot(q.name, scale, zp, q.data_type)
         # activation QuantizeLinear nodes: (scale, zero point, qmin, qmax), per-tensor
         self.q_params = {}
         for n in self.nodes:
@@ -144,12 +143,10 @@ class QDQTorchGraph:
         if s.qtype == onnx.TensorProto.INT32:  # bias: its rounding error is negligible, train it as float
             return v
         lo, hi = _QRANGE[s.qtype]
-        shape = self._bshape[key]
-        zp = self._zp_t[key].reshape(shape) if s.scale.ndim == 1 else self._zp_t[key]
-        scale = self._scale_t[key].reshape(shape) if s.scale.ndim == 1 else self._scale_t[key]
+        zp = self._zp_t[key]
         # round with a straight-through gradient, clamp to the integer range (no gradient outside it)
         v_int = torch.clamp(v + (torch.round(v) - v).detach(), lo - zp, hi - zp)
-        return v_int * scale
+        return v_int * self._scale_t[key]
 
     def _value(self, name: str, env: dict):
         if name in env:
@@ -164,8 +161,7 @@ class QDQTorchGraph:
         import torch.nn.functional as F
 
         env = {self.input_name: x}
-        for n in self.nodes:
-            a = _attrs(n)
+        for n, a in zip(self.nodes, self._node_attrs, strict=True):
             op = n.op_type
             if op == "DequantizeLinear":
                 if n.output[0] in self.params:
@@ -222,11 +218,10 @@ class QDQTorchGraph:
         inits = {i.name: i for i in out.graph.initializer}
         for key, s in self.slots.items():
             v = self.params[key].detach().numpy()
-            shape = self._bshape[key]
             if s.qtype == onnx.TensorProto.INT32:
-                v = v / s.scale.reshape(shape)
+                v = v / s.scale
             lo, hi = _QRANGE[s.qtype]
-            q = np.clip(np.round(v) + s.zero_point.reshape(shape), lo, hi)
+            q = np.clip(np.round(v) + s.zero_point, lo, hi)
             dtype = onnx.helper.tensor_dtype_to_np_dtype(s.qtype)
             inits[s.init_name].CopyFrom(numpy_helper.from_array(q.astype(dtype), s.init_name))
         return out
