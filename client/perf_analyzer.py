@@ -700,11 +700,15 @@ def perf_analyzer_command(
     if concurrency is not None:
         cmd += ["--concurrency-range", str(int(concurrency))]
     else:
+        # open loop: --async so that requests leave on schedule even when the server falls behind (in sync mode
+        # each of perf_analyzer's threads waits for its response, the schedule slips on the client, and the
+        # server's backlog never shows in the latencies: a closed loop in disguise)
         cmd += [
             "--request-rate-range",
             f"{request_rate:g}",
             "--request-distribution",
             request_distribution,
+            "--async",
         ]
     if request_count is not None:
         cmd += ["--request-count", str(int(request_count))]

@@ -86,6 +86,34 @@ def pool_runs(target: str, level: float, runs: Sequence, manifest: Manifest, bud
     )
 
 
+def pending_requests(metrics_text: str) -> float:
+    """Requests queued in the server, summed over every model: Triton's ``nv_inference_pending_request_count``
+    gauge (Prometheus text exposition, docs/user_guide/metrics.md)."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("nv_inference_pending_request_count{"):
+            total += float(line.rsplit(None, 1)[-1])
+    return total
+
+
+def wait_idle(metrics_url: str, timeout_s: float = 60.0, poll_s: float = 0.2) -> float:
+    """Block until the server has no pending request (an overloaded open-loop run leaves a backlog that would
+    otherwise be served during the next target's measurement), at most ``timeout_s``; returns the seconds
+    waited. An unreachable metrics endpoint returns at once (nothing to wait on)."""
+    import urllib.request
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        try:
+            with urllib.request.urlopen(metrics_url, timeout=2.0) as r:
+                if pending_requests(r.read().decode()) == 0:
+                    break
+        except OSError:
+            break
+        time.sleep(poll_s)
+    return time.perf_counter() - t0
+
+
 def run_ramp(
     repo: Path,
     output: Path,
@@ -100,6 +128,7 @@ def run_ramp(
     log=print,
     rounds: int = 2,
     seed: int = 0,
+    metrics_url: str | None = None,
 ) -> list[RampPoint]:
     """Run the ramp and write the report; returns every point.
 
@@ -107,6 +136,8 @@ def run_ramp(
     target's point pools its rounds (requests, latencies, variants served; throughput is the mean). On a shared
     2-core machine the throughput drifts by ~20% within minutes: one run per target in a fixed order put that
     drift, and the transient after each level change (always on the first target), on particular targets.
+    Before each run the server's queues must be empty (:func:`wait_idle` on ``metrics_url``, the started
+    server's own when ``url`` is not given): an overloaded run's backlog is not served during the next one.
 
     Raises:
         ValueError: bad budget or concurrency, unknown variant, no manifest (before any load is sent).
@@ -140,6 +171,7 @@ def run_ramp(
     t0 = time.perf_counter()
     with ctx as server:
         grpc_url = url or server.grpc_url
+        metrics_url = metrics_url or (server.metrics_url if server is not None else None)
         for t in targets:  # warm-up: every path loaded and its sessions initialised
             run_perf_analyzer(
                 t.model,
@@ -158,6 +190,8 @@ def run_ramp(
                 order = list(targets)
                 rng.shuffle(order)
                 for t in order:
+                    if metrics_url:
+                        wait_idle(metrics_url)
                     runs[t.name].append(
                         run_perf_analyzer(
                             t.model,
@@ -213,7 +247,7 @@ def write_ramp_report(
     lines = [
         f"# Load ramp: scheduler with latency_budget_ms={budget_ms:g} vs static variants",
         "",
-        f"{'Open loop (perf_analyzer --request-rate, constant arrivals)' if mode == 'request_rate' else 'Closed loop (perf_analyzer concurrency)'}, "
+        f"{'Open loop (perf_analyzer --request-rate --async, constant arrivals; each run starts on empty server queues)' if mode == 'request_rate' else 'Closed loop (perf_analyzer concurrency)'}, "
         f"gRPC, real images, ensemble `{ENSEMBLE}`; {wall_s:.0f} s in all. "
         "Served accuracy: the manifest's measured agreement with fp32 / top-1 of the variants that answered, "
         "weighted by requests.",

@@ -196,6 +196,10 @@ def test_command_line_and_validation(tmp_path):
         "b:true:bool",
     ]
     assert cmd[cmd.index("--concurrency-range") + 1] == "4" and "--verbose-csv" in cmd
+    assert "--async" not in cmd  # closed loop: each of the N in flight waits for its response
+    rate = perf_analyzer_command("m", "h:1", input_data="x", report_csv="r.csv", request_rate=120.0)
+    # open loop: requests leave on schedule even when the server lags (sync threads would wait for it)
+    assert rate[rate.index("--request-rate-range") + 1] == "120" and "--async" in rate
     bad = [
         ({"concurrency": 0}, "concurrency"),
         ({"concurrency": 1, "request_rate": 2.0}, "exactly one"),
@@ -277,3 +281,43 @@ def test_ramp_pools_its_rounds():
     assert p.throughput_img_s == pytest.approx(75.0) and p.p50_ms == pytest.approx(30.0)
     assert p.served_agreement == pytest.approx((3 * 1.0 + 2 * 0.98) / 5)
     assert p.stable is False
+
+
+def test_ramp_waits_for_the_server_queues_to_drain():
+    """wait_idle polls Triton's nv_inference_pending_request_count (every model) until it is 0."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from tcsched.client.ramp import pending_requests, wait_idle
+
+    def text(a, b):
+        return (
+            "# TYPE nv_inference_pending_request_count gauge\n"
+            f'nv_inference_pending_request_count{{model="classifier",version="1"}} {a}\n'
+            f'nv_inference_pending_request_count{{model="preprocess",version="1"}} {b}\n'
+            'nv_inference_request_success{model="preprocess",version="1"} 7\n'
+        )
+
+    assert pending_requests(text(2, 3)) == 5 and pending_requests(text(0, 0)) == 0
+    backlog = [text(4, 1), text(1, 0), text(0, 0)]
+    served = []
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = backlog[min(len(served), len(backlog) - 1)].encode()
+            served.append(body)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        waited = wait_idle(f"http://127.0.0.1:{httpd.server_port}/metrics", timeout_s=10, poll_s=0.01)
+        assert len(served) == 3 and waited < 10  # stopped at the first scrape with nothing pending
+    finally:
+        httpd.shutdown()
+    assert wait_idle("http://127.0.0.1:9/metrics", timeout_s=5) < 5  # unreachable: nothing to wait on
