@@ -125,3 +125,25 @@ def test_predicted_latency_interpolates_and_extrapolates():
     assert predicted_latency_ms(e, 1) == 5.0
     assert math.isclose(predicted_latency_ms(e, 4), 5.0 + 27.0 * 3 / 7)
     assert predicted_latency_ms(e, 16) == 64.0
+
+
+def test_most_accurate_means_highest_agreement_with_fp32_when_drop_says_otherwise():
+    """The build of 2026-11-21: int8_mixed had the smaller top-1 drop (0.41 vs 0.81 points) but the lower
+    agreement with fp32 (96.3% vs 97.2%). max_accuracy ranks by agreement, so the variants the scheduler serves
+    under load are never less faithful to fp32 than static int8; the drop still bounds the candidates."""
+    m = make_manifest(SPECS)
+    m.variant("m_mixed").accuracy.agreement_with_fp32 = 0.963
+    m.variant("m_int8").accuracy.agreement_with_fp32 = 0.972
+    m.variant("m_mixed").accuracy.top1_drop_points = 0.41
+    m.variant("m_int8").accuracy.top1_drop_points = 0.81
+    p = Policy(m, latency_headroom=1.0)
+    o = RequestOptions(objective="max_accuracy", latency_budget_ms=20.0, accuracy_budget_points=5)
+    assert [d.variant for d in p.rank(o, batch_size=8)][:2] == ["m_int8", "m_mixed"]  # both fit 20 ms at b8
+    assert p.rank(o, batch_size=1)[0].variant == "m_fp32"  # the reference is the most faithful
+    # an accuracy budget between the two drops leaves int8 out, whatever its agreement
+    tight = RequestOptions(objective="max_accuracy", latency_budget_ms=20.0, accuracy_budget_points=0.5)
+    assert p.rank(tight, batch_size=8)[0].variant == "m_mixed"
+    # equal agreement: the lower KL wins
+    m.variant("m_mixed").accuracy.agreement_with_fp32 = 0.972
+    m.variant("m_mixed").accuracy.kl_vs_fp32 = 0.005
+    assert p.rank(o, batch_size=8)[0].variant == "m_mixed"
