@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -81,7 +82,8 @@ class LoadTracker:
     ``offset_ms[v]``: EWMA of observed BLS ms minus the manifest's predicted ms for variant ``v``: corrects the
     offline profile for the serving process (IPC and stub overhead, contention). The overhead is mostly the same
     for every variant, so a variant not observed yet inherits ``global_offset_ms`` (the EWMA over all): a
-    per-variant ratio would make every observed variant look worse than the unobserved ones.
+    per-variant ratio would make every observed variant look worse than the unobserved ones. A variant's own
+    offset expires ``offset_ttl_s`` after its last observation (then the global one applies again).
     ``execute_ms``: EWMA of the scheduler's own execute duration, the time a request arriving now waits before
     its batch starts (one scheduler instance executes one batch at a time).
     ``arrival_per_ms``: images that reached the scheduler in the last ``arrival_window_ms``, per ms. A sliding
@@ -91,7 +93,11 @@ class LoadTracker:
     """
 
     alpha: float = 0.3
+    offset_ttl_s: float = 2.0
     offset_ms: dict[str, float] = field(default_factory=dict)
+    seen_at: dict[str, float] = field(
+        default_factory=dict
+    )  # variant -> time.monotonic() of its last observation
     global_offset_ms: float | None = None
     observed_ms: dict[str, float] = field(default_factory=dict)
     execute_ms: float = 0.0
@@ -105,8 +111,11 @@ class LoadTracker:
     def _ewma(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.alpha) * old + self.alpha * new
 
-    def observe_variant(self, variant: str, observed_ms: float, predicted_ms: float | None) -> None:
+    def observe_variant(
+        self, variant: str, observed_ms: float, predicted_ms: float | None, now: float | None = None
+    ) -> None:
         with self._lock:
+            self.seen_at[variant] = time.monotonic() if now is None else now
             self.observed_ms[variant] = self._ewma(self.observed_ms.get(variant), observed_ms)
             if predicted_ms is not None and predicted_ms > 0:
                 d = max(-0.9 * predicted_ms, observed_ms - predicted_ms)
@@ -127,20 +136,31 @@ class LoadTracker:
                 self.arrival_per_ms = self._arrived / self.arrival_window_ms
 
     def predicted_ms(
-        self, variant: str, service_ms: float, batch_size: int, max_utilization: float = 0.95
+        self,
+        variant: str,
+        service_ms: float,
+        batch_size: int,
+        max_utilization: float = 0.95,
+        now: float | None = None,
     ) -> float:
         """Queue + service for ``variant`` at the current arrival rate: utilisation u = rate x service per image,
         waiting ~ service x u / (1 - u) (M/M/1, Kleinrock, Queueing Systems vol. 1, 1975); u above
         ``max_utilization`` means the variant cannot keep up: 100x its service time."""
-        service = self.service_ms(variant, service_ms)
+        service = self.service_ms(variant, service_ms, now)
         u = self.arrival_per_ms * service / max(1, batch_size)
         if u >= max_utilization:
             return 100.0 * service
         return service + service * u / (1.0 - u)
 
-    def service_ms(self, variant: str, profiled_ms: float) -> float:
-        """The profile's ms corrected by the observed offset (the variant's, else the global one)."""
-        off = self.offset_ms.get(variant, self.global_offset_ms or 0.0)
+    def service_ms(self, variant: str, profiled_ms: float, now: float | None = None) -> float:
+        """The profile's ms corrected by the observed offset: the variant's own if it was observed in the last
+        ``offset_ttl_s`` seconds, else the global one. A variant's offset is only updated when it serves, so
+        without the expiry one slow spell would keep a variant unchosen (and its offset stale) for good; the
+        scheduler then served int8_mixed for whole runs of `tcsched ramp` where int8 was the better choice."""
+        now = time.monotonic() if now is None else now
+        own = self.offset_ms.get(variant)
+        fresh = own is not None and now - self.seen_at.get(variant, -math.inf) <= self.offset_ttl_s
+        off = own if fresh else (self.global_offset_ms or 0.0)
         return max(0.1 * profiled_ms, profiled_ms + off)
 
     def begin(self, n: int) -> float:

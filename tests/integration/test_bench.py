@@ -167,3 +167,38 @@ def test_bench_own_server_measures_the_pipeline_without_scheduler(built_repo, tm
     write_report(result, tmp_path / "report")
     md = (tmp_path / "report" / "report.md").read_text()
     assert "ensemble p50 / pipeline p50" in md and "targets interleaved (6 rounds)" in md
+
+
+def test_open_loop_ramp_against_the_real_server(server, built_repo, tmp_path):
+    """`tcsched ramp --request-rates`: perf_analyzer --async at a fixed rate, the scheduler with a budget vs
+    static fp32, every run started on empty queues read from the real server's metrics."""
+    import json
+    import urllib.request
+
+    from tcsched.client.ramp import pending_requests, run_ramp, wait_idle
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    assert "nv_inference_pending_request_count{" in text and pending_requests(text) == 0
+    assert wait_idle(server.metrics_url, timeout_s=10) < 5
+    points = run_ramp(
+        built_repo,
+        tmp_path / "ramp",
+        latency_budget_ms=2000.0,
+        request_rates=(15.0,),
+        variants=(FP32,),
+        data_dir=SHARED if (SHARED / "labels.csv").is_file() else None,
+        n_images=4,
+        measurement_interval_ms=600,
+        url=server.grpc_url,
+        metrics_url=server.metrics_url,
+        log=lambda s: None,
+        rounds=1,
+    )
+    assert {p.target for p in points} == {"classifier[budget=2000ms]", f"classifier[{FP32}]"}
+    for p in points:
+        assert p.concurrency == 15.0 and p.n_requests > 0 and p.within_budget == 1.0
+        assert 10 < p.throughput_img_s < 20  # open loop at 15 req/s: the server keeps up, so ~15 img/s
+    fixed = next(p for p in points if p.target == f"classifier[{FP32}]")
+    assert fixed.served_by == {FP32: fixed.n_requests} and fixed.served_agreement == 1.0
+    report = json.loads((tmp_path / "ramp" / "ramp.json").read_text())
+    assert report["mode"] == "request_rate" and (tmp_path / "ramp" / "ramp.png").read_bytes()[:8] == PNG_MAGIC

@@ -118,7 +118,7 @@ def test_load_moves_max_accuracy_to_cheaper_variants():
     u = 0.15 * 18 / 8  # int8_mixed: 18 ms per batch of 8
     assert d.variant == "m_mixed" and d.predicted_latency_ms == pytest.approx(18 + 18 * u / (1 - u))
     busy.observe_variant("m_mixed", 36.0, 18.0)  # observed +18 ms over its profile: u = 0.675 -> 111 ms
-    busy.offset_ms["m_int8"] = 0.0  # int8 not slowed (without this it would inherit the global +18 ms)
+    busy.observe_variant("m_int8", 12.0, 12.0)  # int8 served as profiled (else it inherits the global +18 ms)
     assert p.rank(o, batch_size=8, load=busy)[0].variant == "m_int8"
     overloaded = LoadTracker()
     overloaded.arrival_per_ms = 1.0  # beyond every variant's capacity: the fastest, as documented
@@ -186,3 +186,17 @@ def test_upstream_probe_turns_counter_deltas_into_mean_ms_and_survives_a_dead_en
         probe.close()
     with pytest.raises(ValueError, match="upstream model"):
         UpstreamProbe("http://unused", [])
+
+
+def test_a_variant_offset_expires_so_a_slow_spell_is_not_remembered_for_good():
+    """A variant's own offset counts only while it is fresh (offset_ttl_s); after that the variant is judged by
+    the global offset again, so the policy gives it another try instead of avoiding it forever."""
+    t = LoadTracker(offset_ttl_s=2.0)
+    t.observe_variant("int8", 30.0, 10.0, now=100.0)  # one slow spell: +20 ms
+    t.observe_variant("mixed", 13.0, 12.0, now=100.5)  # global offset: 0.7 * 20 + 0.3 * 1 = 14.3
+    assert t.service_ms("int8", 10.0, now=101.0) == pytest.approx(30.0)  # fresh: its own +20
+    assert t.service_ms("int8", 10.0, now=103.0) == pytest.approx(10.0 + 14.3)  # stale: the global offset
+    for k in range(10):  # the chosen variant keeps serving as profiled: the global offset falls
+        t.observe_variant("mixed", 12.0, 12.0, now=101.0 + k)
+    assert t.service_ms("int8", 10.0, now=110.5) < t.service_ms("mixed", 12.0, now=110.5)
+    assert t.service_ms("int8", 10.0, now=101.0) == pytest.approx(30.0)  # still its own when fresh
