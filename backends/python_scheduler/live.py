@@ -95,9 +95,8 @@ class LoadTracker:
     alpha: float = 0.3
     offset_ttl_s: float = 2.0
     offset_ms: dict[str, float] = field(default_factory=dict)
-    seen_at: dict[str, float] = field(
-        default_factory=dict
-    )  # variant -> time.monotonic() of its last observation
+    # variant -> time.monotonic() of its last observation (when its own offset expires)
+    seen_at: dict[str, float] = field(default_factory=dict)
     global_offset_ms: float | None = None
     observed_ms: dict[str, float] = field(default_factory=dict)
     execute_ms: float = 0.0
