@@ -89,11 +89,9 @@ def pool_runs(target: str, level: float, runs: Sequence, manifest: Manifest, bud
 def pending_requests(metrics_text: str) -> float:
     """Requests queued in the server, summed over every model: Triton's ``nv_inference_pending_request_count``
     gauge (Prometheus text exposition, docs/user_guide/metrics.md)."""
-    total = 0.0
-    for line in metrics_text.splitlines():
-        if line.startswith("nv_inference_pending_request_count{"):
-            total += float(line.rsplit(None, 1)[-1])
-    return total
+    from tcsched.scheduler.live import sum_metric
+
+    return sum_metric(metrics_text, "nv_inference_pending_request_count", None)
 
 
 def wait_idle(metrics_url: str, timeout_s: float = 60.0, poll_s: float = 0.2) -> float:

@@ -222,7 +222,9 @@ class Policy:
                 return None
             if load is None:
                 return service
-            return load.predicted_ms(e.name, service, batch_size, max_utilization=self.max_utilization)
+            return load.predicted_ms(
+                e.name, service, batch_size, max_utilization=self.max_utilization, now=now
+            )
 
         if opts.variant is not None:
             try:
