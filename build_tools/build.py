@@ -278,6 +278,32 @@ def _qat_int8(cfg, paths, ptq_score, calib, teacher, evaluate, work, progress) -
     )
 
 
+def _group_study_note(qdq, report, fp32_model, evaluate, latency_ratio, cfg, progress) -> str:
+    """The int8_mixed budget was not met: measure each whole kind of layer in float (selection split, latency
+    vs fp32) so the manifest says how far the budget is from what float layers can buy. Returns the note."""
+    groups = var.float_groups(qdq, {lay.name: lay.kind for lay in report.layers}, fp32_model)
+    task = progress.add_task("int8_mixed: budget missed, each kind of layer in float", total=len(groups))
+
+    def timed_eval(m: onnx.ModelProto) -> var.Score:
+        s = evaluate(m)
+        progress.advance(task)
+        return s
+
+    rows = var.float_group_study(qdq, groups, timed_eval, fp32_model, latency_ratio)
+    lat_b = max(cfg.latency_batch_sizes)
+    parts = []
+    for r in rows:
+        drop = r.score.top1_drop_points if r.score.top1_drop_points is not None else float("nan")
+        parts.append(
+            f"{r.group} ({len(r.layers)} nodes): agreement {r.score.agreement:.3f}, drop {drop:+.2f}, "
+            f"KL {r.score.kl:.4f}, {r.latency_ratio:.2f}x fp32"
+        )
+    return (
+        f"budget not met within the {cfg.max_latency_ratio:g}x latency cap; for scale, each whole kind of layer "
+        f"returned to float at once (selection split, latency at batch {lat_b}): " + "; ".join(parts)
+    )
+
+
 def candidate_latency_ratio(
     model: onnx.ModelProto,
     reference: Path,
@@ -470,6 +496,10 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
             if res.float_layers:
                 notes["int8_mixed"].append(
                     f"float layers ({float_macs / total:.0%} of the MACs): " + ", ".join(res.float_layers)
+                )
+            if not res.met_budget:
+                notes["int8_mixed"].append(
+                    _group_study_note(qdq, report, fp32_model, evaluate, latency_ratio, cfg, progress)
                 )
         progress.advance(step)
 

@@ -5,7 +5,8 @@
   into FP16 kernels (strongly typed network); ONNX Runtime's CPU provider only emulates it.
 - ``int8``: :func:`tcsched.build_tools.quantize.quantize_int8`, calibration method chosen by measurement.
 - ``int8_mixed``: the int8 QDQ graph with the most sensitive layers returned to float
-  (:func:`dequantize_layers`), as few as the accuracy budget allows (:func:`search_mixed`).
+  (:func:`dequantize_layers`), as few as the accuracy budget allows (:func:`search_mixed`); when the budget
+  is out of reach, :func:`float_group_study` measures whole kinds of layers in float, to show how far.
 - ``sparse24``: 2:4 magnitude-pruned weights on eligible layers (:func:`prune_onnx_2_4`), optionally
   fine-tuned by knowledge distillation in ``build_tools/finetune.py``.
 """
@@ -302,6 +303,77 @@ def search_mixed(
             best = (k, s)
     k, s = best  # type: ignore[misc]
     return MixedSearchResult(list(ranking[:k]), False, s, trials, ratios, stopped)
+
+
+@dataclass
+class GroupTrial:
+    """One row of :func:`float_group_study`: every node of ``group`` returned to float at once."""
+
+    group: str
+    layers: list[str]
+    score: Score
+    latency_ratio: float | None = None  # measured latency / fp32's (unitless), None when not measured
+
+
+def float_groups(
+    qdq: onnx.ModelProto, kinds: dict[str, str], reference: onnx.ModelProto
+) -> dict[str, list[str]]:
+    """The quantized Conv/Gemm/Add nodes of an int8 graph grouped by what they compute.
+
+    ``kinds`` maps Conv/Gemm node names to their layer kind (``analysis.json``: pointwise / depthwise / grouped
+    / full / linear). Pointwise layers are split by ``reference`` (the fp32 graph) into those followed by a
+    Clip/Relu ("pointwise + activation": MobileNetV2's expansions) and the linear ones ("pointwise, linear":
+    its projections, the linear bottlenecks of Sandler et al. 2018, arXiv:1801.04381); Add nodes whose inputs
+    are quantized form "residual add". Groups keep graph order; empty groups are left out.
+    """
+    prod = producers(qdq.graph)
+    consumers: dict[str, list[str]] = {}
+    for n in reference.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    ref_out = {n.name: n.output[0] for n in reference.graph.node}
+    groups: dict[str, list[str]] = {}
+    for n in qdq.graph.node:
+        quantized = any(prod.get(i) is not None and prod[i].op_type == "DequantizeLinear" for i in n.input)
+        if not quantized:
+            continue
+        if n.op_type == "Add":
+            group = "residual add"
+        elif n.name in kinds:
+            group = kinds[n.name]
+            if group == "pointwise":
+                acts = {"Clip", "Relu"} & set(consumers.get(ref_out.get(n.name, ""), []))
+                group = "pointwise + activation" if acts else "pointwise, linear"
+        else:
+            continue
+        groups.setdefault(group, []).append(n.name)
+    return groups
+
+
+def float_group_study(
+    qdq: onnx.ModelProto,
+    groups: dict[str, list[str]],
+    evaluate: Callable[[onnx.ModelProto], Score],
+    reference: onnx.ModelProto,
+    latency_ratio: Callable[[onnx.ModelProto], float] | None = None,
+) -> list[GroupTrial]:
+    """Return each whole group of :func:`float_groups` to float (:func:`dequantize_layers`) and measure it.
+
+    What the layer-by-layer search cannot show: how far the accuracy budget is from what any cheap set of float
+    layers can give, and what the whole kinds cost. One ``evaluate`` (and one ``latency_ratio``, when given)
+    per group, in ``groups`` order.
+
+    Raises:
+        ValueError: a group is empty or names a node the graph does not have.
+    """
+    rows = []
+    for group, layers in groups.items():
+        if not layers:
+            raise ValueError(f"group {group!r} is empty")
+        model = dequantize_layers(qdq, layers, reference)
+        ratio = latency_ratio(model) if latency_ratio is not None else None
+        rows.append(GroupTrial(group, list(layers), evaluate(model), ratio))
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ sparse24

@@ -9,13 +9,15 @@ from tcsched.build_tools.variants import (
     Score,
     convert_fp16,
     dequantize_layers,
+    float_group_study,
+    float_groups,
     prune_onnx_2_4,
     rank_in_context,
     run_model,
     score,
     search_mixed,
 )
-from tests.helpers import tiny_classifier
+from tests.helpers import tiny_classifier, tiny_layered_classifier
 
 
 @pytest.fixture
@@ -143,3 +145,80 @@ def test_candidate_latency_is_measured_against_the_reference(tmp_path):
     same = candidate_latency_ratio(onnx.load(fp32), fp32, tmp_path / "trial.onnx", 8, 1, x, repeats=15)
     assert (tmp_path / "trial.onnx").is_file()
     assert 0.3 < same < 3.0  # the same graph against itself: ~1, with a tiny graph's timing noise
+
+
+def test_float_groups_split_pointwise_by_activation_and_study_each_group(tmp_path):
+    from tcsched.build_tools.analysis import layer_kind
+
+    fp32_path = tiny_layered_classifier(tmp_path / "layered.onnx")
+    x = np.random.default_rng(0).normal(0, 1, (16, 3, 16, 16)).astype(np.float32)
+    q = onnx.load(str(quantize_int8(fp32_path, tmp_path / "int8.onnx", x, method="minmax")))
+    fp32 = onnx.load(fp32_path)
+    inits = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    kinds = {}
+    for n in fp32.graph.node:
+        if n.op_type in ("Conv", "Gemm"):
+            group = next((a.i for a in n.attribute if a.name == "group"), 1)
+            kinds[n.name] = layer_kind(n.op_type, inits[n.input[1]].shape, group)
+    # fc3 feeds no activation, but it is "linear" (a Gemm), not a pointwise Conv
+    kinds["pw_linear_probe"] = "pointwise"  # a name the int8 graph does not have: ignored
+    groups = float_groups(q, kinds, fp32)
+    assert groups["full"] == ["stem"]
+    assert groups["pointwise + activation"] == ["pw"]
+    assert groups["depthwise"] == ["dw"]
+    assert set(groups["linear"]) <= {"fc1", "fc2", "fc3"} and groups["linear"]
+    assert "pointwise, linear" not in groups and "residual add" not in groups
+
+    ref = run_model(fp32, x)
+    seen = []
+
+    def evaluate(model):
+        seen.append(model)
+        return score(ref, run_model(model, x))
+
+    rows = float_group_study(q, groups, evaluate, fp32, latency_ratio=lambda m: 0.5)
+    assert [r.group for r in rows] == list(groups) and len(seen) == len(groups)
+    assert all(r.latency_ratio == 0.5 for r in rows)
+    # floating the pw layer (the input whose per-tensor quantization hurts most here) removes error
+    base = score(ref, run_model(q, x)).kl
+    assert next(r for r in rows if r.group == "pointwise + activation").score.kl < base
+    with pytest.raises(ValueError, match="empty"):
+        float_group_study(q, {"nothing": []}, evaluate, fp32)
+
+
+def test_float_groups_mark_linear_pointwise_and_residual_adds(tmp_path):
+    """A pointwise projection with no activation after it and a residual Add (MobileNetV2's block tail)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w_e = rng.normal(0, 0.3, (8, 4, 1, 1)).astype(np.float32)
+    w_p = rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["input", "w_e"], ["e"], name="expand"),
+        helper.make_node("Clip", ["e", "lo", "hi"], ["e6"], name="relu6"),
+        helper.make_node("Conv", ["e6", "w_p"], ["p"], name="project"),
+        helper.make_node("Add", ["p", "input"], ["out"], name="residual"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "block",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        initializer=[
+            numpy_helper.from_array(w_e, "w_e"),
+            numpy_helper.from_array(w_p, "w_p"),
+            numpy_helper.from_array(np.float32(0), "lo"),
+            numpy_helper.from_array(np.float32(6), "hi"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "block.onnx"))
+    x = rng.normal(0, 1, (8, 4, 8, 8)).astype(np.float32)
+    q = onnx.load(str(quantize_int8(tmp_path / "block.onnx", tmp_path / "q.onnx", x, method="minmax")))
+    groups = float_groups(q, {"expand": "pointwise", "project": "pointwise"}, model)
+    assert groups == {
+        "pointwise + activation": ["expand"],
+        "pointwise, linear": ["project"],
+        "residual add": ["residual"],
+    }
