@@ -269,7 +269,8 @@ def search_mixed(
 
     ``latency_ratio(model)`` (measured latency / fp32's) is called for every k >= 1 before its accuracy: the
     scan stops at the first k above ``max_latency_ratio`` (more float layers only add reorders and float work),
-    so the result, met or not, is never slower than the cap.
+    so the result, met or not, is never slower than the cap. A k measured above the cap is timed a second time
+    and judged on the mean of the two, so that one noisy timing does not end the scan.
 
     Raises:
         ValueError: empty ranking or budgets out of range.
@@ -292,8 +293,12 @@ def search_mixed(
         if k and latency_ratio is not None:
             ratios[k] = latency_ratio(model)
             if max_latency_ratio is not None and ratios[k] > max_latency_ratio:
-                stopped = k
-                break
+                # one timing near the cap is noisy (measured: 0.62x once for a candidate that timed 0.56x in
+                # other builds): confirm with a second one and judge their mean before stopping the scan
+                ratios[k] = (ratios[k] + latency_ratio(model)) / 2
+                if ratios[k] > max_latency_ratio:
+                    stopped = k
+                    break
         s = evaluate(model)
         drop = s.top1_drop_points if s.top1_drop_points is not None else 100 * (1 - s.agreement)
         trials.append((k, s.agreement, drop))

@@ -99,12 +99,30 @@ def test_search_mixed_stops_at_the_latency_cap(tiny):
     res = search_mixed(
         q, ranking, evaluate, 0.5, 0.97, reference=fp32, latency_ratio=latency, max_latency_ratio=0.6
     )
-    # k=2 costs 0.65x: the scan stops there without evaluating it, and returns the best within the cap
+    # k=2 costs 0.65x (twice: confirmed): the scan stops there without evaluating it, returns the best within
     assert res.stopped_at == 2 and evaluated == [0, 1]
     assert res.latency_ratios == {1: pytest.approx(0.55), 2: pytest.approx(0.65)}
     assert not res.met_budget and res.float_layers == ["classifier"]
     with pytest.raises(ValueError, match="max_latency_ratio"):
         search_mixed(q, ranking, evaluate, 0.5, 0.97, max_latency_ratio=0.6)
+
+
+def test_search_mixed_confirms_an_over_cap_timing_before_stopping(tiny):
+    fp32, q, _ = tiny
+    ranking = ["classifier", "dw_conv", "stem_conv"]
+    timings = iter([0.55, 0.66, 0.52, 0.58])  # k=1; k=2 noisy then 0.52 (mean 0.59); k=3
+
+    def latency(model):
+        return next(timings)
+
+    def evaluate(model):
+        return Score(agreement=0.9, kl=0.1, top1_drop_points=0.0)
+
+    res = search_mixed(
+        q, ranking, evaluate, 0.5, 0.97, reference=fp32, latency_ratio=latency, max_latency_ratio=0.6
+    )
+    assert res.stopped_at is None and [t[0] for t in res.trials] == [0, 1, 2, 3]
+    assert res.latency_ratios[2] == pytest.approx(0.59)
 
 
 def test_rank_in_context_covers_every_quantized_node(tiny):
