@@ -284,20 +284,18 @@ def _group_study_note(qdq, report, fp32_model, evaluate, latency_ratio, cfg, pro
     groups = var.float_groups(qdq, {lay.name: lay.kind for lay in report.layers}, fp32_model)
     task = progress.add_task("int8_mixed: budget missed, each kind of layer in float", total=len(groups))
 
-    def timed_eval(m: onnx.ModelProto) -> var.Score:
+    def evaluate_with_progress(m: onnx.ModelProto) -> var.Score:
         s = evaluate(m)
         progress.advance(task)
         return s
 
-    rows = var.float_group_study(qdq, groups, timed_eval, fp32_model, latency_ratio)
+    rows = var.float_group_study(qdq, groups, evaluate_with_progress, fp32_model, latency_ratio)
     lat_b = max(cfg.latency_batch_sizes)
-    parts = []
-    for r in rows:
-        drop = r.score.top1_drop_points if r.score.top1_drop_points is not None else float("nan")
-        parts.append(
-            f"{r.group} ({len(r.layers)} nodes): agreement {r.score.agreement:.3f}, drop {drop:+.2f}, "
-            f"KL {r.score.kl:.4f}, {r.latency_ratio:.2f}x fp32"
-        )
+    parts = [
+        f"{r.group} ({len(r.layers)} nodes): agreement {r.score.agreement:.3f}, drop {r.score.drop_points:+.2f}, "
+        f"KL {r.score.kl:.4f}, {r.latency_ratio:.2f}x fp32"
+        for r in rows
+    ]
     return (
         f"budget not met within the {cfg.max_latency_ratio:g}x latency cap; for scale, each whole kind of layer "
         f"returned to float at once (selection split, latency at batch {lat_b}): " + "; ".join(parts)
@@ -633,7 +631,7 @@ def _build_sparse24(cfg, report, fp32_model, torch_model, calib, evaluate, work,
     notes.append(
         f"{len(eligible)} layers eligible (not depthwise, channels multiple of 4, wide enough for TensorRT sparse "
         f"kernels); pruning all of them without fine-tuning: agreement {s_all.agreement:.3f}, top-1 drop "
-        f"{_drop(s_all):+.2f} points"
+        f"{s_all.drop_points:+.2f} points"
     )
     if lo > 0:
         candidates.append((order[:lo], at(lo), f"{lo} least-damaged layers pruned, no fine-tune"))
@@ -667,7 +665,7 @@ def _build_sparse24(cfg, report, fp32_model, torch_model, calib, evaluate, work,
             (order, s_ft, f"all {len(order)} eligible layers pruned, KD fine-tune {cfg.finetune_steps} steps")
         )
         notes.append(
-            f"KD fine-tune of all eligible layers: agreement {s_ft.agreement:.3f}, drop {_drop(s_ft):+.2f}"
+            f"KD fine-tune of all eligible layers: agreement {s_ft.agreement:.3f}, drop {s_ft.drop_points:+.2f}"
         )
 
     if not candidates:
@@ -686,14 +684,10 @@ def _build_sparse24(cfg, report, fp32_model, torch_model, calib, evaluate, work,
     _check_2to4(src, layers)
     path = var.convert_fp16(pruned_path, work / "sparse24.onnx")
     notes.append(
-        f"chosen: {how}; selection split: agreement {s.agreement:.3f}, top-1 drop {_drop(s):+.2f} points; "
+        f"chosen: {how}; selection split: agreement {s.agreement:.3f}, top-1 drop {s.drop_points:+.2f} points; "
         f"weights fp16 (casts in the graph) so that TensorRT builds FP16 sparse kernels"
     )
     return (path, bool(meeting), layers), notes
-
-
-def _drop(s: var.Score) -> float:
-    return s.top1_drop_points if s.top1_drop_points is not None else 100 * (1 - s.agreement)
 
 
 def _check_2to4(model: onnx.ModelProto, layers: Sequence[str]) -> None:

@@ -50,9 +50,13 @@ class Score:
     top1: float | None = None
     top1_drop_points: float | None = None
 
+    @property
+    def drop_points(self) -> float:
+        """The top-1 drop in points; without labels, the disagreement with fp32 in points stands in for it."""
+        return self.top1_drop_points if self.top1_drop_points is not None else 100 * (1 - self.agreement)
+
     def meets(self, max_drop_points: float, min_agreement: float) -> bool:
-        drop = self.top1_drop_points if self.top1_drop_points is not None else 100 * (1 - self.agreement)
-        return drop <= max_drop_points and self.agreement >= min_agreement
+        return self.drop_points <= max_drop_points and self.agreement >= min_agreement
 
 
 def score(ref_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray | None = None) -> Score:
@@ -300,8 +304,7 @@ def search_mixed(
                     stopped = k
                     break
         s = evaluate(model)
-        drop = s.top1_drop_points if s.top1_drop_points is not None else 100 * (1 - s.agreement)
-        trials.append((k, s.agreement, drop))
+        trials.append((k, s.agreement, s.drop_points))
         if s.meets(max_drop_points, min_agreement):
             return MixedSearchResult(list(ranking[:k]), True, s, trials, ratios)
         if best is None or s.agreement > best[1].agreement:

@@ -240,3 +240,8 @@ def test_float_groups_mark_linear_pointwise_and_residual_adds(tmp_path):
         "pointwise, linear": ["project"],
         "residual add": ["residual"],
     }
+
+
+def test_score_drop_points_stands_in_disagreement_without_labels():
+    assert Score(agreement=0.96, kl=0.0).drop_points == pytest.approx(4.0)
+    assert Score(agreement=0.96, kl=0.0, top1=0.8, top1_drop_points=0.5).drop_points == 0.5
