@@ -91,7 +91,11 @@ def test_search_mixed_stops_at_the_latency_cap(tiny):
 
     def evaluate(model):  # agreement would reach the budget only with all 3 layers float
         evaluated.append(n_float(model))
-        return Score(agreement=[0.90, 0.93, 0.95, 0.99][n_float(model)], kl=0.1, top1_drop_points=0.0)
+        return Score(
+            agreement=[0.90, 0.93, 0.95, 0.99][n_float(model)],
+            kl=0.1 / (1 + n_float(model)),
+            top1_drop_points=0.0,
+        )
 
     def latency(model):  # each float layer costs 0.1x fp32 on top of int8's 0.45x
         return 0.45 + 0.1 * n_float(model)
@@ -105,6 +109,32 @@ def test_search_mixed_stops_at_the_latency_cap(tiny):
     assert not res.met_budget and res.float_layers == ["classifier"]
     with pytest.raises(ValueError, match="max_latency_ratio"):
         search_mixed(q, ranking, evaluate, 0.5, 0.97, max_latency_ratio=0.6)
+
+
+def test_search_mixed_missing_the_budget_keeps_the_lowest_kl_not_the_luckiest_agreement(tiny):
+    fp32, q, _ = tiny
+    ranking = ["classifier", "dw_conv", "stem_conv"]
+
+    def n_float(model):
+        return sum(
+            1
+            for n in model.graph.node
+            if n.name in ranking
+            and not any(i.endswith("DequantizeLinear_Output") or "_quantized" in i for i in n.input[1:2])
+        )
+
+    # agreement peaks at k=1 by one lucky image; KL (a mean over every image) keeps falling to k=2, then flattens
+    agreement = [0.90, 0.95, 0.94, 0.94]
+    kl = [0.10, 0.05, 0.03, 0.03]
+
+    def evaluate(model):
+        k = n_float(model)
+        return Score(agreement=agreement[k], kl=kl[k], top1_drop_points=0.0)
+
+    res = search_mixed(q, ranking, evaluate, 0.5, 0.97, reference=fp32)
+    assert not res.met_budget and [t[0] for t in res.trials] == [0, 1, 2, 3]
+    assert res.float_layers == ["classifier", "dw_conv"]  # k=2: lowest KL, and fewer layers than the k=3 tie
+    assert res.score.kl == pytest.approx(0.03) and res.score.agreement == pytest.approx(0.94)
 
 
 def test_search_mixed_confirms_an_over_cap_timing_before_stopping(tiny):
