@@ -196,6 +196,10 @@ def make_splits(cfg: BuildConfig) -> Splits:
         desc = f"calibration and selection: {len(calib)} images from {src}; evaluation: {cfg.eval_dir or src}"
     if cfg.eval_limit:
         evaluation = evaluation[: cfg.eval_limit]
+    desc += (
+        f"; choices on the selection split use 4 label-preserving views of each image ({4 * len(select)}: "
+        "original, flip, 86% centre zoom, its flip)"
+    )
     return Splits(calib, select, evaluation, desc)
 
 
@@ -374,13 +378,18 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
         ort_fp32 = OrtClassifier(fp32_path, threads=cfg.threads)
         diff = float(np.abs(ort_fp32.predict(evalx[: len(eager)]) - eager).max())
         notes["fp32"].append(f"ONNX export opset {cfg.opset}; max |ORT - torch eager| logit diff {diff:.2e}")
-        ref_sel = ort_fp32.predict(select, batch_size=16)
+        # every choice on the selection split (calibration method, fine-tune kept, int8_mixed's float layers)
+        # is made on 4 label-preserving views of each image: a few near-tie images decided them on 130
+        select_views = var.label_preserving_views(select)
+        if y_sel is not None:
+            y_sel = np.tile(y_sel, len(select_views) // len(select))
+        ref_sel = ort_fp32.predict(select_views, batch_size=16)
         layer_names = [n.name for n in fp32_model.graph.node if n.op_type in ("Conv", "Gemm")]
         plans["fp32"] = dict.fromkeys(layer_names, "fp32")
         progress.advance(step)
 
         def evaluate(m) -> var.Score:
-            return var.score(ref_sel, var.run_model(m, select, cfg.threads), y_sel)
+            return var.score(ref_sel, var.run_model(m, select_views, cfg.threads), y_sel)
 
         progress.update(step, description="analyse layers (kind, MACs, alignment, 2:4, int8 sensitivity)")
         report = an.analyze(
@@ -475,9 +484,9 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
             plans["int8_mixed"] = {n: ("fp32" if n in res.float_layers else "int8") for n in layer_names}
             plans["int8_mixed"].update({n: "fp32" for n in res.float_layers if n not in plans["int8_mixed"]})
             trials = ", ".join(
-                f"k={k}: agree {a:.3f} drop {d:+.2f}"
+                f"k={k}: agree {a:.3f} drop {d:+.2f} KL {kl:.4f}"
                 + (f" latency {res.latency_ratios[k]:.2f}x" if k in res.latency_ratios else "")
-                for k, a, d in res.trials
+                for k, a, d, kl in res.trials
             )
             if res.stopped_at is not None:
                 trials += (

@@ -71,6 +71,45 @@ def score(ref_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray | None 
     )
 
 
+def label_preserving_views(x: np.ndarray, zoom: float = 0.86) -> np.ndarray:
+    """Four views of each preprocessed image that keep its ImageNet label, for choices made on few images.
+
+    Views, in blocks of N: the images, their horizontal flips, the centre ``zoom`` x ``zoom`` of each resized back
+    to H x W (bilinear, ``torch.nn.functional.interpolate``), and that zoom's flips; view v of image i is row
+    ``v * N + i``. Both operations are linear in the pixel values, so they apply to normalized tensors. On ~130
+    selection images one image is 0.77 points of agreement and a few near-tie images decide a choice; four views
+    give each image four draws (measured here: an int8_mixed candidate chosen on 130 images for a 0.0021 lower KL
+    than int8 was 0.0001 worse on the 520 views, and 0.0018 worse on the 984 views of the evaluation split).
+
+    Args:
+        x: float32 [N, C, H, W] preprocessed images.
+        zoom: side fraction of the centre crop, in (0, 1]; 0.86 is ~224/256 once more, as torchvision's eval
+            resize-and-crop.
+
+    Returns:
+        float32 [4N, C, H, W].
+
+    Raises:
+        ValueError: ``x`` is not float32 [N, C, H, W] with N >= 1, or ``zoom`` is outside (0, 1].
+    """
+    if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype != np.float32 or len(x) == 0:
+        got = f"{x.dtype} {list(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise ValueError(f"expected float32 [N, C, H, W] images with N >= 1, got {got}")
+    if not 0 < zoom <= 1:
+        raise ValueError(f"zoom must be in (0, 1], got {zoom}")
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    h, w = t.shape[-2:]
+    ch, cw = max(1, round(h * zoom)), max(1, round(w * zoom))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    z = F.interpolate(
+        t[:, :, top : top + ch, left : left + cw], size=(h, w), mode="bilinear", align_corners=False
+    )
+    return torch.cat([t, t.flip(-1), z, z.flip(-1)]).numpy().astype(np.float32, copy=False)
+
+
 def run_model(model: onnx.ModelProto | str | os.PathLike, x: np.ndarray, threads: int = 2) -> np.ndarray:
     """Logits of an in-memory or on-disk ONNX classifier on float32 [N, 3, H, W]."""
     if isinstance(model, onnx.ModelProto):
@@ -248,7 +287,8 @@ class MixedSearchResult:
     float_layers: list[str]
     met_budget: bool
     score: Score
-    trials: list[tuple[int, float, float]] = field(default_factory=list)  # (k, agreement, drop points)
+    # (k, agreement, drop points, KL)
+    trials: list[tuple[int, float, float, float]] = field(default_factory=list)
     latency_ratios: dict[int, float] = field(default_factory=dict)  # k -> measured latency / fp32's
     stopped_at: int | None = None  # the k whose latency went over max_latency_ratio (not evaluated)
 
@@ -292,7 +332,7 @@ def search_mixed(
             f"max_latency_ratio {max_latency_ratio} needs a latency_ratio function and a value > 0"
         )
     n = min(len(ranking), max_float_layers if max_float_layers is not None else len(ranking))
-    trials: list[tuple[int, float, float]] = []
+    trials: list[tuple[int, float, float, float]] = []
     best: tuple[int, Score] | None = None
     ratios: dict[int, float] = {}
     stopped = None
@@ -308,7 +348,7 @@ def search_mixed(
                     stopped = k
                     break
         s = evaluate(model)
-        trials.append((k, s.agreement, s.drop_points))
+        trials.append((k, s.agreement, s.drop_points, s.kl))
         if s.meets(max_drop_points, min_agreement):
             return MixedSearchResult(list(ranking[:k]), True, s, trials, ratios)
         if best is None or s.kl < best[1].kl:

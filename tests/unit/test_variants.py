@@ -11,6 +11,7 @@ from tcsched.build_tools.variants import (
     dequantize_layers,
     float_group_study,
     float_groups,
+    label_preserving_views,
     prune_onnx_2_4,
     rank_in_context,
     run_model,
@@ -275,3 +276,25 @@ def test_float_groups_mark_linear_pointwise_and_residual_adds(tmp_path):
 def test_score_drop_points_stands_in_disagreement_without_labels():
     assert Score(agreement=0.96, kl=0.0).drop_points == pytest.approx(4.0)
     assert Score(agreement=0.96, kl=0.0, top1=0.8, top1_drop_points=0.5).drop_points == 0.5
+
+
+def test_label_preserving_views_are_the_image_its_flip_and_a_centre_zoom():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 20, 20)).astype(np.float32)
+    v = label_preserving_views(x, zoom=0.5)
+    assert v.shape == (8, 3, 20, 20) and v.dtype == np.float32
+    np.testing.assert_array_equal(v[:2], x)
+    np.testing.assert_array_equal(v[2:4], x[..., ::-1])
+    np.testing.assert_array_equal(v[6:8], v[4:6][..., ::-1])
+    # on a linear ramp bilinear resizing is exact away from the border: the zoom is the centre 10x10 (rows and
+    # columns 5-14) stretched 2x, output pixel p sampling crop coordinate (p + 0.5) / 2 - 0.5 (half-pixel centres)
+    ramp = np.broadcast_to(np.arange(20, dtype=np.float32), (1, 3, 20, 20)).copy()
+    zoomed = label_preserving_views(ramp, zoom=0.5)[2]
+    p = np.arange(1, 19)
+    np.testing.assert_allclose(
+        zoomed[:, 0, 1:19], np.broadcast_to(5 + (p + 0.5) / 2 - 0.5, (3, 18)), atol=1e-5
+    )
+    with pytest.raises(ValueError, match=r"float32 \[N, C, H, W\]"):
+        label_preserving_views(x.astype(np.float64))
+    with pytest.raises(ValueError, match="zoom"):
+        label_preserving_views(x, zoom=0)
