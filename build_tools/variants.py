@@ -83,8 +83,8 @@ def label_preserving_views(x: np.ndarray, zoom: float = 0.86) -> np.ndarray:
 
     Args:
         x: float32 [N, C, H, W] preprocessed images.
-        zoom: side fraction of the centre crop, in (0, 1]; 0.86 is ~224/256 once more, as torchvision's eval
-            resize-and-crop.
+        zoom: side fraction of the centre crop, in (0, 1]; 0.86 is close to the 224/256 = 0.875 centre crop of
+            torchvision's eval transform, applied once more.
 
     Returns:
         float32 [4N, C, H, W].

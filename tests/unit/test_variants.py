@@ -76,30 +76,32 @@ def test_search_mixed_takes_the_smallest_k_and_reports_trials(tiny):
         search_mixed(q, [], evaluate, 0.5, 0.97)
 
 
+def _n_float(model, ranking):
+    """How many of the ``ranking`` nodes read a float weight (no DequantizeLinear / int8 initializer behind it)."""
+    return sum(
+        1
+        for n in model.graph.node
+        if n.name in ranking
+        and not any(i.endswith("DequantizeLinear_Output") or "_quantized" in i for i in n.input[1:2])
+    )
+
+
 def test_search_mixed_stops_at_the_latency_cap(tiny):
     fp32, q, _ = tiny
     ranking = ["classifier", "dw_conv", "stem_conv"]
 
-    def n_float(model):
-        return sum(
-            1
-            for n in model.graph.node
-            if n.name in ranking
-            and not any(i.endswith("DequantizeLinear_Output") or "_quantized" in i for i in n.input[1:2])
-        )
-
     evaluated = []
 
     def evaluate(model):  # agreement would reach the budget only with all 3 layers float
-        evaluated.append(n_float(model))
+        evaluated.append(_n_float(model, ranking))
         return Score(
-            agreement=[0.90, 0.93, 0.95, 0.99][n_float(model)],
-            kl=0.1 / (1 + n_float(model)),
+            agreement=[0.90, 0.93, 0.95, 0.99][_n_float(model, ranking)],
+            kl=0.1 / (1 + _n_float(model, ranking)),
             top1_drop_points=0.0,
         )
 
     def latency(model):  # each float layer costs 0.1x fp32 on top of int8's 0.45x
-        return 0.45 + 0.1 * n_float(model)
+        return 0.45 + 0.1 * _n_float(model, ranking)
 
     res = search_mixed(
         q, ranking, evaluate, 0.5, 0.97, reference=fp32, latency_ratio=latency, max_latency_ratio=0.6
@@ -116,20 +118,12 @@ def test_search_mixed_missing_the_budget_keeps_the_lowest_kl_not_the_luckiest_ag
     fp32, q, _ = tiny
     ranking = ["classifier", "dw_conv", "stem_conv"]
 
-    def n_float(model):
-        return sum(
-            1
-            for n in model.graph.node
-            if n.name in ranking
-            and not any(i.endswith("DequantizeLinear_Output") or "_quantized" in i for i in n.input[1:2])
-        )
-
     # agreement peaks at k=1 by one lucky image; KL (a mean over every image) keeps falling to k=2, then flattens
     agreement = [0.90, 0.95, 0.94, 0.94]
     kl = [0.10, 0.05, 0.03, 0.03]
 
     def evaluate(model):
-        k = n_float(model)
+        k = _n_float(model, ranking)
         return Score(agreement=agreement[k], kl=kl[k], top1_drop_points=0.0)
 
     res = search_mixed(q, ranking, evaluate, 0.5, 0.97, reference=fp32)
