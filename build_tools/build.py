@@ -483,16 +483,19 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
             onnx.save(mixed, str(paths["int8_mixed"]))
             plans["int8_mixed"] = {n: ("fp32" if n in res.float_layers else "int8") for n in layer_names}
             plans["int8_mixed"].update({n: "fp32" for n in res.float_layers if n not in plans["int8_mixed"]})
+            tried = {t[0]: t for t in res.trials}
+            over = f"fp32 at batch {lat_b} > the {cfg.max_latency_ratio:g}x cap"
             trials = ", ".join(
-                f"k={k}: agree {a:.3f} drop {d:+.2f} KL {kl:.4f}"
-                + (f" latency {res.latency_ratios[k]:.2f}x" if k in res.latency_ratios else "")
-                for k, a, d, kl in res.trials
+                (
+                    f"k={k}: agree {tried[k][1]:.3f} drop {tried[k][2]:+.2f} KL {tried[k][3]:.4f}"
+                    + (f" latency {res.latency_ratios[k]:.2f}x" if k in res.latency_ratios else "")
+                )
+                if k in tried
+                else f"k={k}: skipped, {res.latency_ratios[k]:.2f}x {over}"
+                for k in sorted(set(tried) | set(res.latency_ratios) - {res.stopped_at})
             )
             if res.stopped_at is not None:
-                trials += (
-                    f"; stopped at k={res.stopped_at}: {res.latency_ratios[res.stopped_at]:.2f}x fp32 at batch "
-                    f"{lat_b} > the {cfg.max_latency_ratio:g}x cap"
-                )
+                trials += f"; stopped at k={res.stopped_at}: {res.latency_ratios[res.stopped_at]:.2f}x {over}"
             notes["int8_mixed"].append(
                 f"Conv/Gemm/Add nodes of the int8 graph ranked by the KL vs fp32 each removes when it alone returns "
                 f"to float, per MAC that goes back to float (leave-one-out in context, {len(rank_x)} calibration images; the one-layer probe of "

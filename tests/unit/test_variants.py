@@ -106,9 +106,10 @@ def test_search_mixed_stops_at_the_latency_cap(tiny):
     res = search_mixed(
         q, ranking, evaluate, 0.5, 0.97, reference=fp32, latency_ratio=latency, max_latency_ratio=0.6
     )
-    # k=2 costs 0.65x (twice: confirmed): the scan stops there without evaluating it, returns the best within
-    assert res.stopped_at == 2 and evaluated == [0, 1]
-    assert res.latency_ratios == {1: pytest.approx(0.55), 2: pytest.approx(0.65)}
+    # k=2 costs 0.65x and k=3 0.75x (each timed twice): two in a row over the cap stop the scan at k=3 without
+    # evaluating either; the result is the best within the cap
+    assert res.stopped_at == 3 and evaluated == [0, 1]
+    assert res.latency_ratios == {1: pytest.approx(0.55), 2: pytest.approx(0.65), 3: pytest.approx(0.75)}
     assert not res.met_budget and res.float_layers == ["classifier"]
     with pytest.raises(ValueError, match="max_latency_ratio"):
         search_mixed(q, ranking, evaluate, 0.5, 0.97, max_latency_ratio=0.6)
@@ -148,6 +149,32 @@ def test_search_mixed_confirms_an_over_cap_timing_before_stopping(tiny):
     )
     assert res.stopped_at is None and [t[0] for t in res.trials] == [0, 1, 2, 3]
     assert res.latency_ratios[2] == pytest.approx(0.59)
+
+
+def test_search_mixed_skips_one_candidate_over_the_cap_and_goes_on(tiny):
+    fp32, q, _ = tiny
+    ranking = ["classifier", "dw_conv", "stem_conv"]
+    # a slow stretch of the machine: k=2 times 0.66x twice, then k=3 is back under the cap
+    timings = iter([0.50, 0.66, 0.66, 0.58])
+    evaluated = []
+
+    def evaluate(model):
+        evaluated.append(_n_float(model, ranking))
+        return Score(agreement=0.9, kl=0.1 / (1 + _n_float(model, ranking)), top1_drop_points=0.0)
+
+    res = search_mixed(
+        q,
+        ranking,
+        evaluate,
+        0.5,
+        0.97,
+        reference=fp32,
+        latency_ratio=lambda m: next(timings),
+        max_latency_ratio=0.6,
+    )
+    assert evaluated == [0, 1, 3] and res.stopped_at is None  # k=2 skipped, never evaluated
+    assert res.latency_ratios == {1: pytest.approx(0.50), 2: pytest.approx(0.66), 3: pytest.approx(0.58)}
+    assert res.float_layers == ranking  # k=3: the lowest KL, under the cap
 
 
 def test_rank_in_context_covers_every_quantized_node(tiny):
