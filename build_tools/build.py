@@ -196,10 +196,6 @@ def make_splits(cfg: BuildConfig) -> Splits:
         desc = f"calibration and selection: {len(calib)} images from {src}; evaluation: {cfg.eval_dir or src}"
     if cfg.eval_limit:
         evaluation = evaluation[: cfg.eval_limit]
-    desc += (
-        f"; choices on the selection split use 4 label-preserving views of each image ({4 * len(select)}: "
-        "original, flip, 86% centre zoom, its flip)"
-    )
     return Splits(calib, select, evaluation, desc)
 
 
@@ -483,17 +479,16 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
             onnx.save(mixed, str(paths["int8_mixed"]))
             plans["int8_mixed"] = {n: ("fp32" if n in res.float_layers else "int8") for n in layer_names}
             plans["int8_mixed"].update({n: "fp32" for n in res.float_layers if n not in plans["int8_mixed"]})
-            tried = {t[0]: t for t in res.trials}
             over = f"fp32 at batch {lat_b} > the {cfg.max_latency_ratio:g}x cap"
-            trials = ", ".join(
-                (
-                    f"k={k}: agree {tried[k][1]:.3f} drop {tried[k][2]:+.2f} KL {tried[k][3]:.4f}"
-                    + (f" latency {res.latency_ratios[k]:.2f}x" if k in res.latency_ratios else "")
-                )
-                if k in tried
-                else f"k={k}: skipped, {res.latency_ratios[k]:.2f}x {over}"
-                for k in sorted(set(tried) | set(res.latency_ratios) - {res.stopped_at})
-            )
+            described: dict[int, str] = {}
+            for k, a, d, kl in res.trials:
+                described[k] = f"k={k}: agree {a:.3f} drop {d:+.2f} KL {kl:.4f}"
+                if k in res.latency_ratios:
+                    described[k] += f" latency {res.latency_ratios[k]:.2f}x"
+            for k, r in res.latency_ratios.items():  # timed but not evaluated: over the cap
+                if k not in described and k != res.stopped_at:
+                    described[k] = f"k={k}: skipped, {r:.2f}x {over}"
+            trials = ", ".join(described[k] for k in sorted(described))
             if res.stopped_at is not None:
                 trials += f"; stopped at k={res.stopped_at}: {res.latency_ratios[res.stopped_at]:.2f}x {over}"
             notes["int8_mixed"].append(
@@ -543,8 +538,11 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
     ref = logits["fp32"]
     ref_top1 = topk_accuracy(ref, y_eval, 1) if y_eval is not None else None
     p50 = {n: {b: float(np.median(v)) for b, v in d.items()} for n, d in lat.items()}
-    eval_name = splits.description + (
-        " (figures on the evaluation split)" if cfg.data_dir is not None else ""
+    eval_name = (
+        splits.description
+        + (" (figures on the evaluation split)" if cfg.data_dir is not None else "")
+        + f"; choices on the selection split use {len(select_views) // len(select)} label-preserving views of "
+        f"each image ({len(select_views)}: original, flip, centre zoom, its flip)"
     )
     if dropped:
         notes["fp32"] += dropped
