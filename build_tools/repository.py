@@ -26,17 +26,28 @@ from typing import Literal
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-ENSEMBLE = "classifier"
-PREPROCESS = "preprocess"
-SCHEDULER = "scheduler"
-LABELS_FILE = "labels.txt"
+from tcsched.names import (
+    DECISION,
+    ENSEMBLE,
+    IMAGE,
+    LABELS_FILE,
+    LOGITS,
+    PIXELS,
+    PREPROCESS,
+    SCHEDULER,
+    VARIANT,
+)
+from tcsched.settings import SchedulerSettings
+
+__all__ = ["ENSEMBLE", "LABELS_FILE", "PREPROCESS", "SCHEDULER", "ServingOptions"]
 
 VariantBackend = Literal["python", "onnxruntime"]
 
 
 @dataclass
 class ServingOptions:
-    """Knobs of the generated configs. Units in the names."""
+    """Knobs of the generated configs. Units in the names. The scheduler's own knobs are one
+    :class:`tcsched.settings.SchedulerSettings` (``scheduler``), written as its config.pbtxt parameters."""
 
     max_batch_size: int = 8
     # 0: no waiting for a fuller batch; under load the dynamic batcher still batches whatever is queued when the
@@ -45,23 +56,7 @@ class ServingOptions:
     variant_backend: VariantBackend = "python"  # "onnxruntime": for the official Triton container
     intra_op_num_threads: int = 2
     preprocess_instances: int = 1
-    default_accuracy_budget_points: float = 1.0
-    default_latency_budget_ms: float | None = None  # None: no latency budget unless the request sets one
-    default_objective: str = ""  # "": max_accuracy with a latency budget, else min_latency
-    drift_margin: float = 0.25  # widening of the calibration ranges for the drift check, x their width
-    latency_headroom: float = 0.7  # a variant fits a budget when predicted <= this x the budget
-    max_utilization: float = 0.8  # above it a variant cannot keep up with the arrival rate
-    arrival_window_ms: float = 500.0  # the arrival rate is the images of the last this many ms
-    bls_timeout_ms: int = 10_000
-    unhealthy_cooldown_s: float = 30.0
-    # custom metrics are summed in the scheduler and pushed this often (each push is IPC to the server)
-    metrics_flush_interval_ms: float = 250.0
-    # models before the scheduler whose time (queue + work, from Triton's metrics) counts against the latency
-    # budget; metrics_url "" = $TCSCHED_METRICS_URL (tcsched serve sets it), else http://127.0.0.1:8002/metrics
-    upstream_models: str = PREPROCESS
-    metrics_url: str = ""
-    upstream_probe_interval_ms: float = 200.0
-    extra_scheduler_parameters: dict[str, str] = field(default_factory=dict)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
 
 
 def _tensor(cls, name: str, dtype: int, dims: list[int], **kw):
@@ -123,8 +118,8 @@ def variant_config(
 
 def preprocess_config(opts: ServingOptions, chw: list[int]) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=PREPROCESS, backend="python", max_batch_size=opts.max_batch_size)
-    cfg.input.append(_tensor(mc.ModelInput, "IMAGE", mc.TYPE_STRING, [1]))
-    cfg.output.append(_tensor(mc.ModelOutput, "INPUT", mc.TYPE_FP32, chw))
+    cfg.input.append(_tensor(mc.ModelInput, IMAGE, mc.TYPE_STRING, [1]))
+    cfg.output.append(_tensor(mc.ModelOutput, PIXELS, mc.TYPE_FP32, chw))
     _dynamic_batching(cfg, opts)
     cfg.instance_group.append(
         mc.ModelInstanceGroup(count=opts.preprocess_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
@@ -134,51 +129,30 @@ def preprocess_config(opts: ServingOptions, chw: list[int]) -> mc.ModelConfig:
 
 def scheduler_config(opts: ServingOptions, chw: list[int], classes: int) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=SCHEDULER, backend="python", max_batch_size=opts.max_batch_size)
-    cfg.input.append(_tensor(mc.ModelInput, "INPUT", mc.TYPE_FP32, chw))
-    cfg.output.append(_tensor(mc.ModelOutput, "LOGITS", mc.TYPE_FP32, [classes]))
-    cfg.output.append(_tensor(mc.ModelOutput, "VARIANT", mc.TYPE_STRING, [1]))
-    cfg.output.append(_tensor(mc.ModelOutput, "DECISION", mc.TYPE_STRING, [1]))
+    cfg.input.append(_tensor(mc.ModelInput, PIXELS, mc.TYPE_FP32, chw))
+    cfg.output.append(_tensor(mc.ModelOutput, LOGITS, mc.TYPE_FP32, [classes]))
+    cfg.output.append(_tensor(mc.ModelOutput, VARIANT, mc.TYPE_STRING, [1]))
+    cfg.output.append(_tensor(mc.ModelOutput, DECISION, mc.TYPE_STRING, [1]))
     _dynamic_batching(cfg, opts)
     cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
-    _set_params(
-        cfg,
-        {
-            "manifest_file": "../manifest.json",
-            "default_accuracy_budget": opts.default_accuracy_budget_points,
-            "default_latency_budget_ms": ""
-            if opts.default_latency_budget_ms is None
-            else opts.default_latency_budget_ms,
-            "default_objective": opts.default_objective,
-            "drift_margin": opts.drift_margin,
-            "latency_headroom": opts.latency_headroom,
-            "max_utilization": opts.max_utilization,
-            "arrival_window_ms": opts.arrival_window_ms,
-            "bls_timeout_ms": opts.bls_timeout_ms,
-            "unhealthy_cooldown_s": opts.unhealthy_cooldown_s,
-            "metrics_flush_interval_ms": opts.metrics_flush_interval_ms,
-            "upstream_models": opts.upstream_models,
-            "metrics_url": opts.metrics_url,
-            "upstream_probe_interval_ms": opts.upstream_probe_interval_ms,
-            **opts.extra_scheduler_parameters,
-        },
-    )
+    _set_params(cfg, opts.scheduler.to_parameters())
     return cfg
 
 
 def ensemble_config(opts: ServingOptions, classes: int) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=opts.max_batch_size)
-    cfg.input.append(_tensor(mc.ModelInput, "IMAGE", mc.TYPE_STRING, [1]))
-    cfg.output.append(_tensor(mc.ModelOutput, "LOGITS", mc.TYPE_FP32, [classes], label_filename=LABELS_FILE))
-    cfg.output.append(_tensor(mc.ModelOutput, "VARIANT", mc.TYPE_STRING, [1]))
-    cfg.output.append(_tensor(mc.ModelOutput, "DECISION", mc.TYPE_STRING, [1]))
+    cfg.input.append(_tensor(mc.ModelInput, IMAGE, mc.TYPE_STRING, [1]))
+    cfg.output.append(_tensor(mc.ModelOutput, LOGITS, mc.TYPE_FP32, [classes], label_filename=LABELS_FILE))
+    cfg.output.append(_tensor(mc.ModelOutput, VARIANT, mc.TYPE_STRING, [1]))
+    cfg.output.append(_tensor(mc.ModelOutput, DECISION, mc.TYPE_STRING, [1]))
     pre = cfg.ensemble_scheduling.step.add(model_name=PREPROCESS, model_version=-1)
-    pre.input_map["IMAGE"] = "IMAGE"
-    pre.output_map["INPUT"] = "preprocessed"
+    pre.input_map[IMAGE] = IMAGE
+    pre.output_map[PIXELS] = "preprocessed"
     sch = cfg.ensemble_scheduling.step.add(model_name=SCHEDULER, model_version=-1)
-    sch.input_map["INPUT"] = "preprocessed"
-    sch.output_map["LOGITS"] = "LOGITS"
-    sch.output_map["VARIANT"] = "VARIANT"
-    sch.output_map["DECISION"] = "DECISION"
+    sch.input_map[PIXELS] = "preprocessed"
+    sch.output_map[LOGITS] = LOGITS
+    sch.output_map[VARIANT] = VARIANT
+    sch.output_map[DECISION] = DECISION
     return cfg
 
 
@@ -194,14 +168,14 @@ def pipeline_config(
     """The ensemble ``IMAGE`` (encoded bytes) -> ``preprocess`` -> ``variant`` -> ``LOGITS``: the classifier
     ensemble without the scheduler, pinned to one variant (same inputs and preprocessing as ``classifier``)."""
     cfg = mc.ModelConfig(name=pipeline_name(variant), platform="ensemble", max_batch_size=opts.max_batch_size)
-    cfg.input.append(_tensor(mc.ModelInput, "IMAGE", mc.TYPE_STRING, [1]))
-    cfg.output.append(_tensor(mc.ModelOutput, "LOGITS", mc.TYPE_FP32, [classes]))
+    cfg.input.append(_tensor(mc.ModelInput, IMAGE, mc.TYPE_STRING, [1]))
+    cfg.output.append(_tensor(mc.ModelOutput, LOGITS, mc.TYPE_FP32, [classes]))
     pre = cfg.ensemble_scheduling.step.add(model_name=PREPROCESS, model_version=-1)
-    pre.input_map["IMAGE"] = "IMAGE"
-    pre.output_map["INPUT"] = "preprocessed"
+    pre.input_map[IMAGE] = IMAGE
+    pre.output_map[PIXELS] = "preprocessed"
     var = cfg.ensemble_scheduling.step.add(model_name=variant, model_version=-1)
     var.input_map[input_name] = "preprocessed"
-    var.output_map[output_name] = "LOGITS"
+    var.output_map[output_name] = LOGITS
     return cfg
 
 

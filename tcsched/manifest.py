@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: cascades, accuracy intervals, Pareto-front flags
 MANIFEST_FILENAME = "manifest.json"
 
 Precision = Literal["fp32", "fp16", "int8", "int8_mixed", "sparse24"]
@@ -54,6 +54,12 @@ class AccuracyReport(_Model):
     top1_drop_points: float = Field(
         description="fp32 top-1 minus this top-1, percentage points, on the same images; where the images had "
         "no labels, the disagreement with fp32 (100 * (1 - agreement)), a conservative stand-in"
+    )
+    top1_ci95: tuple[float, float] | None = Field(
+        default=None, description="Wilson 95% interval of top1 over n_images (tcsched.metrics.wilson_interval)"
+    )
+    agreement_ci95: tuple[float, float] | None = Field(
+        default=None, description="Wilson 95% interval of agreement_with_fp32 over n_images"
     )
 
 
@@ -124,6 +130,13 @@ class VariantEntry(_Model):
     serve_on_cpu_for_speed: bool = Field(
         default=True, description="False where the runtime only emulates this precision (fp16 on CPU)"
     )
+    on_pareto_front: bool = Field(
+        default=True,
+        description="False when another variant is faster at every measured batch size and this one is not "
+        "significantly more accurate (paired 95% interval of the agreement difference): the scheduler then "
+        "never chooses it (a client may still force it)",
+    )
+    not_served_reason: str | None = Field(default=None, description="why the scheduler does not choose it")
 
     @field_validator("file")
     @classmethod
@@ -131,6 +144,56 @@ class VariantEntry(_Model):
         if Path(v).is_absolute() or ".." in Path(v).parts:
             raise ValueError(f"variant file must be relative to the repository root, got {v!r}")
         return v
+
+
+class CascadeCheck(_Model):
+    """One operating point re-measured on another split (the build's evaluation split)."""
+
+    dataset: str
+    n_images: int = Field(ge=0)
+    agreement: float = Field(ge=0, le=1)
+    agreement_ci95: tuple[float, float]
+    escalation_rate: float = Field(ge=0, le=1, description="fraction of rows that left the first stage")
+
+
+class OperatingPoint(_Model):
+    """A cascade's thresholds for one target agreement with the fp32 reference.
+
+    Row ``i`` is answered by the first stage ``j`` whose confidence margin (softmax top-1 minus top-2 of that
+    stage's logits) is ``>= thresholds[j]``; the last stage answers every row that reaches it.
+    """
+
+    target_agreement: float = Field(gt=0, le=1)
+    thresholds: list[float] = Field(description="one per stage but the last, in [0, 1]")
+    agreement: float = Field(ge=0, le=1, description="measured top-1 agreement with fp32 on the calibration set")
+    agreement_ci95: tuple[float, float] = Field(
+        description="95% interval of agreement: bootstrap over images (the views of an image move together)"
+    )
+    n_images: int = Field(ge=0)
+    n_views: int = Field(ge=0, description="rows measured: n_images x label-preserving views")
+    reach_rates: list[float] = Field(description="fraction of rows that reach each stage (the first: 1.0)")
+    expected_latency_ms_by_batch: dict[int, float] = Field(
+        description="expected ms of one batch through the cascade: first stage + each later stage at the "
+        "binomial number of rows reaching it, from the variants' bare-runtime p50"
+    )
+    top1_drop_points: float | None = Field(default=None, description="fp32 top-1 minus the cascade's, if labeled")
+    met: bool = Field(description="agreement >= target_agreement on the calibration set")
+    evaluation: CascadeCheck | None = None
+
+    @property
+    def escalation_rate(self) -> float:
+        """Fraction of rows that leave the first stage."""
+        return self.reach_rates[1] if len(self.reach_rates) > 1 else 0.0
+
+
+class CascadeProfile(_Model):
+    """An ordered chain of variants, fastest first, calibrated offline (``tcsched.build_tools.cascade``)."""
+
+    stages: list[str] = Field(min_length=2, description="Triton model names, first stage first")
+    label: str = Field(description="short name, e.g. 'int8>fp32' (the DECISION's and the metric's label)")
+    margin: Literal["softmax_top1_minus_top2"] = "softmax_top1_minus_top2"
+    calibration: str = Field(description="the images the thresholds were chosen on")
+    operating_points: list[OperatingPoint]
 
 
 class Manifest(_Model):
@@ -147,6 +210,7 @@ class Manifest(_Model):
     variants: list[VariantEntry]
     input_statistics: InputStatistics | None = None
     target: Literal["cpu", "gpu"] = "cpu"
+    cascades: list[CascadeProfile] = Field(default_factory=list)
 
     @field_validator("variants")
     @classmethod

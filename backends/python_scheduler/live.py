@@ -23,6 +23,7 @@ import numpy as np
 
 from tcsched.imaging import IMAGENET_MEAN, IMAGENET_STD
 from tcsched.manifest import InputStatistics
+from tcsched.settings import DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,9 @@ def saturated_fraction(x: np.ndarray) -> float:
     return float(np.mean((np.abs(x - lo) < tol) | (np.abs(x - hi) < tol)))
 
 
-def drift_check(x: np.ndarray, stats: InputStatistics | None, margin: float = 0.25) -> DriftResult:
+def drift_check(
+    x: np.ndarray, stats: InputStatistics | None, margin: float = DEFAULTS.drift_margin
+) -> DriftResult:
     """Is one preprocessed image (float32 [3, H, W], ImageNet-normalised) outside the calibration distribution?
 
     Three cheap statistics (~0.3 ms), each against the calibration images' 1st-99th percentile range widened by
@@ -92,8 +95,8 @@ class LoadTracker:
     come from the drift check, one out-of-distribution image of the 32, not from this estimate.)
     """
 
-    alpha: float = 0.3
-    offset_ttl_s: float = 2.0
+    alpha: float = DEFAULTS.latency_ewma_alpha
+    offset_ttl_s: float = DEFAULTS.offset_ttl_s
     offset_ms: dict[str, float] = field(default_factory=dict)
     # variant -> time.monotonic() of its last observation (when its own offset expires)
     seen_at: dict[str, float] = field(default_factory=dict)
@@ -101,7 +104,7 @@ class LoadTracker:
     observed_ms: dict[str, float] = field(default_factory=dict)
     execute_ms: float = 0.0
     arrival_per_ms: float = 0.0  # images per ms reaching the scheduler, over the last arrival_window_ms
-    arrival_window_ms: float = 500.0
+    arrival_window_ms: float = DEFAULTS.arrival_window_ms
     in_flight: int = 0
     _arrivals: deque = field(default_factory=deque, repr=False)  # (start s, images), oldest first
     _arrived: int = 0  # images in _arrivals

@@ -11,11 +11,11 @@ import pytest
 import tritonclient.http as httpclient
 from PIL import Image
 
-from tcsched.build_tools.repository import ServingOptions
 from tcsched.client.classify import ClassifierClient
 from tcsched.data import default_photo
 from tcsched.manifest import Manifest
 from tcsched.server import TritonServer
+from tcsched.settings import DEFAULTS
 
 pytestmark = pytest.mark.integration
 INT8 = ("int8", "int8_mixed")
@@ -46,7 +46,7 @@ def explicit_server(sched_repo):
 def metric(server, name: str, **labels) -> float:
     """A metric's value once what came before is flushed: the scheduler sums its metrics and pushes them every
     ``metrics_flush_interval_ms`` (250 ms by default), so this waits three intervals before reading."""
-    time.sleep(3 * ServingOptions().metrics_flush_interval_ms / 1e3)
+    time.sleep(3 * DEFAULTS.metrics_flush_interval_ms / 1e3)
     text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
     total = 0.0
     for line in text.splitlines():

@@ -2,9 +2,11 @@
 
 Thin wrapper around ``tcsched.scheduler.service`` (grouping, drift check, fallback, load tracking) and
 ``tcsched.scheduler.policy`` (the decision rules); both are plain Python, unit-tested without Triton.
-Outputs ``LOGITS``, ``VARIANT`` (the served variant's name) and ``DECISION`` (JSON: variant, reason, code,
-predicted latency, observed BLS time, fallback, drift), one per batch row. Defaults come from this model's
-config.pbtxt parameters. Custom metrics appear on Triton's metrics port with the ``tcsched_`` prefix.
+Outputs ``LOGITS``, ``VARIANT`` (the name of the variant that answered the row) and ``DECISION`` (JSON: variant,
+reason, code, cascade, escalated, confidence margin, threshold, predicted latency, observed BLS time, fallback,
+drift), one per batch row. Settings come from this model's config.pbtxt parameters
+(``tcsched.settings.SchedulerSettings``, read in one call). Bad request parameters are answered with
+INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT). Custom metrics appear on Triton's metrics port with the ``tcsched_`` prefix.
 """
 
 import json
@@ -14,17 +16,19 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tcsched import names
 from tcsched.manifest import Manifest
-from tcsched.scheduler.live import LoadTracker, UpstreamProbe, gpu_state
-from tcsched.scheduler.policy import LiveState, Policy, RequestOptions, parse_parameters
+from tcsched.scheduler.live import UpstreamProbe, gpu_state
+from tcsched.scheduler.policy import RequestError
 from tcsched.scheduler.service import BatchedEvents, MetricsSnapshot, SchedulerService
+from tcsched.settings import SchedulerSettings
 
 
 class _Metrics:
     """Prometheus metrics through ``pb_utils.MetricFamily`` (one Metric per label set, created on first use),
     fed with summed :class:`MetricsSnapshot` s a few times a second by :class:`BatchedEvents`."""
 
-    def __init__(self):
+    def __init__(self, manifest: Manifest):
         C, G = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         self.f_decisions = pb_utils.MetricFamily(
             "tcsched_decisions_total", "requests routed, by variant and reason", C
@@ -44,7 +48,14 @@ class _Metrics:
         self.f_obs_sum = pb_utils.MetricFamily("tcsched_bls_latency_ms_total", "sum of BLS times, ms", C)
         self.f_bls = pb_utils.MetricFamily("tcsched_bls_calls_total", "BLS calls, by variant", C)
         self.f_gpu = pb_utils.MetricFamily("tcsched_gpu_utilization_percent", "NVML GPU utilisation", G)
+        self.f_escalations = pb_utils.MetricFamily(
+            "tcsched_escalations_total", "rows re-run on a cascade's next stage, by cascade", C
+        )
         self._m = {}
+        for (
+            c
+        ) in manifest.cascades:  # at zero from the start, so that rate() works before the first escalation
+            self._get(self.f_escalations, cascade=c.label)
 
     def _get(self, family, **labels):
         key = (id(family), tuple(sorted(labels.items())))
@@ -59,6 +70,8 @@ class _Metrics:
             self._get(self.f_fallbacks, from_variant=src, to_variant=dst).increment(n)
         if s.drift:
             self._get(self.f_drift).increment(s.drift)
+        for cascade, n in s.escalations.items():
+            self._get(self.f_escalations, cascade=cascade).increment(n)
         for variant, n in s.bls_calls.items():
             self._get(self.f_observed, variant=variant).set(s.bls_last_ms[variant])
             self._get(self.f_obs_sum, variant=variant).increment(s.bls_sum_ms[variant])
@@ -73,57 +86,34 @@ class _Metrics:
 class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        settings = SchedulerSettings.from_model_config(
+            cfg
+        )  # ValueError (names the knob) fails the model load
         here = Path(args["model_repository"])
-        manifest = Manifest.read((here / params.get("manifest_file", "../manifest.json")).resolve())
-        self.timeout_us = int(float(params.get("bls_timeout_ms", "10000")) * 1000)
-        state = LiveState(cooldown_s=float(params.get("unhealthy_cooldown_s", "30")))
-        # defaults: the config's parameters, validated like a request's (a bad config fails the model load)
-        defaults = parse_parameters(
-            {
-                k: params[p]
-                for k, p in (
-                    ("accuracy_budget", "default_accuracy_budget"),
-                    ("latency_budget_ms", "default_latency_budget_ms"),
-                    ("objective", "default_objective"),
-                )
-                if params.get(p)
-            },
-            RequestOptions(),
-        )
+        manifest = Manifest.read((here / settings.manifest_file).resolve())
+        self.timeout_us = int(settings.bls_timeout_ms * 1000)
         # metric updates are IPC calls to the server: summed, and flushed from a thread off the request path
         self.events = BatchedEvents(
-            _Metrics(), flush_interval_s=float(params.get("metrics_flush_interval_ms", "250")) / 1e3
+            _Metrics(manifest), flush_interval_s=settings.metrics_flush_interval_ms / 1e3
         )
         # time already spent in preprocess (its queue + work), read from Triton's own metrics endpoint; the URL:
         # the config's metrics_url, else $TCSCHED_METRICS_URL (set by tcsched serve), else Triton's default port
-        upstream = [m for m in params.get("upstream_models", "").split(",") if m.strip()]
+        upstream = [m.strip() for m in settings.upstream_models.split(",") if m.strip()]
         self.upstream = (
             UpstreamProbe(
-                params.get("metrics_url")
+                settings.metrics_url
                 or os.environ.get("TCSCHED_METRICS_URL")
                 or "http://127.0.0.1:8002/metrics",
-                [m.strip() for m in upstream],
-                interval_s=float(params.get("upstream_probe_interval_ms", "200")) / 1e3,
+                upstream,
+                interval_s=settings.upstream_probe_interval_ms / 1e3,
             )
             if upstream
             else None
         )
-        self.service = SchedulerService(
-            Policy(
-                manifest,
-                state,
-                latency_headroom=float(params.get("latency_headroom", "0.7")),
-                max_utilization=float(params.get("max_utilization", "0.8")),
-            ),
-            defaults,
+        self.service = SchedulerService.from_settings(
+            manifest,
+            settings,
             self._infer,
-            load=LoadTracker(
-                alpha=float(params.get("latency_ewma_alpha", "0.3")),
-                arrival_window_ms=float(params.get("arrival_window_ms", "500")),
-            ),
-            input_statistics=manifest.input_statistics,
-            drift_margin=float(params.get("drift_margin", "0.25")),
             events=self.events,
             upstream_ms=self.upstream.wait_ms if self.upstream is not None else None,
         )
@@ -147,22 +137,31 @@ class TritonPythonModel:
     def execute(self, requests):
         work = []
         for r in requests:
-            params = json.loads(r.parameters() or "{}")
-            work.append((params, pb_utils.get_input_tensor_by_name(r, "INPUT").as_numpy()))
+            try:
+                params = json.loads(r.parameters() or "{}")
+            except ValueError:
+                params = {}
+            work.append((params, pb_utils.get_input_tensor_by_name(r, names.PIXELS).as_numpy()))
         responses = []
         for result in self.service.handle(work):
             if isinstance(result, Exception):
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result))))
+                # bad parameters are the client's mistake (HTTP 400 / gRPC INVALID_ARGUMENT)
+                code = (
+                    pb_utils.TritonError.INVALID_ARG
+                    if isinstance(result, RequestError)
+                    else pb_utils.TritonError.INTERNAL
+                )
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result), code)))
                 continue
             n = len(result.logits)
-            variant = np.array([[result.decision.variant.encode()]] * n, dtype=np.object_)
-            decision = np.array([[result.decision_json().encode()]] * n, dtype=np.object_)
+            variant = np.array([[result.row_variant(i).encode()] for i in range(n)], dtype=np.object_)
+            decision = np.array([[d.encode()] for d in result.decision_jsons()], dtype=np.object_)
             responses.append(
                 pb_utils.InferenceResponse(
                     [
-                        pb_utils.Tensor("LOGITS", result.logits),
-                        pb_utils.Tensor("VARIANT", variant),
-                        pb_utils.Tensor("DECISION", decision),
+                        pb_utils.Tensor(names.LOGITS, result.logits),
+                        pb_utils.Tensor(names.VARIANT, variant),
+                        pb_utils.Tensor(names.DECISION, decision),
                     ]
                 )
             )

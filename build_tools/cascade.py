@@ -1,0 +1,309 @@
+"""Strategy decision: calibrate confidence cascades, and keep only the variants on the accuracy-latency front.
+
+A cascade is an ordered chain of variants, fastest first (e.g. int8 > fp32). Every row runs on the first stage;
+the rows whose confidence margin (``tcsched.confidence.confidence_margin``) is below that stage's threshold run
+again on the next stage, and so on. :func:`calibrate_cascade` chooses, for each target agreement with the fp32
+reference, the thresholds with the lowest expected cost that reach the target on the calibration rows (the build's
+selection split, label-preserving views), and re-measures them on the evaluation split.
+
+Rule for the thresholds: the calibration rows must reach ``1 - (1 - target) * safety`` (``safety`` = 0.5 by default:
+half of the allowed disagreement is held back for new data, so that the agreement on unseen images stays at or
+above the target; the evaluation-split check in the manifest shows whether it did).
+
+:func:`pareto_front` marks the variants the scheduler should never choose: another variant is faster at every
+measured batch size and this one is not significantly more accurate (paired bootstrap over images, 95%).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tcsched.confidence import confidence_margin, served_stage
+from tcsched.manifest import CascadeCheck, CascadeProfile, OperatingPoint
+from tcsched.metrics import wilson_interval
+
+TARGETS = (0.97, 0.98, 0.99, 0.995, 0.999)
+SAFETY = 0.5
+GRID_STEPS = 100  # per non-final stage of a chain of 3 or more: escalation fractions 0, 1/100, ..., 1
+BOOTSTRAP = 1000
+_Z95 = 1.96
+
+
+@dataclass(frozen=True)
+class StageData:
+    """One stage's outputs on the calibration rows: logits float32 [N, classes]."""
+
+    name: str
+    logits: np.ndarray
+
+
+def _label(stages: Sequence[str]) -> str:
+    """'mobilenet_v2_int8', 'mobilenet_v2_fp32' -> 'int8>fp32' (the common '_'-ended prefix removed)."""
+    prefix = ""
+    common = min(stages, key=len)
+    for i in range(len(common)):
+        if all(s[: i + 1] == common[: i + 1] for s in stages) and common[i] == "_":
+            prefix = common[: i + 1]
+    return ">".join(s[len(prefix) :] or s for s in stages)
+
+
+def expected_batch_ms(
+    reach: Sequence[float], p50_ms_by_batch: Sequence[Mapping[int, float]], batch_sizes: Sequence[int]
+) -> dict[int, float]:
+    """Expected ms of one batch of B rows through a cascade, for each B in ``batch_sizes``.
+
+    Stage j is called with K ~ Binomial(B, reach[j]) rows (no call when K = 0) and costs its p50 at K rows,
+    linearly interpolated between measured batch sizes (proportional beyond them). The rows of a batch are taken
+    as independent, which they are not quite (a dark batch escalates together): the mean is right, the spread is
+    wider than binomial.
+    """
+    out: dict[int, float] = {}
+    for b in batch_sizes:
+        total = 0.0
+        for r, prof in zip(reach, p50_ms_by_batch, strict=True):
+            k = np.arange(b + 1)
+            pmf = np.array([math.comb(b, int(i)) for i in k]) * r**k * (1 - r) ** (b - k)
+            total += float(sum(p * _interp(prof, int(i)) for p, i in zip(pmf[1:], k[1:], strict=True)))
+        out[b] = total
+    return out
+
+
+def _interp(prof: Mapping[int, float], b: int) -> float:
+    pts = sorted(prof.items())
+    if b <= pts[0][0]:
+        return pts[0][1]
+    for (b0, t0), (b1, t1) in itertools.pairwise(pts):
+        if b0 <= b <= b1:
+            return t0 + (t1 - t0) * (b - b0) / (b1 - b0)
+    bl, tl = pts[-1]
+    return tl * b / bl
+
+
+def _per_image_cost(prof: Mapping[int, float]) -> float:
+    """Mean over measured batch sizes of p50 / batch: the cost of one row on a stage (ms)."""
+    return float(np.mean([t / b for b, t in prof.items()]))
+
+
+def _grouped_bootstrap_ci(
+    ok: np.ndarray, groups: np.ndarray, rng: np.random.Generator
+) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of mean(ok), resampling whole groups (images) with replacement."""
+    uniq, inv = np.unique(groups, return_inverse=True)
+    sums = np.bincount(inv, weights=ok.astype(np.float64), minlength=len(uniq))
+    counts = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
+    idx = rng.integers(0, len(uniq), size=(BOOTSTRAP, len(uniq)))
+    est = sums[idx].sum(1) / counts[idx].sum(1)
+    return float(np.quantile(est, 0.025)), float(np.quantile(est, 0.975))
+
+
+def _thresholds_for(
+    margins: Sequence[np.ndarray], agree: Sequence[np.ndarray], costs: Sequence[float], goal: float
+) -> tuple[list[float], bool]:
+    """The cheapest thresholds whose agreement on these rows reaches ``goal``; (thresholds, met).
+
+    Two stages: exact scan over the sorted margins (escalating the e least confident rows, e = 0..N). More
+    stages: a grid over each stage's margin quantiles. When nothing reaches ``goal``, the thresholds with the
+    highest agreement (every row to the last stage when it is the reference).
+    """
+    n = len(agree[0])
+    if len(margins) == 1:
+        order = np.argsort(margins[0], kind="stable")
+        m_sorted = margins[0][order]
+        a0, a1 = agree[0][order].astype(np.int64), agree[1][order].astype(np.int64)
+        # agreement when the first e rows (least confident) escalate
+        score = (np.concatenate([[0], np.cumsum(a1)]) + np.concatenate([np.cumsum(a0[::-1])[::-1], [0]])) / n
+        ok = np.nonzero(score >= goal - 1e-12)[0]
+        e = int(ok[0]) if len(ok) else int(np.argmax(score))
+        if e == 0:
+            t = 0.0
+        elif e == n:
+            t = math.nextafter(float(m_sorted[-1]), math.inf)
+        else:
+            t = (
+                float((m_sorted[e - 1] + m_sorted[e]) / 2)
+                if m_sorted[e] > m_sorted[e - 1]
+                else float(m_sorted[e])
+            )
+        return [t], bool(len(ok))
+    qs = np.linspace(0, 1, GRID_STEPS + 1)
+    cands = [
+        np.unique(
+            np.concatenate([[0.0], np.quantile(m, qs[1:-1]), [math.nextafter(float(m.max()), math.inf)]])
+        )
+        for m in margins
+    ]
+    best: tuple[float, float, list[float]] | None = None  # (cost, -agreement, thresholds)
+    fallback: tuple[float, float, list[float]] | None = None
+    for ts in itertools.product(*cands):
+        stage = served_stage(margins, ts)
+        a = float(np.mean(np.choose(stage, agree)))
+        reach = [float(np.mean(stage >= j)) for j in range(len(agree))]
+        cost = float(np.dot(reach, costs))
+        if a >= goal - 1e-12 and (best is None or (cost, -a) < best[:2]):
+            best = (cost, -a, list(map(float, ts)))
+        if fallback is None or (-a, cost) < (fallback[1], fallback[0]):
+            fallback = (cost, -a, list(map(float, ts)))
+    assert fallback is not None
+    return (best[2], True) if best is not None else (fallback[2], False)
+
+
+def calibrate_cascade(
+    stages: Sequence[StageData],
+    reference: np.ndarray,
+    groups: np.ndarray,
+    p50_ms_by_batch: Mapping[str, Mapping[int, float]],
+    calibration: str,
+    *,
+    labels: np.ndarray | None = None,
+    evaluation: tuple[Sequence[np.ndarray], np.ndarray, str] | None = None,
+    targets: Sequence[float] = TARGETS,
+    safety: float = SAFETY,
+    seed: int = 0,
+) -> CascadeProfile:
+    """Thresholds of one cascade for each target agreement.
+
+    Args:
+        stages: the chain, first stage first, each with its logits on the N calibration rows.
+        reference: fp32 logits on the same rows, float [N, classes].
+        groups: int [N], the source image of each row (rows that are views of one image share it); the 95%
+            intervals resample images.
+        p50_ms_by_batch: per stage name, its bare-runtime p50 (ms) by batch size.
+        calibration: description of the rows, for the manifest.
+        labels: int [N] ground truth, for the top-1 drop (optional).
+        evaluation: (per-stage logits on the evaluation rows, fp32 logits there, description): every operating
+            point is re-measured there (one row per image; Wilson intervals).
+        targets: target agreements; safety: see the module docstring.
+
+    Returns:
+        the profile with one :class:`OperatingPoint` per target (``met`` says whether the calibration rows
+        reached it).
+    """
+    if len(stages) < 2:
+        raise ValueError("a cascade needs at least 2 stages")
+    if not 0 < safety <= 1:
+        raise ValueError(f"safety must be in (0, 1], got {safety}")
+    rng = np.random.default_rng(seed)
+    ref_top1 = reference.argmax(1)
+    agree = [s.logits.argmax(1) == ref_top1 for s in stages]
+    margins = [confidence_margin(s.logits) for s in stages[:-1]]
+    costs = [_per_image_cost(p50_ms_by_batch[s.name]) for s in stages]
+    batch_sizes = sorted(set().union(*(p50_ms_by_batch[s.name].keys() for s in stages)))
+    n_images = len(np.unique(groups))
+    points = []
+    for target in targets:
+        goal = 1 - (1 - target) * safety
+        ts, _ = _thresholds_for(margins, agree, costs, goal)
+        stage = served_stage(margins, ts)
+        ok = np.choose(stage, agree)
+        reach = [float(np.mean(stage >= j)) for j in range(len(stages))]
+        drop = None
+        if labels is not None:
+            served_top1 = np.choose(stage, [s.logits.argmax(1) for s in stages])
+            drop = 100.0 * (float(np.mean(ref_top1 == labels)) - float(np.mean(served_top1 == labels)))
+        check = None
+        if evaluation is not None:
+            ev_logits, ev_ref, ev_name = evaluation
+            ev_stage = served_stage([confidence_margin(x) for x in ev_logits[:-1]], ts)
+            ev_ok = np.choose(ev_stage, [x.argmax(1) == ev_ref.argmax(1) for x in ev_logits])
+            check = CascadeCheck(
+                dataset=ev_name,
+                n_images=len(ev_ok),
+                agreement=float(ev_ok.mean()),
+                agreement_ci95=wilson_interval(int(ev_ok.sum()), len(ev_ok), _Z95),
+                escalation_rate=float(np.mean(ev_stage >= 1)),
+            )
+        points.append(
+            OperatingPoint(
+                target_agreement=target,
+                thresholds=ts,
+                agreement=float(ok.mean()),
+                agreement_ci95=_grouped_bootstrap_ci(ok, groups, rng),
+                n_images=n_images,
+                n_views=len(ok),
+                reach_rates=reach,
+                expected_latency_ms_by_batch=expected_batch_ms(
+                    reach, [p50_ms_by_batch[s.name] for s in stages], batch_sizes
+                ),
+                top1_drop_points=drop,
+                met=bool(ok.mean() >= target - 1e-12),
+                evaluation=check,
+            )
+        )
+    names = [s.name for s in stages]
+    return CascadeProfile(stages=names, label=_label(names), calibration=calibration, operating_points=points)
+
+
+def candidate_chains(
+    served: Sequence[str],
+    reference: str,
+    p50_ms_by_batch: Mapping[str, Mapping[int, float]],
+    max_stages: int = 3,
+) -> list[list[str]]:
+    """Every chain of ``served`` variants ending in ``reference`` whose stages get slower along the chain
+    (per-image p50, :func:`_per_image_cost`), up to ``max_stages`` long. The reference alone is not a chain."""
+    cost = {n: _per_image_cost(p50_ms_by_batch[n]) for n in served}
+    fast = sorted((n for n in served if n != reference and cost[n] < cost[reference]), key=cost.get)
+    chains = []
+    for k in range(1, max_stages):
+        for combo in itertools.combinations(fast, k):
+            chains.append([*combo, reference])
+    return chains
+
+
+@dataclass(frozen=True)
+class FrontVerdict:
+    on_front: bool
+    reason: str | None = None
+
+
+def pareto_front(
+    agree: Mapping[str, np.ndarray],
+    p50_ms_by_batch: Mapping[str, Mapping[int, float]],
+    reference: str,
+    seed: int = 0,
+) -> dict[str, FrontVerdict]:
+    """Which variants are on the accuracy-latency front.
+
+    Variant v is off the front when some w is faster at every batch size measured for both (p50) and v's
+    agreement with fp32 is not significantly higher than w's: the lower end of the paired bootstrap 95% interval
+    of (agreement_v - agreement_w) over the images is <= 0. The reference is always on the front (every
+    agreement is measured against it).
+
+    Args:
+        agree: per variant, bool [N]: its top-1 equals fp32's on each evaluation image (same images for all).
+        p50_ms_by_batch: per variant, p50 ms by batch size.
+    """
+    rng = np.random.default_rng(seed)
+    names = list(agree)
+    n = len(next(iter(agree.values())))
+    idx = rng.integers(0, n, size=(BOOTSTRAP, n))
+    out: dict[str, FrontVerdict] = {}
+    for v in names:
+        if v == reference:
+            out[v] = FrontVerdict(True)
+            continue
+        for w in names:
+            if w == v:
+                continue
+            common = set(p50_ms_by_batch[v]) & set(p50_ms_by_batch[w])
+            if not common or not all(p50_ms_by_batch[w][b] < p50_ms_by_batch[v][b] for b in common):
+                continue
+            diff = agree[v].astype(np.float64) - agree[w].astype(np.float64)
+            lo = float(np.quantile(diff[idx].mean(1), 0.025))
+            if lo <= 0:
+                gain = 100 * float(diff.mean())
+                out[v] = FrontVerdict(
+                    False,
+                    f"off the accuracy-latency front: {w} is faster at batch {', '.join(map(str, sorted(common)))} "
+                    f"and this variant is not significantly more accurate (agreement with fp32 {gain:+.1f} points "
+                    f"vs {w}, paired 95% interval lower end {100 * lo:+.1f}, {n} images)",
+                )
+                break
+        else:
+            out[v] = FrontVerdict(True)
+    return out
