@@ -31,7 +31,7 @@ from tcsched.build_tools import repository as repo_mod
 from tcsched.build_tools import variants as var
 from tcsched.build_tools.quantize import CalibMethod, quantize_int8
 from tcsched.data import ImageItem, default_photos, list_images, split
-from tcsched.fsutil import atomic_directory, clean_stale_temporaries
+from tcsched.fsutil import atomic_directory, check_replaceable_output, clean_stale_temporaries
 from tcsched.imaging import preprocess_bytes
 from tcsched.manifest import (
     MANIFEST_FILENAME,
@@ -331,6 +331,7 @@ def build(cfg: BuildConfig, console: Console | None = None) -> Manifest:
     from tcsched.build_tools import analysis as an
 
     cfg.validate()
+    check_replaceable_output(cfg.output)  # before any work: a build replaces the whole folder
     console = console or Console()
     t_start = time.perf_counter()
     work = Path(cfg.work_dir)
