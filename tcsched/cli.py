@@ -92,6 +92,7 @@ def build(
     from tcsched.build_tools.build import BuildConfig
     from tcsched.build_tools.build import build as run_build
     from tcsched.build_tools.repository import ServingOptions
+    from tcsched.fsutil import check_replaceable_output
 
     if variant_backend not in ("python", "onnxruntime"):
         raise typer.BadParameter(
@@ -128,6 +129,7 @@ def build(
     )
     try:
         cfg.validate()
+        check_replaceable_output(cfg.output)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if target not in ("cpu", "gpu"):
