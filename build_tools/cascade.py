@@ -6,9 +6,11 @@ again on the next stage, and so on. :func:`calibrate_cascade` chooses, for each 
 reference, the thresholds with the lowest expected cost that reach the target on the calibration rows (the build's
 selection split, label-preserving views), and re-measures them on the evaluation split.
 
-Rule for the thresholds: the calibration rows must reach ``1 - (1 - target) * safety`` (``safety`` = 0.5 by default:
-half of the allowed disagreement is held back for new data, so that the agreement on unseen images stays at or
-above the target; the evaluation-split check in the manifest shows whether it did).
+Rule for the thresholds: the calibration rows must reach ``1 - (1 - target) * safety`` (``safety`` = 1 by default:
+the target itself). The calibration rows are 4 label-preserving views of each selection image (flip, centre zoom),
+which the fast stage finds harder than plain images, so thresholds chosen on them escalate more rows than plain
+new images need; the evaluation-split check stored beside every operating point shows whether the target held on
+images the build never chose anything on. ``safety`` < 1 holds part of the allowed disagreement back.
 
 :func:`pareto_front` marks the variants the scheduler should never choose: another variant is faster at every
 measured batch size and this one is not significantly more accurate (paired bootstrap over images, 95%).
@@ -28,7 +30,7 @@ from tcsched.manifest import CascadeCheck, CascadeProfile, OperatingPoint
 from tcsched.metrics import wilson_interval
 
 TARGETS = (0.97, 0.98, 0.99, 0.995, 0.999)
-SAFETY = 0.5
+SAFETY = 1.0
 GRID_STEPS = 100  # per non-final stage of a chain of 3 or more: escalation fractions 0, 1/100, ..., 1
 BOOTSTRAP = 1000
 _Z95 = 1.96
@@ -307,3 +309,138 @@ def pareto_front(
         else:
             out[v] = FrontVerdict(True)
     return out
+
+
+@dataclass
+class ServingPlan:
+    """What the build decided to serve: a front verdict per variant, and the calibrated cascades."""
+
+    verdicts: dict[str, FrontVerdict]
+    cascades: list[CascadeProfile]
+
+
+def plan_serving(
+    servable: Mapping[str, bool],
+    reference: str,
+    select_logits: Mapping[str, np.ndarray],
+    groups: np.ndarray,
+    eval_logits: Mapping[str, np.ndarray],
+    p50_ms_by_batch: Mapping[str, Mapping[int, float]],
+    calibration: str,
+    evaluation: str,
+    *,
+    select_labels: np.ndarray | None = None,
+    targets: Sequence[float] = TARGETS,
+) -> ServingPlan:
+    """Pareto front of the servable variants (on the evaluation split), then every cascade of front variants
+    ending in ``reference`` calibrated on the selection rows and checked on the evaluation split.
+
+    Args:
+        servable: per variant, whether its runtime runs it natively (emulated ones are never on the front).
+        select_logits / eval_logits: per variant, logits on the selection rows [N_sel, C] / evaluation [N_eval, C];
+            both include ``reference``.
+        groups: int [N_sel], the source image of each selection row.
+    """
+    ref_top1 = eval_logits[reference].argmax(1)
+    agree = {n: eval_logits[n].argmax(1) == ref_top1 for n in eval_logits if servable.get(n, False)}
+    verdicts = pareto_front(agree, {n: p50_ms_by_batch[n] for n in agree}, reference)
+    for n in eval_logits:
+        if n not in verdicts:
+            verdicts[n] = FrontVerdict(
+                False, "emulated by this runtime (slower than fp32): never chosen for speed"
+            )
+    front = [n for n, v in verdicts.items() if v.on_front]
+    cascades = []
+    for chain in candidate_chains(front, reference, p50_ms_by_batch):
+        cascades.append(
+            calibrate_cascade(
+                [StageData(n, select_logits[n]) for n in chain],
+                select_logits[reference],
+                groups,
+                p50_ms_by_batch,
+                calibration,
+                labels=select_labels,
+                evaluation=([eval_logits[n] for n in chain], eval_logits[reference], evaluation),
+                targets=targets,
+            )
+        )
+    return ServingPlan(verdicts, cascades)
+
+
+def cascade_table(
+    plan: ServingPlan, p50_ms_by_batch: Mapping[str, Mapping[int, float]], reference: str
+) -> str:
+    """Markdown table of every operating point: thresholds, agreement (calibration and evaluation, 95% intervals),
+    escalation rates, expected ms per batch and its ratio to the reference's p50."""
+    head = (
+        "| cascade | target | threshold | calibration agreement [95%] | escalated | evaluation agreement [95%] | "
+        "escalated | " + " | ".join(f"b{b} ms (vs fp32)" for b in sorted(p50_ms_by_batch[reference])) + " |"
+    )
+    lines = [head, "|" + " --- |" * (7 + len(p50_ms_by_batch[reference]))]
+    for c in plan.cascades:
+        for op in c.operating_points:
+            ev = op.evaluation
+            lat = " | ".join(
+                f"{op.expected_latency_ms_by_batch[b]:.2f} ({op.expected_latency_ms_by_batch[b] / t:.2f}x)"
+                for b, t in sorted(p50_ms_by_batch[reference].items())
+                if b in op.expected_latency_ms_by_batch
+            )
+            lines.append(
+                f"| {c.label} | {op.target_agreement:g} | {', '.join(f'{t:.4f}' for t in op.thresholds)} | "
+                f"{100 * op.agreement:.2f}% [{100 * op.agreement_ci95[0]:.1f}, {100 * op.agreement_ci95[1]:.1f}] "
+                f"({op.n_images} images x {op.n_views // max(1, op.n_images)} views){'' if op.met else ' NOT met'} | "
+                f"{100 * op.escalation_rate:.1f}% | "
+                + (
+                    f"{100 * ev.agreement:.2f}% [{100 * ev.agreement_ci95[0]:.1f}, {100 * ev.agreement_ci95[1]:.1f}] "
+                    f"({ev.n_images}) | {100 * ev.escalation_rate:.1f}% | "
+                    if ev is not None
+                    else "- | - | "
+                )
+                + lat
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def plot_cascades(
+    plan: ServingPlan,
+    single_agreement: Mapping[str, float],
+    p50_ms_by_batch: Mapping[str, Mapping[int, float]],
+    reference: str,
+    path,
+) -> None:
+    """PNG: evaluation-split agreement with fp32 against expected cost per image (x the reference's), for each
+    cascade's operating points and each single variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = max(p50_ms_by_batch[reference])
+    ref_ms = p50_ms_by_batch[reference][b]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in plan.cascades:
+        pts = [
+            (op.expected_latency_ms_by_batch[b] / ref_ms, op.evaluation.agreement, op.target_agreement)
+            for op in c.operating_points
+            if op.evaluation is not None and b in op.expected_latency_ms_by_batch
+        ]
+        if pts:
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=f"cascade {c.label}")
+            for x, y, t in pts:
+                ax.annotate(f"{t:g}", (x, 100 * y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    for n, a in single_agreement.items():
+        if n in p50_ms_by_batch and b in p50_ms_by_batch[n]:
+            x = p50_ms_by_batch[n][b] / ref_ms
+            ax.scatter([x], [100 * a], marker="s", color="gray")
+            ax.annotate(
+                _label([n, reference]).split(">")[0], (x, 100 * a), xytext=(4, 4), textcoords="offset points"
+            )
+    ax.set_xlabel(f"expected time per batch of {b} / fp32's (bare runtime p50)")
+    ax.set_ylabel("top-1 agreement with fp32, evaluation split (%)")
+    ax.set_title("Confidence cascades: agreement vs cost (labels: target agreement)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -381,7 +381,13 @@ class Policy:
             first = [named(cheapest[0][2], f"cheapest plan with {target}", "cascade_min_latency")]
         else:
             limit = lb * self.latency_headroom - up
-            fits = [p for p in sorted(plans, key=lambda p: (-p[0], p[1])) if p[1] <= limit]
+            # most accurate first; at equal measured agreement the reference (exact by definition) before a
+            # cascade (an estimate on the calibration images), then the cheaper
+            fits = [
+                p
+                for p in sorted(plans, key=lambda p: (-p[0], p[2].cascade is not None, p[1]))
+                if p[1] <= limit
+            ]
             if fits:
                 d = fits[0][2]
                 first = [

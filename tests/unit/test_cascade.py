@@ -1,0 +1,251 @@
+"""Confidence cascades: margin, threshold calibration on synthetic logits, Pareto front, the scheduler's use of
+them (policy and per-row escalation in the service), and the typed scheduler settings."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tcsched.build_tools import repository as r
+from tcsched.build_tools.cascade import (
+    StageData,
+    calibrate_cascade,
+    candidate_chains,
+    expected_batch_ms,
+    pareto_front,
+    plan_serving,
+)
+from tcsched.confidence import confidence_margin, served_stage
+from tcsched.manifest import Manifest
+from tcsched.scheduler.policy import Policy, RequestError, RequestOptions, parse_parameters
+from tcsched.scheduler.service import SchedulerService
+from tcsched.settings import DEFAULTS, SchedulerSettings
+from tests.helpers import make_manifest
+
+P50 = {"m_int8": {1: 3.0, 8: 12.0}, "m_fp32": {1: 5.0, 8: 32.0}}
+
+
+def synthetic(n=2000, classes=10, seed=0, noise=0.6):
+    """fp32 logits with a known class; the fast stage disagrees mostly where its own margin is small."""
+    rng = np.random.default_rng(seed)
+    ref = rng.normal(0, 1, (n, classes))
+    ref[np.arange(n), rng.integers(0, classes, n)] += rng.uniform(0, 6, n)
+    fast = ref + rng.normal(0, noise, ref.shape)
+    return fast.astype(np.float32), ref.astype(np.float32)
+
+
+def test_margin_is_top1_minus_top2_probability():
+    m = confidence_margin(np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [np.nan, 1.0, 0.0]]))
+    assert m[0] == pytest.approx(0.0) and m[1] > 0.99 and m[2] == 0.0
+    with pytest.raises(ValueError, match="classes >= 2"):
+        confidence_margin(np.zeros((3, 1)))
+    assert served_stage([np.array([0.1, 0.5, 0.3])], [0.3]).tolist() == [1, 0, 0]
+
+
+def test_calibration_reaches_each_target_at_the_lowest_escalation():
+    fast, ref = synthetic()
+    groups = np.arange(len(ref))
+    prof = calibrate_cascade(
+        [StageData("m_int8", fast), StageData("m_fp32", ref)], ref, groups, P50, "synthetic", targets=(0.97, 0.99)
+    )
+    assert prof.label == "int8>fp32" and [op.target_agreement for op in prof.operating_points] == [0.97, 0.99]
+    base = float(np.mean(fast.argmax(1) == ref.argmax(1)))
+    assert base < 0.97  # the cascade has work to do
+    rates = []
+    for op in prof.operating_points:
+        assert op.met and op.agreement >= op.target_agreement
+        assert op.agreement_ci95[0] <= op.agreement <= op.agreement_ci95[1]
+        esc = confidence_margin(fast) < op.thresholds[0]
+        served_ok = np.where(esc, True, fast.argmax(1) == ref.argmax(1))
+        assert served_ok.mean() == pytest.approx(op.agreement) and esc.mean() == pytest.approx(op.escalation_rate)
+        # one row fewer escalated (the most confident of those escalated) would miss the target: the lowest rate
+        m = confidence_margin(fast)
+        keep = np.argmax(np.where(esc, m, -1))
+        fewer = esc.copy()
+        fewer[keep] = False
+        assert np.where(fewer, True, fast.argmax(1) == ref.argmax(1)).mean() < op.target_agreement or (
+            fast.argmax(1)[keep] == ref.argmax(1)[keep]
+        )
+        rates.append(op.escalation_rate)
+        assert op.expected_latency_ms_by_batch[1] == pytest.approx(3.0 + op.escalation_rate * 5.0)
+    assert rates[0] < rates[1]  # a higher target costs more escalations
+
+
+def test_evaluation_check_and_unreachable_target():
+    fast, ref = synthetic(seed=1)
+    wrong_ref = ref.copy()
+    prof = calibrate_cascade(
+        [StageData("m_int8", fast), StageData("m_fp16", fast)],  # last stage no better than the first
+        wrong_ref,
+        np.arange(len(ref)),
+        {**P50, "m_fp16": {1: 50.0, 8: 400.0}},
+        "synthetic",
+        evaluation=([fast, fast], ref, "eval"),
+        targets=(0.999,),
+    )
+    op = prof.operating_points[0]
+    assert not op.met and op.evaluation is not None and op.evaluation.n_images == len(ref)
+
+
+def test_three_stage_chain_and_candidate_chains():
+    fast, ref = synthetic(n=600, seed=2)
+    mid = (ref + np.random.default_rng(3).normal(0, 0.3, ref.shape)).astype(np.float32)
+    p50 = {**P50, "m_mid": {1: 4.0, 8: 20.0}}
+    assert candidate_chains(["m_int8", "m_mid", "m_fp32"], "m_fp32", p50) == [
+        ["m_int8", "m_fp32"],
+        ["m_mid", "m_fp32"],
+        ["m_int8", "m_mid", "m_fp32"],
+    ]
+    prof = calibrate_cascade(
+        [StageData("m_int8", fast), StageData("m_mid", mid), StageData("m_fp32", ref)],
+        ref,
+        np.arange(len(ref)),
+        p50,
+        "synthetic",
+        targets=(0.98,),
+    )
+    op = prof.operating_points[0]
+    assert op.met and len(op.thresholds) == 2 and op.reach_rates[0] == 1.0 >= op.reach_rates[1] >= op.reach_rates[2]
+
+
+def test_expected_batch_ms_is_binomial():
+    # one later stage reached by half the rows, batch 2: P(K=1) = 0.5 -> 5 ms, P(K=2) = 0.25 -> 5 + (32-5)/7 ms
+    got = expected_batch_ms([1.0, 0.5], [P50["m_int8"], P50["m_fp32"]], [2])[2]
+    assert got == pytest.approx((3 + 9 / 7) + 0.5 * 5 + 0.25 * (5 + 27 / 7))
+
+
+def test_pareto_front_drops_slower_and_not_more_accurate():
+    rng = np.random.default_rng(0)
+    n = 400
+    a_int8 = rng.random(n) < 0.96
+    agree = {"m_fp32": np.ones(n, bool), "m_int8": a_int8, "m_mixed": a_int8.copy(), "m_better": np.ones(n, bool)}
+    p50 = {**P50, "m_mixed": {1: 4.0, 8: 18.0}, "m_better": {1: 4.5, 8: 20.0}}
+    v = pareto_front(agree, p50, "m_fp32")
+    assert v["m_fp32"].on_front and v["m_int8"].on_front
+    assert not v["m_mixed"].on_front and "m_int8 is faster" in v["m_mixed"].reason
+    assert v["m_better"].on_front  # slower than int8 but significantly more accurate (4 points, n=400)
+
+
+def _cascade_manifest():
+    fast, ref = synthetic(n=800, seed=4, noise=0.3)  # ~25% escalated at 0.99: cheaper than fp32 alone
+    m = make_manifest({"m_fp32": ("fp32", 0.0, P50["m_fp32"]), "m_int8": ("int8", 2.5, P50["m_int8"])})
+    plan = plan_serving(
+        {"m_fp32": True, "m_int8": True},
+        "m_fp32",
+        {"m_fp32": ref, "m_int8": fast},
+        np.arange(len(ref)),
+        {"m_fp32": ref, "m_int8": fast},
+        P50,
+        "synthetic",
+        "synthetic",
+    )
+    m.cascades = plan.cascades
+    return Manifest.model_validate_json(m.model_dump_json())  # the manifest's JSON round trip
+
+
+def test_policy_picks_the_cascade_and_respects_min_agreement_and_budgets():
+    m = _cascade_manifest()
+    p = Policy(m)
+    d = p.rank(RequestOptions(min_agreement=0.99))[0]
+    assert d.cascade == "int8>fp32" and d.chain == ("m_int8", "m_fp32") and d.target_agreement == 0.99
+    assert d.code == "cascade_min_latency:int8>fp32"
+    d995 = p.rank(RequestOptions(min_agreement=0.995))[0]
+    assert d995.thresholds[0] > d.thresholds[0]  # a higher target escalates more
+    assert p.rank(RequestOptions(min_agreement=1.0))[0].chain == ("m_fp32",)  # only the reference reaches 1
+    # accuracy_budget alone: one variant, the old rules (int8's drop 2.5 > 1 -> fp32)
+    single = parse_parameters({"accuracy_budget": 1.0}, RequestOptions(min_agreement=0.99))
+    assert single.min_agreement is None and p.rank(single)[0].chain == ("m_fp32",)
+    # max_accuracy with a roomy latency budget: the reference alone (agreement 1) fits
+    roomy = p.rank(RequestOptions(min_agreement=0.99, latency_budget_ms=100.0))[0]
+    assert roomy.chain == ("m_fp32",) and roomy.escalation_budget_ms == pytest.approx(70.0)
+    tight = p.rank(RequestOptions(min_agreement=0.99, latency_budget_ms=5.5), batch_size=1)[0]
+    assert tight.cascade == "int8>fp32"  # 5 ms fp32 > 0.7 x 5.5 ms; the cascade's expectation fits or degrades
+
+
+@pytest.mark.parametrize("value", [0, -0.5, 1.5, "x", "nan", True])
+def test_min_agreement_bad_values_are_refused(value):
+    with pytest.raises(RequestError, match="min_agreement"):
+        parse_parameters({"min_agreement": value}, RequestOptions())
+
+
+def test_long_bad_values_are_quoted_short():
+    with pytest.raises(RequestError) as e:
+        parse_parameters({"objective": "x" * 100_000}, RequestOptions())
+    assert len(str(e.value)) < 300 and "100002 characters" in str(e.value)
+
+
+class Stage:
+    """Stands in for the BLS calls: the fast stage is confident on rows whose input is > 0, fp32 on all."""
+
+    def __init__(self, failing=()):
+        self.calls = []
+        self.failing = set(failing)
+
+    def __call__(self, variant, batch):
+        self.calls.append((variant, len(batch)))
+        if variant in self.failing:
+            raise RuntimeError(f"{variant} is down")
+        v = batch[:, 0, 0, 0]
+        out = np.zeros((len(batch), 10), np.float32)
+        out[:, 0] = np.where(v > 0, 20.0, 0.01) if variant == "m_int8" else 20.0
+        out[:, 1] = 7.0 if variant == "m_fp32" else 0.0  # marks the stage that answered
+        return out
+
+
+def test_service_escalates_only_low_margin_rows_and_reports_them_per_row():
+    m = _cascade_manifest()
+    infer = Stage()
+    svc = SchedulerService(Policy(m), RequestOptions(min_agreement=0.99), infer)
+    x = np.ones((4, 3, 2, 2), np.float32)
+    x[[1, 3]] = -1.0  # rows 1 and 3: the fast stage is unsure
+    out = svc.handle([({}, x)])[0]
+    assert infer.calls == [("m_int8", 4), ("m_fp32", 2)]
+    assert out.logits[:, 1].tolist() == [0.0, 7.0, 0.0, 7.0]
+    rows = [json.loads(s) for s in out.decision_jsons()]
+    assert [r["escalated"] for r in rows] == [False, True, False, True]
+    assert [r["variant"] for r in rows] == ["m_int8", "m_fp32", "m_int8", "m_fp32"]
+    assert rows[1]["confidence_margin"] < rows[1]["threshold"] <= rows[0]["confidence_margin"]
+    assert rows[0]["cascade"] == "int8>fp32" and rows[0]["target_agreement"] == 0.99
+
+
+def test_escalation_is_limited_by_the_latency_budget_lowest_margins_first():
+    m = _cascade_manifest()
+    p = Policy(m, latency_headroom=1.0)
+    d = p.rank(RequestOptions(min_agreement=0.99, latency_budget_ms=6.0, objective="min_latency"))[0]
+    assert d.escalation_budget_ms is None  # min_latency: no run-time limit
+    d = p.rank(RequestOptions(min_agreement=0.99, latency_budget_ms=9.0), batch_size=4)[0]
+    assert d.escalation_budget_ms == pytest.approx(9.0)
+    # fp32 costs 5 ms at 1 row, 5 + 27/7 at 2: 6 ms left pays for 1 row, 9 ms for 2; monotone in what is left
+    assert p.escalation_allowance(d, 1, 2, spent_ms=3.0) == 1
+    assert p.escalation_allowance(d, 1, 2, spent_ms=0.0) == 2
+    assert p.escalation_allowance(d, 1, 2, spent_ms=8.0) == 0
+    assert [p.escalation_allowance(d, 1, 8, s) for s in (0, 2, 4, 6, 8)] == sorted(
+        (p.escalation_allowance(d, 1, 8, s) for s in (0, 2, 4, 6, 8)), reverse=True
+    )
+
+
+def test_failed_escalation_keeps_the_first_stage_answer_and_says_so():
+    m = _cascade_manifest()
+    svc = SchedulerService(Policy(m), RequestOptions(min_agreement=0.99), Stage(failing={"m_fp32"}))
+    x = -np.ones((2, 3, 2, 2), np.float32)
+    out = svc.handle([({}, x)])[0]
+    row = json.loads(out.decision_json(0))
+    assert row["escalated"] is False and "escalation to m_fp32 failed" in row["escalation_note"]
+    assert not svc.policy.state.healthy("m_fp32")
+
+
+def test_scheduler_settings_round_trip_through_config_pbtxt(tmp_path):
+    s = SchedulerSettings(default_min_agreement=0.995, default_latency_budget_ms=40.0, latency_headroom=0.6)
+    cfg = r.scheduler_config(r.ServingOptions(scheduler=s), [3, 224, 224], 1000)
+    parsed = r.parse(r.render(cfg))
+    params = {k: v.string_value for k, v in parsed.parameters.items()}
+    assert SchedulerSettings.from_parameters(params) == s
+    assert SchedulerSettings.from_parameters({}) == DEFAULTS  # one default per knob
+    none = SchedulerSettings.from_parameters({**params, "default_min_agreement": ""})
+    assert none.default_min_agreement is None
+    with pytest.raises(ValueError, match="unknown scheduler parameter.*lattency"):
+        SchedulerSettings.from_parameters({"lattency_headroom": "0.5"})
+    with pytest.raises(ValueError, match="latency_headroom"):
+        SchedulerSettings.from_parameters({"latency_headroom": "2"})
+    opts = RequestOptions.from_settings(s)
+    assert (opts.min_agreement, opts.latency_budget_ms) == (0.995, 40.0)
