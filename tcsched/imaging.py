@@ -5,12 +5,32 @@ The transform reproduces torchvision's ``ImageClassification`` eval preset of ``
 ``CenterCrop(224)``, ``ToTensor`` (/255), ``Normalize(mean, std)``. On PIL images torchvision's Resize calls
 ``PIL.Image.resize`` with the size from ``torchvision.transforms.functional._compute_resized_output_size`` and
 CenterCrop rounds the offsets with ``int(round(...))``; both are reproduced here, so the output is bit-identical
-to torchvision's (checked in tests/test_imaging.py).
+to torchvision's (checked in tests/unit/test_imaging.py).
+
+Client bytes are untrusted. :func:`decode_image` bounds what a decode *produces*, from the header alone
+(``Image.open`` parses only the header) and before any pixel is decoded:
+
+- encoded size <= :data:`MAX_ENCODED_BYTES` (32 MiB);
+- source pixels <= :data:`MAX_SOURCE_PIXELS` (32 Mi = 33.5 Mpixel: a 24-30 Mpixel camera original or a
+  12 Mpixel phone photo fits; 0.37x PIL's own decompression-bomb warning threshold ``Image.MAX_IMAGE_PIXELS``,
+  89.5 Mpixel, whose 2x is PIL's hard error). Measured on the project's 2-core machine: a 40 Mpixel JPEG
+  takes 0.9 s and a 40 Mpixel PNG 1.3 s to decode and transform, ~0.5 GB peak;
+- aspect ratio <= :data:`MAX_ASPECT_RATIO` (16): the resize to 256 on the shorter side makes the longer side
+  at most 4096 px (1 Mpixel, 16x a square image's 256x256). Without it a 180 KB PNG of 60000x1 pixels passes
+  the source limit and the resize makes it 256x15.4M pixels (the preprocess stub peaked at 16 GB RSS). The
+  centre crop of such an image would see 1/16 of its width anyway;
+- formats :data:`ALLOWED_FORMATS` only (JPEG, PNG, WebP, BMP, GIF, TIFF, PNM): PIL's EPS plugin runs
+  Ghostscript, and the rarely used decoders are where decoder bugs live.
+
+Every failure (any exception of PIL's open, load, convert) is an :class:`ImageDecodeError` of that image alone,
+whose message quotes at most the first 8 bytes of the input (as hex) and a bounded, cleaned text of PIL's
+reason: no heap addresses (``<_io.BytesIO object at 0x...>``), no file paths.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -21,25 +41,133 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_SIZE = 256
 CROP_SIZE = 224
-MAX_IMAGE_PIXELS = 50_000_000  # refuse decompression bombs before decoding
 MAX_ENCODED_BYTES = 32 * 1024 * 1024
+MAX_SOURCE_PIXELS = 32 * 1024 * 1024  # see the module docstring for the why of each limit
+MAX_ASPECT_RATIO = 16  # longer side after the resize <= 16 x the shorter one (4096 px for 256)
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")  # PIL format ids; JPEG includes MPO
+_EXPECTED = "expected a JPEG, PNG, WebP, BMP, GIF, TIFF or PNM image"
+_MAX_REASON_CHARS = 160
+_HEAD_BYTES = 8
 
 
 class ImageDecodeError(ValueError):
-    """The bytes are not a decodable image; the message says what was received and what is expected."""
+    """The bytes are not an acceptable image; the message says what was received and what is expected.
+
+    A client error: the Triton models answer it with ``INVALID_ARG`` (HTTP 400, gRPC INVALID_ARGUMENT).
+    """
 
 
 _MEAN_C11 = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 _STD_C11 = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+_OBJECT_REPR = re.compile(r"<[^<>]{0,200}\bat 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x7f...>"
+_HEX_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.+\-]+){2,}")  # /usr/lib/python3/site-packages/PIL/...
+
+
+def client_safe_text(text: str, limit: int = _MAX_REASON_CHARS) -> str:
+    """``text`` fit to quote in an error for a client: object reprs, hex addresses and file paths replaced,
+    control characters dropped, at most ``limit`` characters (then ``...``)."""
+    text = _OBJECT_REPR.sub("<input>", text)
+    text = _HEX_ADDRESS.sub("<address>", text)
+    text = _PATH.sub("<path>", text)
+    text = "".join(c if c.isprintable() else " " for c in text).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, UnidentifiedImageError):
+        return "not a recognised image format"
+    if isinstance(e, MemoryError):
+        return "out of memory while decoding"
+    text = client_safe_text(str(e))
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _decode_failure(data: bytes, e: BaseException) -> ImageDecodeError:
+    head = bytes(data[:_HEAD_BYTES]).hex()
+    return ImageDecodeError(
+        f"cannot decode {len(data)} bytes (first bytes, hex: {head}) as an image: {_reason(e)}; {_EXPECTED}"
+    )
+
+
+def check_image_size(width: int, height: int, size: int = RESIZE_SIZE) -> None:
+    """Refuse an image whose decode or resize would be out of bounds (see the module docstring).
+
+    Raises:
+        ImageDecodeError: no pixels, more than :data:`MAX_SOURCE_PIXELS` pixels, or a longer side after the
+            resize to ``size`` on the shorter side over ``MAX_ASPECT_RATIO * size``.
+    """
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height}); expected at least 1x1")
+    if width * height > MAX_SOURCE_PIXELS:
+        raise ImageDecodeError(
+            f"image of {width}x{height} pixels ({width * height} pixels) exceeds the limit of "
+            f"{MAX_SOURCE_PIXELS} pixels; expected at most {MAX_SOURCE_PIXELS} pixels"
+        )
+    new_w, new_h = resized_size(width, height, size)
+    if max(new_w, new_h) > MAX_ASPECT_RATIO * size:
+        raise ImageDecodeError(
+            f"image of {width}x{height} pixels: the resize to {size} px on its shorter side would make it "
+            f"{new_w}x{new_h}; expected an aspect ratio of at most {MAX_ASPECT_RATIO}:1 "
+            f"(longer side at most {MAX_ASPECT_RATIO * size} px after the resize)"
+        )
+
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An RGB image of ``img``, 8 bits per channel.
+
+    RGB is returned as is; L, P, PA, LA, RGBA, RGBX, CMYK, YCbCr, 1, ... go through ``img.convert("RGB")``,
+    exactly as ``torchvision.datasets.folder.pil_loader`` (alpha dropped, not composited), so the transform stays
+    bit-identical to torchvision's. High-bit-depth gray modes, which ``convert`` would clip at 255 (a 16-bit
+    PNG turns white), are scaled to 8 bits instead:
+
+    - ``I;16``, ``I;16L``, ``I;16B``, ``I;16N`` (16-bit PNG/TIFF gray): ``v >> 8``, the same rule as Pillow's own
+      decoding of 16-bit RGB/RGBA PNGs (it keeps the high byte), so a 16-bit gray PNG and a 16-bit RGB PNG of
+      the same gray picture give the same tensor, and one made from an 8-bit image (``v8 * 257``) gives back
+      exactly ``v8``;
+    - ``I`` (32-bit signed; Pillow's mode for 16-bit PGM/PPM gray, scaled to 0..65535 by Pillow): clipped to
+      0..65535, then ``v >> 8``;
+    - ``F`` (32-bit float, e.g. float TIFF): taken in the floating-point image convention 0..1, clipped,
+      ``round(v * 255)``.
+
+    Raises:
+        ImageDecodeError: an ``F`` image with NaN or infinite pixels, or a mode PIL cannot convert to RGB.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        a = np.asarray(img)
+        if mode == "I":
+            a = np.clip(a, 0, 65535)
+        return Image.fromarray((a >> 8).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise ImageDecodeError("floating-point image has NaN or infinite pixels; expected values in 0..1")
+        return Image.fromarray(np.rint(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as e:
+        raise ImageDecodeError(
+            f"image mode {client_safe_text(mode, 16)!r} cannot be converted to RGB ({client_safe_text(str(e))}); "
+            f"{_EXPECTED} in an RGB, gray, palette, CMYK or 16-bit gray mode"
+        ) from None
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes (JPEG, PNG, BMP, WebP, ... anything PIL reads) into an RGB PIL image.
+    """Decode encoded image bytes (see :data:`ALLOWED_FORMATS`) into an RGB PIL image (see :func:`to_rgb`).
 
-    Gray, palette, CMYK and alpha images are converted to RGB (as ``torchvision.datasets.folder.pil_loader``).
+    The header is checked (:func:`check_image_size`) before any pixel is decoded. Only the first frame of an
+    animated or multi-page image is decoded. EXIF orientation is not applied (as torchvision's pil_loader).
 
     Raises:
-        ImageDecodeError: empty input, input over 32 MiB, an image over 50 Mpixel, or bytes PIL cannot decode.
+        ImageDecodeError: not bytes, empty, over :data:`MAX_ENCODED_BYTES`, a format outside
+            :data:`ALLOWED_FORMATS`, a header over the limits of :func:`check_image_size` or over PIL's
+            decompression-bomb threshold, or any failure of PIL to decode or convert the pixels.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ImageDecodeError(f"expected encoded image bytes, got {type(data).__name__}")
@@ -47,26 +175,35 @@ def decode_image(data: bytes) -> Image.Image:
     if n == 0:
         raise ImageDecodeError("empty input: expected encoded image bytes (JPEG or PNG), got 0 bytes")
     if n > MAX_ENCODED_BYTES:
-        raise ImageDecodeError(f"input of {n} bytes exceeds the limit of {MAX_ENCODED_BYTES} bytes")
+        raise ImageDecodeError(
+            f"input of {n} bytes exceeds the limit of {MAX_ENCODED_BYTES} bytes; expected less"
+        )
+    data = bytes(data)
     try:
         with warnings.catch_warnings():
+            # PIL warns above Image.MAX_IMAGE_PIXELS and raises DecompressionBombError above twice that, both
+            # while parsing the header; both are far above MAX_SOURCE_PIXELS, so either is a refusal here
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(bytes(data)))
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise ImageDecodeError(
-                    f"image of {img.width}x{img.height} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels"
-                )
-            img.load()
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        declared = re.search(
+            r"\((\d{1,20}) pixels\)", str(e)
+        )  # PIL: "Image size (N pixels) exceeds limit ..."
+        raise ImageDecodeError(
+            f"the image header declares {declared.group(1) + ' pixels' if declared else 'a size'}, over PIL's "
+            f"decompression-bomb threshold of {Image.MAX_IMAGE_PIXELS} pixels; expected at most "
+            f"{MAX_SOURCE_PIXELS} pixels"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - whatever PIL raises on hostile bytes is this image's error
+        raise _decode_failure(data, e) from None
+    try:
+        check_image_size(img.width, img.height)
+        img.load()
+        return to_rgb(img)
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
-        head = bytes(data[:8]).hex()
-        raise ImageDecodeError(
-            f"cannot decode {n} bytes (first bytes 0x{head}) as an image: {e}; expected JPEG or PNG bytes"
-        ) from None
-    if img.width < 1 or img.height < 1:
-        raise ImageDecodeError(f"image has no pixels ({img.width}x{img.height})")
-    return img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - as above
+        raise _decode_failure(data, e) from None
 
 
 def resized_size(width: int, height: int, size: int = RESIZE_SIZE) -> tuple[int, int]:
@@ -80,12 +217,17 @@ def resized_size(width: int, height: int, size: int = RESIZE_SIZE) -> tuple[int,
 
 
 def preprocess_pil(img: Image.Image, resize: int = RESIZE_SIZE, crop: int = CROP_SIZE) -> np.ndarray:
-    """The eval transform of one RGB image.
+    """The eval transform of one image (converted to RGB by :func:`to_rgb` first).
 
     Returns:
         float32 array of shape (3, crop, crop), normalised with :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`.
+
+    Raises:
+        ImageDecodeError: the image is over the limits of :func:`check_image_size` (for ``resize``).
+        ValueError: ``resize < crop`` would need padding.
     """
-    img = img.convert("RGB")
+    check_image_size(img.width, img.height, resize)
+    img = to_rgb(img)
     w, h = resized_size(img.width, img.height, resize)
     img = img.resize((w, h), Image.BILINEAR)
     if w < crop or h < crop:  # only for resize < crop; torchvision pads with zeros (not used by the preset)

@@ -1,11 +1,26 @@
 import io
+import re
+import struct
+import time
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tcsched.data import default_photo, default_photos, list_images
-from tcsched.imaging import ImageDecodeError, preprocess_batch, preprocess_bytes, resized_size
+from tcsched.imaging import (
+    MAX_ASPECT_RATIO,
+    MAX_SOURCE_PIXELS,
+    ImageDecodeError,
+    check_image_size,
+    client_safe_text,
+    decode_image,
+    preprocess_batch,
+    preprocess_bytes,
+    resized_size,
+    to_rgb,
+)
 
 
 def torchvision_reference(path):
@@ -71,3 +86,189 @@ def test_batch_error_names_the_element():
     with pytest.raises(ImageDecodeError, match="batch element 1"):
         preprocess_batch(np.array([[good], [b"junk"]], dtype=object))
     assert preprocess_batch(np.array([[good], [good]], dtype=object)).shape == (2, 3, 224, 224)
+
+
+# --- hostile and unusual images ------------------------------------------------------------------------------
+
+
+def _png(w: int, h: int, mode: str = "L") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (w, h)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png16(a: np.ndarray) -> bytes:
+    """A 16-bit PNG of uint16 ``a`` ([H, W] gray, [H, W, 3] RGB, [H, W, 4] RGBA), written by hand: PIL writes
+    16-bit gray only. PNG spec: big-endian samples, filter byte 0 per row, color types 0 / 2 / 6."""
+    h, w = a.shape[:2]
+    color_type = {2: 0, 3: {3: 2, 4: 6}.get(a.shape[-1])}[a.ndim]
+    raw = b"".join(b"\x00" + a[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+
+
+def _encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+ADDRESS = re.compile(r"(?<![0-9A-Za-z])0x[0-9a-fA-F]+")  # "0x7f3a..." (not the "0x1" of "60000x1")
+
+
+def _assert_client_safe(msg: str) -> None:
+    assert not ADDRESS.search(msg) and "object at" not in msg, msg
+    assert "site-packages" not in msg and "/PIL/" not in msg, msg
+    assert len(msg) < 500, msg
+
+
+@pytest.mark.parametrize("w,h", [(60000, 1), (1, 60000), (20000, 3), (17, 1), (4097, 256)])
+def test_extreme_aspect_ratios_are_refused_from_the_header(w, h):
+    data = _png(w, h)
+    t0 = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="aspect ratio of at most 16:1") as e:
+        preprocess_bytes(data)
+    # refused before decoding: the resize of 60000x1 used to take ~40 s and 16 GB, 20000x3 2-5 s
+    assert time.perf_counter() - t0 < 0.5
+    assert f"{w}x{h}" in str(e.value)
+    _assert_client_safe(str(e.value))
+
+
+@pytest.mark.parametrize("w,h", [(16, 1), (1, 16), (4096, 256), (256, 4096), (1, 1)])
+def test_aspect_ratios_up_to_16_are_accepted(w, h):
+    nw, nh = resized_size(w, h)
+    assert max(nw, nh) <= MAX_ASPECT_RATIO * 256
+    assert preprocess_bytes(_png(w, h)).shape == (3, 224, 224)
+
+
+def test_source_pixel_limit_is_checked_before_decoding():
+    side = int(MAX_SOURCE_PIXELS**0.5) + 1  # 5793 x 5793: just over 32 Mi pixels
+    assert side * side > MAX_SOURCE_PIXELS > (side - 1) ** 2
+    t0 = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match=f"exceeds the limit of {MAX_SOURCE_PIXELS} pixels"):
+        decode_image(b"P6\n%d %d\n255\n" % (side, side))  # a header without pixels: never decoded
+    assert time.perf_counter() - t0 < 0.5
+    with pytest.raises(ImageDecodeError, match="exceeds the limit"):
+        check_image_size(side, side)
+    check_image_size(side - 1, side - 1)
+
+
+@pytest.mark.parametrize("header", [b"P6\n60000 60000\n255\n", b"P6\n10000 10000\n255\n"])
+def test_decompression_bomb_headers_are_this_images_error(header):
+    """PIL raises DecompressionBombError (warns below 2x its threshold) while parsing the header."""
+    with pytest.raises(ImageDecodeError, match="decompression-bomb threshold") as e:
+        preprocess_bytes(header)
+    assert "pixels" in str(e.value) and f"at most {MAX_SOURCE_PIXELS}" in str(e.value)
+    _assert_client_safe(str(e.value))
+
+
+def test_batch_with_a_bomb_names_it():
+    good = default_photo("chelsea").read_bytes()
+    with pytest.raises(ImageDecodeError, match="batch element 1: image of 60000x1"):
+        preprocess_batch(np.array([[good], [_png(60000, 1)]], dtype=object))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"this is plain text, not an image",
+        b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,  # PNG signature, broken chunks
+        default_photo("rocket").read_bytes()[:3000],  # truncated JPEG
+        _encode(Image.open(default_photo("chelsea")))[:20_000],  # truncated PNG
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",  # EPS would run Ghostscript: not allowed
+        b"GIF89a" + b"\xff" * 20,
+        b"BM" + b"\xff" * 60,
+        bytes(range(256)) * 4000,  # 1 MB of noise
+    ],
+)
+def test_decode_errors_are_clear_bounded_and_free_of_addresses(data):
+    with pytest.raises(ImageDecodeError, match="cannot decode") as e:
+        preprocess_bytes(data)
+    msg = str(e.value)
+    _assert_client_safe(msg)
+    assert f"{len(data)} bytes" in msg and data[:8].hex() in msg and "expected a JPEG, PNG" in msg
+
+
+def test_formats_outside_the_allowed_list_are_refused():
+    img = Image.open(default_photo("chelsea")).convert("RGB").resize((32, 32))
+    for fmt in ("ICO", "TGA", "PCX"):
+        with pytest.raises(ImageDecodeError, match="not a recognised image format"):
+            decode_image(_encode(img, fmt))
+    for fmt in ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM"):
+        assert decode_image(_encode(img, fmt)).size == (32, 32)
+
+
+def test_client_safe_text_removes_addresses_paths_and_bounds_length():
+    text = client_safe_text(
+        "cannot identify image file <_io.BytesIO object at 0x7f3a2b1c4d50> in "
+        "/work/main/.venv/lib/python3.11/site-packages/PIL/Image.py at 0xdeadbeef00 " + "A" * 10_000
+    )
+    assert not ADDRESS.search(text) and "site-packages" not in text and "<input>" in text and "<path>" in text
+    assert len(text) <= 160 and text.endswith("...")
+
+
+def test_16_bit_gray_png_equals_its_8_bit_version():
+    """A 16-bit PNG made from an 8-bit one (v * 257, as image tools widen) decodes to exactly the 8-bit image;
+    PIL's convert("RGB") clipped it to white before."""
+    gray8 = np.asarray(Image.open(default_photo("camera")).convert("L"))
+    data16 = _encode(Image.fromarray(gray8.astype(np.uint16) * 257))
+    assert Image.open(io.BytesIO(data16)).mode == "I;16"
+    np.testing.assert_array_equal(preprocess_bytes(data16), preprocess_bytes(_encode(Image.fromarray(gray8))))
+
+
+def test_16_bit_gray_and_rgb_pngs_keep_the_high_byte_alike():
+    rng = np.random.default_rng(0)
+    v = rng.integers(0, 65536, (40, 50), dtype=np.uint16)
+    high = (v >> 8).astype(np.uint8)
+    ref = preprocess_bytes(_encode(Image.fromarray(high)))
+    np.testing.assert_array_equal(preprocess_bytes(_png16(v)), ref)  # gray 16: our v >> 8
+    np.testing.assert_array_equal(
+        preprocess_bytes(_png16(np.stack([v] * 3, -1))), ref
+    )  # RGB 16: Pillow's own
+    rgba = np.stack([v, v, v, rng.integers(0, 65536, v.shape, dtype=np.uint16)], -1)
+    np.testing.assert_array_equal(preprocess_bytes(_png16(rgba)), ref)  # alpha dropped, as pil_loader
+
+
+def test_other_high_bit_depth_modes_are_scaled_not_clipped():
+    rng = np.random.default_rng(1)
+    v = rng.integers(0, 65536, (30, 40), dtype=np.uint16)
+    expected = to_rgb(Image.fromarray((v >> 8).astype(np.uint8)))
+    big_endian = Image.frombytes("I;16B", (40, 30), v.astype(">u2").tobytes())
+    assert np.asarray(to_rgb(big_endian)).tolist() == np.asarray(expected).tolist()
+    pgm16 = b"P5\n40 30\n65535\n" + v.astype(">u2").tobytes()  # Pillow opens it as mode I
+    img = decode_image(pgm16)
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(expected))
+    f = rng.random((30, 40), dtype=np.float32)
+    tiff = _encode(Image.fromarray(f), "TIFF")
+    assert Image.open(io.BytesIO(tiff)).mode == "F"
+    np.testing.assert_array_equal(np.asarray(decode_image(tiff))[..., 0], np.rint(f * 255).astype(np.uint8))
+    f[3, 4] = np.nan
+    with pytest.raises(ImageDecodeError, match="NaN or infinite"):
+        decode_image(_encode(Image.fromarray(f), "TIFF"))
+
+
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [
+        ("L", "PNG"),
+        ("P", "PNG"),
+        ("LA", "PNG"),
+        ("RGBA", "PNG"),
+        ("1", "PNG"),
+        ("CMYK", "JPEG"),
+        ("CMYK", "TIFF"),
+        ("P", "GIF"),
+        ("L", "JPEG"),
+    ],
+)
+def test_8_bit_modes_convert_exactly_as_torchvision_pil_loader(mode, fmt, tmp_path):
+    path = tmp_path / f"chelsea_{mode}.{fmt.lower()}"
+    Image.open(default_photo("chelsea")).convert(mode).save(path, format=fmt)
+    assert Image.open(path).mode == mode
+    np.testing.assert_array_equal(preprocess_bytes(path.read_bytes()), torchvision_reference(path))

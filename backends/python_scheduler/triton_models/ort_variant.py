@@ -2,8 +2,13 @@
 
 The embedded tritonserver (nvidia-pytriton) has no onnxruntime backend, so the variant graph runs in
 ``tcsched.ort_runtime`` here; in the official container ``tcsched build --variant-backend onnxruntime`` emits
-configs for Triton's own onnxruntime backend instead. All requests of a dynamic batch go through one
-``session.run``.
+configs for Triton's own onnxruntime backend instead.
+
+Each request of a dynamic batch is checked on its own first (``OrtClassifier.check_input``: dtype, shape, NaN
+or infinite values); a bad one gets its own ``INVALID_ARG`` response (HTTP 400, gRPC INVALID_ARGUMENT) and the
+good ones go through one ``session.run``. A request whose logits come out non-finite gets an error instead of
+them: ``INVALID_ARG`` when its input reaches outside the range of normalised images, else ``INTERNAL`` (a fault
+of the model). A failing ``session.run`` is ``INTERNAL`` for the requests it ran.
 """
 
 import json
@@ -12,7 +17,12 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tcsched.ort_runtime import OrtClassifier
+from tcsched.imaging import client_safe_text
+from tcsched.ort_runtime import InvalidInputError, OrtClassifier, nonfinite_output_error
+
+
+def _error(message: str, code) -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
 class TritonPythonModel:
@@ -25,15 +35,39 @@ class TritonPythonModel:
         self.output_name = cfg["output"][0]["name"]
 
     def execute(self, requests):
-        arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
+        responses = [None] * len(requests)
+        good, arrays = [], []
+        for i, request in enumerate(requests):
+            tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
+            if tensor is None:  # Triton checks the config's inputs; kept for BLS callers
+                responses[i] = _error(f"missing input {self.input_name!r}", pb_utils.TritonError.INVALID_ARG)
+                continue
+            a = tensor.as_numpy()
+            try:
+                self.model.check_input(a)
+            except InvalidInputError as e:
+                responses[i] = _error(f"{self.input_name}: {e}", pb_utils.TritonError.INVALID_ARG)
+                continue
+            good.append(i)
+            arrays.append(a)
+        if not good:
+            return responses
         try:
-            logits = self.model(np.concatenate(arrays) if len(arrays) > 1 else arrays[0])
-        except Exception as e:  # noqa: BLE001 - every request of the batch gets the error, the server stays up
-            err = pb_utils.TritonError(f"{type(e).__name__}: {e}")
-            return [pb_utils.InferenceResponse(error=err) for _ in requests]
-        responses, start = [], 0
-        for a in arrays:
-            out = pb_utils.Tensor(self.output_name, logits[start : start + len(a)])
-            responses.append(pb_utils.InferenceResponse([out]))
+            logits = self.model.run(np.concatenate(arrays) if len(arrays) > 1 else arrays[0])
+        except Exception as e:  # noqa: BLE001 - the requests it ran get the error, the server stays up
+            err = f"{type(e).__name__}: {client_safe_text(str(e))}"
+            for i in good:
+                responses[i] = _error(err, pb_utils.TritonError.INTERNAL)
+            return responses
+        start = 0
+        for i, a in zip(good, arrays, strict=True):
+            out = logits[start : start + len(a)]
             start += len(a)
+            bad = nonfinite_output_error(a, out)
+            if bad is None:
+                responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, out)])
+            else:
+                message, client_error = bad
+                code = pb_utils.TritonError.INVALID_ARG if client_error else pb_utils.TritonError.INTERNAL
+                responses[i] = _error(f"{self.input_name}: {message}", code)
         return responses

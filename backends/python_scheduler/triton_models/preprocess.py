@@ -1,12 +1,22 @@
 """Triton Python-backend model ``preprocess``: encoded image bytes -> float32 [3, 224, 224].
 
-Thin wrapper: the transform is ``tcsched.imaging`` (unit-tested against torchvision). A request whose bytes
-do not decode gets its own error response; the other requests of the batch are served.
+Thin wrapper: the transform is ``tcsched.imaging`` (unit-tested against torchvision, bounded against hostile
+images). Each request of a dynamic batch is decoded on its own: a request whose bytes are not an acceptable
+image gets its own ``INVALID_ARG`` response (HTTP 400, gRPC INVALID_ARGUMENT) naming the batch element and the
+reason; the other requests of the batch are served. An unexpected fault of this model is ``INTERNAL``
+(HTTP 500) for that request alone, its text cleaned of addresses and paths.
 """
 
 import triton_python_backend_utils as pb_utils
 
-from tcsched.imaging import preprocess_batch
+from tcsched.imaging import ImageDecodeError, client_safe_text, preprocess_batch
+
+INPUT_NAME = "IMAGE"
+OUTPUT_NAME = "INPUT"
+
+
+def _error(message: str, code) -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
 class TritonPythonModel:
@@ -14,9 +24,19 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
-                out = preprocess_batch(images)
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("INPUT", out)]))
-            except ValueError as e:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"IMAGE: {e}")))
+                tensor = pb_utils.get_input_tensor_by_name(request, INPUT_NAME)
+                if tensor is None:  # Triton checks the config's inputs; kept for BLS callers
+                    responses.append(
+                        _error(f"missing input {INPUT_NAME!r}", pb_utils.TritonError.INVALID_ARG)
+                    )
+                    continue
+                out = preprocess_batch(tensor.as_numpy())
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUT_NAME, out)]))
+            except ImageDecodeError as e:
+                responses.append(_error(f"{INPUT_NAME}: {e}", pb_utils.TritonError.INVALID_ARG))
+            except Exception as e:  # noqa: BLE001 - a fault here fails this request only, never the batch
+                text = client_safe_text(str(e))
+                responses.append(
+                    _error(f"preprocess failed: {type(e).__name__}: {text}", pb_utils.TritonError.INTERNAL)
+                )
         return responses
