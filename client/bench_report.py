@@ -8,8 +8,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from tcsched.client.bench import ENSEMBLE, BenchResult
+from tcsched.client.bench_results import BenchResult
 from tcsched.client.perf_analyzer import PerfPoint
+from tcsched.client.targets import ENSEMBLE
+from tcsched.jsonio import atomic_write_text
 
 POINT_COLUMNS = [
     "target",
@@ -103,11 +105,9 @@ def write_points_csv(result: BenchResult, path: Path) -> Path:
     return path
 
 
-def markdown(result: BenchResult, plots: Sequence[Path] = ()) -> str:
-    """The report's markdown: headline table, ensemble overhead, every point, bare points, environment."""
+def _header(result: BenchResult) -> list[str]:
     env, cfg = result.environment, result.config
-    variants = cfg.get("variants", [])
-    lines = [
+    return [
         "# tcsched bench",
         "",
         f"{env.get('utc')} on {env.get('cpu_model')} ({env.get('cpus_usable')} usable cores, load "
@@ -122,6 +122,11 @@ def markdown(result: BenchResult, plots: Sequence[Path] = ()) -> str:
         "ONNX Runtime session in-process, same intra-op threads as serving, batch = min(concurrency, max batch). "
         f"Whole run: {result.wall_s:.0f} s.",
         "",
+    ]
+
+
+def _summary_section(result: BenchResult) -> list[str]:
+    lines = [
         "## Served variants vs bare ONNX Runtime, and the ensemble's overhead",
         "",
         "| variant | conc. | served img/s | p50 ms | p99 ms | bare img/s (batch) | served / bare "
@@ -138,7 +143,7 @@ def markdown(result: BenchResult, plots: Sequence[Path] = ()) -> str:
             f"| {_fmt(r.get('pipeline_p50_ms'))} | {_fmt(r.get('ensemble_p50_over_pipeline_p50'), 2)} "
             f"| {_fmt(r.get('scheduler_p50_ms'))} | {_fmt(r.get('scheduler_p50_over_direct_p50'), 2)} |"
         )
-    lines += [
+    return lines + [
         "",
         f"Ensemble = `{ENSEMBLE}` (preprocess: JPEG decode + resize on the server, then scheduler → variant by BLS) "
         "forced to the variant with the request parameter `variant`; the direct variant gets the already "
@@ -148,38 +153,45 @@ def markdown(result: BenchResult, plots: Sequence[Path] = ()) -> str:
         "Scheduler = the `scheduler` model alone, tensor in, variant forced: the Python-backend hop + BLS.",
         "",
     ]
-    if result.overhead:
-        o0 = result.overhead[0]
-        lines += [
-            f"## Scheduler overhead at concurrency 1, targets interleaved ({o0.rounds} rounds)",
-            "",
-            "| variant | direct p50 ms | scheduler p50 ms | pipeline p50 ms | ensemble p50 ms "
-            "| ensemble / pipeline [95% CI] | scheduler / direct [95% CI] | ensemble / direct [95% CI] |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
 
-        def ci(o, k):
-            e = o.ratios.get(k)
-            return f"{e.ratio:.3f} [{e.low:.3f}, {e.high:.3f}]" if e else "–"
 
-        for o in result.overhead:
-            p50 = o.p50_ms
-            lines.append(
-                f"| {o.variant} | {_fmt(p50.get('variant'), 2)} | {_fmt(p50.get('scheduler'), 2)} "
-                f"| {_fmt(p50.get('pipeline'), 2)} | {_fmt(p50.get('ensemble'), 2)} "
-                f"| {ci(o, 'ensemble_over_pipeline')} | {ci(o, 'scheduler_over_direct')} "
-                f"| {ci(o, 'ensemble_over_direct')} |"
-            )
-        lines += [
-            "",
-            "Each round sends one request (batch 1, gRPC, Python tritonclient) to every target in a fresh random "
-            "order, same image for all targets, images cycled over rounds (`tcsched.client.overhead`). Drifts "
-            "of the shared machine fall on all targets alike, so these ratios are steadier than the "
-            "perf_analyzer ones above, which measure one target after the other. CI: paired bootstrap over "
-            "rounds. The client's own cost is in both sides of every ratio.",
-            "",
-        ]
-    lines += [
+def _ci(o, k: str) -> str:
+    e = o.ratios.get(k)
+    return f"{e.ratio:.3f} [{e.low:.3f}, {e.high:.3f}]" if e else "–"
+
+
+def _overhead_section(result: BenchResult) -> list[str]:
+    if not result.overhead:
+        return []
+    lines = [
+        f"## Scheduler overhead at concurrency 1, targets interleaved ({result.overhead[0].rounds} rounds)",
+        "",
+        "| variant | direct p50 ms | scheduler p50 ms | pipeline p50 ms | ensemble p50 ms "
+        "| ensemble / pipeline [95% CI] | scheduler / direct [95% CI] | ensemble / direct [95% CI] |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for o in result.overhead:
+        p50 = o.p50_ms
+        lines.append(
+            f"| {o.variant} | {_fmt(p50.get('variant'), 2)} | {_fmt(p50.get('scheduler'), 2)} "
+            f"| {_fmt(p50.get('pipeline'), 2)} | {_fmt(p50.get('ensemble'), 2)} "
+            f"| {_ci(o, 'ensemble_over_pipeline')} | {_ci(o, 'scheduler_over_direct')} "
+            f"| {_ci(o, 'ensemble_over_direct')} |"
+        )
+    return lines + [
+        "",
+        "Each round sends one request (batch 1, gRPC, Python tritonclient) to every target in a fresh random "
+        "order, same image for all targets, images cycled over rounds (`tcsched.client.overhead`). Drifts "
+        "of the shared machine fall on all targets alike, so these ratios are steadier than the "
+        "perf_analyzer ones above, which measure one target after the other. CI: paired bootstrap over "
+        "rounds. The client's own cost is in both sides of every ratio.",
+        "",
+    ]
+
+
+def _points_section(result: BenchResult) -> list[str]:
+    variants = result.config.get("variants", [])
+    lines = [
         "## Every point",
         "",
         "| target | load | img/s | p50 ms | p90 ms | p99 ms | queue ms | compute in ms | infer ms | out ms "
@@ -196,13 +208,18 @@ def markdown(result: BenchResult, plots: Sequence[Path] = ()) -> str:
             f"| {_fmt(p.network_server_send_recv_ms, 2)} | {'yes' if p.stable else f'at {p.stability_percentage:g}%'} "
             f"| {', '.join(f'{k}: {v}' for k, v in served.items() if v) or '–'} |"
         )
-    lines += [
+    return lines + [
         "",
         "Server-side columns: perf_analyzer's CSV (average per request). For the ensemble they are summed over "
         "the composing models (preprocess, scheduler; the scheduler's infer time includes its BLS call to the "
         "variant), with the queue taken from the composing models' CSVs. Variants served: delta of each "
         "variant model's `inference_count` (Triton statistics API) over the whole perf_analyzer run.",
         "",
+    ]
+
+
+def _bare_section(result: BenchResult) -> list[str]:
+    lines = [
         "## Bare ONNX Runtime sessions",
         "",
         "| variant | batch | threads | img/s | p50 ms/batch | p99 ms/batch | calls |",
@@ -213,11 +230,23 @@ def markdown(result: BenchResult, plots: Sequence[Path] = ()) -> str:
             f"| {b.variant} | {b.batch_size} | {b.threads} | {_fmt(b.img_per_s)} | {_fmt(b.p50_ms, 2)} "
             f"| {_fmt(b.p99_ms, 2)} | {b.calls} |"
         )
+    return lines
+
+
+def markdown(result: BenchResult, plots: Sequence[Path] = ()) -> str:
+    """The report's markdown: headline table, ensemble overhead, every point, bare points, environment."""
+    lines = [
+        *_header(result),
+        *_summary_section(result),
+        *_overhead_section(result),
+        *_points_section(result),
+        *_bare_section(result),
+    ]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     if result.errors:
         lines += ["", "## Errors", ""] + [f"- {e.splitlines()[0]}" for e in result.errors]
-    lines += ["", "## Environment", "", "```json", json.dumps(env, indent=2), "```", ""]
+    lines += ["", "## Environment", "", "```json", json.dumps(result.environment, indent=2), "```", ""]
     return "\n".join(lines)
 
 
@@ -321,10 +350,8 @@ def write_report(result: BenchResult, folder: str | Path) -> list[Path]:
     """Write ``bench.json``, ``points.csv``, the plots and ``report.md`` into ``folder``; returns the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    js = folder / "bench.json"
-    js.write_text(json.dumps(result.as_dict(), indent=2, default=str))
+    js = atomic_write_text(folder / "bench.json", json.dumps(result.as_dict(), indent=2, default=str))
     pts = write_points_csv(result, folder / "points.csv")
     plots = write_plots(result.points, folder)
-    md = folder / "report.md"
-    md.write_text(markdown(result, plots))
+    md = atomic_write_text(folder / "report.md", markdown(result, plots))
     return [js, pts, md, *plots]

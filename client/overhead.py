@@ -1,12 +1,12 @@
 """Scheduler overhead at concurrency 1, measured request by request with the targets interleaved.
 
-perf_analyzer measures one target after another, each for a few windows; on a shared 2-core machine the load of
-the moment moves a concurrency-1 p50 by ~10% between two such runs, which is as large as the overhead being
-measured. Here every round sends one request to each target in a fresh random order (same image for all targets
-in a round, images cycled over rounds), one at a time over gRPC. A drift of the machine then falls on all targets
-alike, and the ratios are ratios of medians taken side by side.
+perf_analyzer measures one target after another, each for a few windows, and a change in the machine's load
+between two such runs moves a concurrency-1 p50 by as much as the overhead being measured (~10% between two runs
+on 2 shared CPU cores). Here every round sends one request to each target in a fresh random order (same image
+for all targets in a round, images cycled over rounds), one at a time over gRPC. A drift of the machine then
+falls on all targets alike, and the ratios are ratios of medians taken side by side.
 
-Targets per variant ``v`` (the names of :func:`tcsched.client.bench.bench_targets`):
+Targets per variant ``v`` (the names of :func:`tcsched.client.targets.bench_targets`):
 
 - ``v``: the variant model called directly with the preprocessed tensor;
 - ``scheduler[v]``: the scheduler model alone, forced to ``v`` (tensor in, one BLS call);
@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from tcsched.client.targets import ENSEMBLE_INPUT, SCHEDULER_INPUT, VARIANT_INPUT, Target
 
 # (numerator kind, denominator kind) -> name in the report
 RATIOS = {
@@ -89,9 +91,25 @@ def summarize(variant: str, times_ms: dict[str, list[float]]) -> OverheadResult:
     )
 
 
+def _request_inputs(t: Target, tensor: np.ndarray, blob: bytes) -> list:
+    """The gRPC inputs of one request to ``t``: the tensor (variant, scheduler) or the encoded image."""
+    import tritonclient.grpc as grpcclient
+
+    if t.kind in ("variant", "scheduler"):
+        x = np.ascontiguousarray(tensor[None], dtype=np.float32)
+        inp = grpcclient.InferInput(
+            VARIANT_INPUT if t.kind == "variant" else SCHEDULER_INPUT, list(x.shape), "FP32"
+        )
+    else:
+        x = np.array([[blob]], dtype=object)
+        inp = grpcclient.InferInput(ENSEMBLE_INPUT, [1, 1], "BYTES")
+    inp.set_data_from_numpy(x)
+    return [inp]
+
+
 def measure_overhead(
     url: str,
-    targets: Sequence,
+    targets: Sequence[Target],
     tensors: Sequence[np.ndarray],
     blobs: Sequence[bytes],
     rounds: int = 200,
@@ -99,8 +117,8 @@ def measure_overhead(
     seed: int = 0,
     on_round: Callable[[int], None] | None = None,
 ) -> list[OverheadResult]:
-    """Interleaved concurrency-1 latency of ``targets`` (:class:`tcsched.client.bench.Target` of kinds variant,
-    scheduler, pipeline, ensemble, each with a ``variant``), over gRPC at ``url``.
+    """Interleaved concurrency-1 latency of ``targets`` (:class:`~tcsched.client.targets.Target` of kinds
+    variant, scheduler, pipeline, ensemble, each with a ``variant``), over gRPC at ``url``.
 
     Args:
         tensors: preprocessed float32 [3, H, W] images (variant and scheduler targets).
@@ -116,8 +134,6 @@ def measure_overhead(
     """
     import tritonclient.grpc as grpcclient
 
-    from tcsched.client.bench import ENSEMBLE_INPUT, SCHEDULER_INPUT, VARIANT_INPUT
-
     targets = [
         t
         for t in targets
@@ -130,22 +146,10 @@ def measure_overhead(
     if not tensors or len(tensors) != len(blobs):
         raise ValueError(f"need as many tensors as encoded images, got {len(tensors)} and {len(blobs)}")
     client = grpcclient.InferenceServerClient(url)
-
-    def inputs(t, i: int):
-        if t.kind in ("variant", "scheduler"):
-            x = np.ascontiguousarray(tensors[i][None], dtype=np.float32)
-            inp = grpcclient.InferInput(
-                VARIANT_INPUT if t.kind == "variant" else SCHEDULER_INPUT, list(x.shape), "FP32"
-            )
-            inp.set_data_from_numpy(x)
-        else:
-            x = np.array([[blobs[i]]], dtype=object)
-            inp = grpcclient.InferInput(ENSEMBLE_INPUT, [1, 1], "BYTES")
-            inp.set_data_from_numpy(x)
-        return [inp]
-
     # requests are built before the clock starts: what is timed is the call
-    prepared = {t.name: [inputs(t, i) for i in range(len(tensors))] for t in targets}
+    prepared = {
+        t.name: [_request_inputs(t, x, b) for x, b in zip(tensors, blobs, strict=True)] for t in targets
+    }
     times: dict[str, list[float]] = {t.name: [] for t in targets}
     rng = random.Random(seed)
     order = list(targets)

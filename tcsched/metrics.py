@@ -34,11 +34,36 @@ def mean_kl(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
 
 
+class SqnrAccumulator:
+    """Signal-to-quantization-noise ratio over batches: 10 log10(sum ref^2 / sum (ref - cand)^2), dB, with
+    float64 sums, so that a long run need not hold every batch. ``db`` is inf when nothing differs and -inf
+    when the reference is all zero but the candidate is not."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+
+    def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        """Add one batch: ``ref`` and ``cand`` of the same number of elements (any shape, any float dtype)."""
+        r = ref.astype(np.float64, copy=False).ravel()
+        d = r - cand.ravel()
+        self.signal += float(np.dot(r, r))
+        self.noise += float(np.dot(d, d))
+
+    @property
+    def db(self) -> float:
+        if self.noise == 0:
+            return math.inf
+        if self.signal == 0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal / self.noise)
+
+
 def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio, dB: 10 log10(sum ref^2 / sum (ref - cand)^2) (inf when equal)."""
-    noise = float(np.sum((reference.astype(np.float64) - candidate) ** 2))
-    signal = float(np.sum(reference.astype(np.float64) ** 2))
-    return math.inf if noise == 0 else 10.0 * math.log10(signal / noise)
+    """Signal-to-quantization-noise ratio, dB, of one pair of arrays (see :class:`SqnrAccumulator`)."""
+    acc = SqnrAccumulator()
+    acc.add(reference, candidate)
+    return acc.db
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

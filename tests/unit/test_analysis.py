@@ -12,7 +12,6 @@ from rich.console import Console
 from tcsched.build_tools.analysis import (
     AnalysisReport,
     LayerGeometry,
-    _SqnrAccumulator,
     activation_qparams,
     analyze,
     build_probe_model,
@@ -30,6 +29,7 @@ from tcsched.build_tools.analysis import (
     rule_sparse24,
     short_name,
 )
+from tcsched.metrics import SqnrAccumulator as _SqnrAccumulator
 from tcsched.metrics import sqnr_db
 from tests.helpers import tiny_layered_classifier
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-import tcsched.client.perf_analyzer as pa
+import tcsched.client.perf_analyzer.parsers as pa
 from tcsched.client.bench import BenchConfig, bench_targets, ramp_targets, serving_threads
 from tcsched.client.perf_analyzer import (
     ModelStats,

@@ -1,0 +1,158 @@
+"""The bench's options (:class:`BenchConfig`) and results (:class:`BenchResult`, with its headline summary)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tcsched.client.bare import BarePoint
+from tcsched.client.overhead import OverheadResult
+from tcsched.client.perf_analyzer import PerfPoint
+from tcsched.client.pipelines import pipeline_name
+from tcsched.client.targets import ENSEMBLE, SCHEDULER, Target
+
+
+@dataclass
+class BenchConfig:
+    """Options of one bench run. Times in ms unless named otherwise; rates in requests per second."""
+
+    repo: Path = Path("model_repository")
+    output: Path = Path("reports/bench")
+    url: str | None = None  # gRPC host:port of a running server; None: start one on ``repo``
+    data_dir: Path | None = None  # labeled/plain image folder; None: scikit-image's default photos
+    n_images: int = 16
+    variants: tuple[str, ...] | None = None  # default: every variant the manifest serves for speed here
+    scheduler: bool = True  # also the ensemble with the scheduler's own choice
+    concurrency: tuple[int, ...] = (1, 4, 8)
+    request_rates: tuple[float, ...] | None = None  # absolute; None: rate_fractions of the slowest target
+    rate_fractions: tuple[float, ...] = (0.5, 0.8)
+    measurement_interval_ms: int = 2000
+    stability_percentage: float = 15.0
+    max_trials: int = 6
+    bare: bool = True
+    warmup: bool = True
+    timeout_s: float = 240.0
+    overhead_rounds: int = 200  # interleaved concurrency-1 overhead measurement (client/overhead.py); 0: skip
+
+    def validate(self) -> None:
+        """Raises ValueError on any bad option, before anything starts."""
+        if not self.concurrency:
+            raise ValueError("need at least one concurrency level")
+        for c in self.concurrency:
+            if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+                raise ValueError(f"concurrency levels must be integers >= 1, got {c!r}")
+        for r in self.request_rates or ():
+            if not (math.isfinite(r) and r > 0):
+                raise ValueError(f"request rates must be finite numbers > 0 (req/s), got {r!r}")
+        for f in self.rate_fractions:
+            if not (0 < f <= 2):
+                raise ValueError(f"rate fractions must be in (0, 2], got {f!r}")
+        if self.n_images < 1:
+            raise ValueError(f"n_images must be >= 1, got {self.n_images}")
+        if self.measurement_interval_ms < 200:
+            raise ValueError(f"measurement interval must be >= 200 ms, got {self.measurement_interval_ms}")
+        if not (0 < self.stability_percentage <= 1000):
+            raise ValueError(f"stability percentage must be in (0, 1000], got {self.stability_percentage}")
+        if self.overhead_rounds != 0 and self.overhead_rounds < 2:
+            raise ValueError(f"overhead_rounds must be 0 (skip) or >= 2, got {self.overhead_rounds}")
+        if self.max_trials < 3:
+            raise ValueError(f"max_trials must be >= 3, got {self.max_trials}")
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise ValueError(f"image folder {self.data_dir} does not exist")
+        if not (Path(self.repo) / "manifest.json").is_file():
+            raise ValueError(
+                f"{self.repo} is not a tcsched model repository (no manifest.json): run `tcsched build` "
+                "(the bench reads variant names and ONNX files from it, also with --url)"
+            )
+        if self.url is not None and not re.fullmatch(r"[^\s:/]+:\d{1,5}", self.url):
+            raise ValueError(f"--url must be host:port of the server's gRPC endpoint, got {self.url!r}")
+
+
+@dataclass
+class BenchResult:
+    """Everything one run measured: perf_analyzer points, bare points, the environment and the config."""
+
+    config: dict
+    environment: dict
+    targets: list[Target]
+    points: list[PerfPoint]
+    bare: list[BarePoint]
+    errors: list[str]
+    wall_s: float
+    overhead: list[OverheadResult] = field(default_factory=list)
+
+    def point(self, target: str, mode: str, load: float) -> PerfPoint | None:
+        for p in self.points:
+            if p.target == target and p.mode == mode and abs(p.load - load) < 1e-9:
+                return p
+        return None
+
+    def bare_point(self, variant: str, batch_size: int) -> BarePoint | None:
+        return next((b for b in self.bare if b.variant == variant and b.batch_size == batch_size), None)
+
+    def summary(self) -> dict:
+        """The headline figures: per variant and concurrency, served img/s, p50/p99, bare img/s at the same
+        batch (``min(c, max_batch_size)``), served/bare; ensemble-forced p50 / direct p50."""
+        rows = []
+        max_b = int(self.config.get("max_batch_size", 8))
+        for t in self.targets:
+            if t.kind != "variant":
+                continue
+            for c in self.config["concurrency"]:
+                p = self.point(t.name, "concurrency", c)
+                ens = self.point(f"{ENSEMBLE}[{t.name}]", "concurrency", c)
+                sch = self.point(f"{SCHEDULER}[{t.name}]", "concurrency", c)
+                pipe = self.point(pipeline_name(t.name), "concurrency", c)
+                bare = self.bare_point(t.name, min(c, max_b))
+                rows.append(
+                    {
+                        "variant": t.name,
+                        "concurrency": c,
+                        "served_img_per_s": p.throughput_infer_per_s if p else None,
+                        "served_p50_ms": p.p50_ms if p else None,
+                        "served_p99_ms": p.p99_ms if p else None,
+                        "bare_batch": min(c, max_b),
+                        "bare_img_per_s": bare.img_per_s if bare else None,
+                        "served_over_bare": (
+                            p.throughput_infer_per_s / bare.img_per_s
+                            if p and bare and bare.img_per_s
+                            else None
+                        ),
+                        "ensemble_img_per_s": ens.throughput_infer_per_s if ens else None,
+                        "ensemble_p50_ms": ens.p50_ms if ens else None,
+                        "ensemble_p99_ms": ens.p99_ms if ens else None,
+                        "ensemble_p50_over_direct_p50": (
+                            ens.p50_ms / p.p50_ms if ens and p and ens.p50_ms and p.p50_ms else None
+                        ),
+                        "pipeline_p50_ms": pipe.p50_ms if pipe else None,
+                        # the scheduler's overhead on the same JPEG request: classifier[v] vs preprocess -> v
+                        "ensemble_p50_over_pipeline_p50": (
+                            ens.p50_ms / pipe.p50_ms if ens and pipe and ens.p50_ms and pipe.p50_ms else None
+                        ),
+                        "scheduler_p50_ms": sch.p50_ms if sch else None,
+                        "scheduler_p50_over_direct_p50": (
+                            sch.p50_ms / p.p50_ms if sch and p and sch.p50_ms and p.p50_ms else None
+                        ),
+                        "ensemble_over_bare": (
+                            ens.throughput_infer_per_s / bare.img_per_s
+                            if ens and bare and bare.img_per_s
+                            else None
+                        ),
+                    }
+                )
+        return {"by_variant": rows}
+
+    def as_dict(self) -> dict:
+        return {
+            "config": self.config,
+            "environment": self.environment,
+            "targets": [asdict(t) for t in self.targets],
+            "summary": self.summary(),
+            "points": [p.as_dict() for p in self.points],
+            "bare": [asdict(b) for b in self.bare],
+            "overhead": [asdict(o) for o in self.overhead],
+            "errors": self.errors,
+            "wall_s": self.wall_s,
+        }

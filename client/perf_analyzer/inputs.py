@@ -1,0 +1,57 @@
+"""perf_analyzer ``--input-data`` files: JSON with base64 content, one step per request (round robin)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def write_tensor_input_data(path: str | os.PathLike, input_name: str, tensors: Sequence) -> Path:
+    """perf_analyzer ``--input-data`` JSON for a float32 tensor input: one step per tensor (round robin).
+
+    Args:
+        tensors: numpy float32 arrays, each one request's data without the batch dimension (e.g. [3,224,224]).
+
+    Raises:
+        ValueError: no tensors, or a tensor that is not float32.
+    """
+
+    if not tensors:
+        raise ValueError("need at least one tensor for --input-data")
+    steps = []
+    for t in tensors:
+        if str(t.dtype) != "float32":
+            raise ValueError(f"tensor input data must be float32, got {t.dtype}")
+        steps.append({input_name: {"b64": _b64(t.tobytes(order="C")), "shape": list(t.shape)}})
+    path = Path(path)
+    path.write_text(json.dumps({"data": steps}))
+    return path
+
+
+def write_bytes_input_data(path: str | os.PathLike, input_name: str, blobs: Sequence[bytes]) -> Path:
+    """perf_analyzer ``--input-data`` JSON for a BYTES input of shape [1]: one encoded file per step.
+
+    perf_analyzer copies ``b64`` content verbatim into the request's raw tensor, and Triton's raw BYTES format
+    is a 4-byte little-endian length then the bytes; so each element is ``len32 || bytes``, base64-encoded.
+
+    Raises:
+        ValueError: no blobs, or an empty one.
+    """
+
+    if not blobs:
+        raise ValueError("need at least one element for --input-data")
+    steps = []
+    for b in blobs:
+        if not b:
+            raise ValueError("empty element in BYTES input data")
+        steps.append({input_name: {"b64": _b64(len(b).to_bytes(4, "little") + bytes(b)), "shape": [1]}})
+    path = Path(path)
+    path.write_text(json.dumps({"data": steps}))
+    return path
