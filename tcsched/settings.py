@@ -42,11 +42,6 @@ class SchedulerSettings(BaseModel):
     default_objective: ObjectiveSetting = Field(
         default="", description="'': max_accuracy with a latency budget, else min_latency"
     )
-    drift_margin: float = Field(
-        default=0.25,
-        ge=0,
-        description="widening of the calibration ranges for the drift check of single-variant choices, x width",
-    )
     latency_headroom: float = Field(
         default=0.7,
         gt=0,

@@ -1,6 +1,5 @@
 """Execution scheduling: what the scheduler observes online. Plain Python (numpy), no Triton import.
 
-- :func:`drift_check`: a cheap test of one preprocessed image against the calibration statistics in the manifest.
 - :class:`LoadTracker`: requests in flight, an EWMA of each variant's observed BLS time relative to the build's
   profile, and an EWMA of the scheduler's own execute time (the wait a newly arriving request sees).
 - :class:`UpstreamProbe`: the time requests spent recently in the models before the scheduler (``preprocess``:
@@ -19,63 +18,9 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from tcsched.imaging import IMAGENET_MEAN, IMAGENET_STD
-from tcsched.manifest import InputStatistics
 from tcsched.settings import DEFAULTS
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DriftResult:
-    """``out_of_distribution`` with the reason (which statistic, its value, the accepted range)."""
-
-    out_of_distribution: bool
-    reason: str = ""
-
-
-def saturated_fraction(x: np.ndarray) -> float:
-    """Fraction of the values of a preprocessed image (float32 [3, H, W]) that were pixel 0 or 255 before the
-    ImageNet normalisation (clipped highlights/shadows, flat synthetic backgrounds)."""
-    mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
-    std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
-    lo, hi = -mean / std, (1 - mean) / std
-    tol = 0.5 / 255 / std
-    return float(np.mean((np.abs(x - lo) < tol) | (np.abs(x - hi) < tol)))
-
-
-def drift_check(
-    x: np.ndarray, stats: InputStatistics | None, margin: float = DEFAULTS.drift_margin
-) -> DriftResult:
-    """Is one preprocessed image (float32 [3, H, W], ImageNet-normalised) outside the calibration distribution?
-
-    Three cheap statistics (~0.3 ms), each against the calibration images' 1st-99th percentile range widened by
-    ``margin`` times its width on both sides: the image's mean (very dark or bright), its standard deviation
-    (flat, non-natural images), and its fraction of saturated values (> the calibration's 99th percentile + 0.25,
-    and at least 0.5). Manifests without percentiles fall back to the min-max ranges. The statistics are taken
-    on every 4th pixel in each direction (the calibration's on whole images).
-    """
-    if stats is None:
-        return DriftResult(False)
-    x = x[:, ::4, ::4]  # every 4th pixel each way: the same statistics at 1/16 of the cost (~0.02 ms)
-    checks = (
-        ("mean", float(x.mean()), stats.image_mean_p01_p99 or stats.image_mean_range),
-        ("std", float(x.std()), stats.image_std_p01_p99 or stats.image_std_range),
-    )
-    for what, value, (lo, hi) in checks:
-        w = (hi - lo) * margin
-        if not lo - w <= value <= hi + w:
-            return DriftResult(
-                True, f"image {what} {value:.2f} outside calibration range [{lo - w:.2f}, {hi + w:.2f}]"
-            )
-    if stats.saturated_fraction_p99 is not None:
-        limit = max(0.5, stats.saturated_fraction_p99 + 0.25)
-        sat = saturated_fraction(x)
-        if sat > limit:
-            return DriftResult(True, f"{sat:.0%} of the pixels saturated (calibration: <= {limit:.0%})")
-    return DriftResult(False)
 
 
 @dataclass
@@ -91,8 +36,7 @@ class LoadTracker:
     its batch starts (one scheduler instance executes one batch at a time).
     ``arrival_per_ms``: images that reached the scheduler in the last ``arrival_window_ms``, per ms. A sliding
     window, not a per-execute rate: under a closed-loop load the gaps between executes vary 10x, and a rate
-    taken per gap swings with them. (The 3-6% of requests the scheduler still sends to fp32 in `tcsched ramp`
-    come from the drift check, one out-of-distribution image of the 32, not from this estimate.)
+    taken per gap swings with them.
     """
 
     alpha: float = DEFAULTS.latency_ewma_alpha

@@ -36,9 +36,8 @@ Predicted latency of variant v for a batch of B images = queue + service:
 
 Rules, in order:
   1. ``variant`` given: that variant (unknown name -> error naming the known ones).
-  2. candidates = healthy variants that the runtime executes natively (not emulated: fp16 on a CPU is out);
-     when the input is out of the calibration distribution (:func:`tcsched.scheduler.live.drift_check`), INT8
-     variants (int8, int8_mixed) are dropped from the candidates: their ranges were calibrated on other data.
+  2. candidates = healthy variants that the runtime executes natively (not emulated: fp16 on a CPU is out) and
+     that are on the build's accuracy-latency front (:meth:`Policy.servable`).
   3. ``min_latency``: the fastest candidate whose measured top-1 drop <= ``accuracy_budget``.
      ``max_accuracy``: the most accurate candidate (highest measured top-1 agreement with fp32, then lowest
      KL; within the accuracy budget) whose predicted latency, plus
@@ -59,13 +58,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tcsched.manifest import CascadeProfile, Manifest, OperatingPoint, VariantEntry
-from tcsched.scheduler.live import DriftResult, LoadTracker
+from tcsched.scheduler.live import LoadTracker
 from tcsched.settings import DEFAULTS, SchedulerSettings
 
 Objective = Literal["min_latency", "max_accuracy"]
 OBJECTIVES = ("min_latency", "max_accuracy")
 KNOWN_PARAMETERS = ("variant", "min_agreement", "accuracy_budget", "latency_budget_ms", "objective")
-INT8_PRECISIONS = ("int8", "int8_mixed")
 QUOTE_LIMIT = 60  # characters of a client-supplied value quoted back in an error message
 
 
@@ -437,7 +435,6 @@ class Policy:
         batch_size: int = 1,
         now: float | None = None,
         load: LoadTracker | None = None,
-        drift: DriftResult | None = None,
         upstream_ms: float = 0.0,
     ) -> list[Decision]:
         """Every usable variant, best first, each with the reason it holds that place.
@@ -465,12 +462,6 @@ class Policy:
         if opts.min_agreement is not None and m.cascades:
             return self._rank_cascades(opts, batch_size, now, load, upstream_ms)
         usable = [e for e in m.variants if self.servable(e)]
-        ood_note = ""
-        if drift is not None and drift.out_of_distribution:
-            safe = [e for e in usable if e.precision not in INT8_PRECISIONS]
-            if safe:
-                usable = safe
-                ood_note = f"; input out of distribution ({drift.reason}): INT8 variants avoided"
         healthy = [e for e in usable if self.state.healthy(e.name, now)]
         pool = healthy or usable  # all unhealthy: try anyway rather than fail
         lat = {e.name: predict(e) for e in pool}
@@ -489,15 +480,14 @@ class Policy:
         # budget's filter.
         by_accuracy = sorted(pool, key=lambda e: (-self._agreement(e), self._kl(e), self._drop(e), speed(e)))
         ordered: list[Decision] = []
-        code_sfx = "_ood" if ood_note else ""
         if opts.resolved_objective == "min_latency":
             for e in sorted(within_acc, key=speed):
                 ordered.append(
                     Decision(
                         e.name,
-                        f"fastest within accuracy budget {budget:g} points{ood_note}",
+                        f"fastest within accuracy budget {budget:g} points",
                         lat[e.name],
-                        "min_latency" + code_sfx,
+                        "min_latency",
                     )
                 )
             if not ordered:
@@ -505,9 +495,9 @@ class Policy:
                 ordered.append(
                     Decision(
                         e.name,
-                        f"no variant within accuracy budget {budget:g} points: most accurate{ood_note}",
+                        f"no variant within accuracy budget {budget:g} points: most accurate",
                         lat[e.name],
-                        "degraded_accuracy" + code_sfx,
+                        "degraded_accuracy",
                     )
                 )
         else:
@@ -521,16 +511,16 @@ class Policy:
             ]
             for e in fits:
                 why = "most accurate" + ("" if lb is None else f" within latency budget {lb:g} ms{up_note}")
-                ordered.append(Decision(e.name, why + ood_note, lat[e.name], "max_accuracy" + code_sfx))
+                ordered.append(Decision(e.name, why, lat[e.name], "max_accuracy"))
             if not ordered:
                 fallback = sorted(within_acc, key=speed) or sorted(pool, key=speed)
                 e = fallback[0]
                 ordered.append(
                     Decision(
                         e.name,
-                        f"no variant within latency budget {lb:g} ms{up_note}: fastest acceptable{ood_note}",
+                        f"no variant within latency budget {lb:g} ms{up_note}: fastest acceptable",
                         lat[e.name],
-                        "degraded_latency" + code_sfx,
+                        "degraded_latency",
                     )
                 )
         seen = {d.variant for d in ordered}

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tcsched.confidence import confidence_margin
-from tcsched.manifest import InputStatistics, Manifest
-from tcsched.scheduler.live import DriftResult, LoadTracker, Periodic, drift_check
+from tcsched.manifest import Manifest
+from tcsched.scheduler.live import LoadTracker, Periodic
 from tcsched.scheduler.policy import (
     Decision,
     LiveState,
@@ -51,7 +51,6 @@ class Served:
     decision: Decision
     fallback_from: str | None = None
     infer_ms: float = 0.0
-    drift: DriftResult | None = None
     upstream_ms: float = 0.0
     stage: np.ndarray | None = None
     margin: np.ndarray | None = None
@@ -65,7 +64,7 @@ class Served:
         """Row ``row``'s decision as one JSON object (the DECISION output): variant (the one that answered the
         row), reason, code, cascade (label or null), escalated, confidence_margin (first stage's softmax top-1
         minus top-2), threshold (first stage's), target and expected agreement, escalation note, predicted and
-        observed latency (ms), time already spent upstream (ms), fallback origin, drift."""
+        observed latency (ms), time already spent upstream (ms), fallback origin."""
         import json
 
         d = self.decision
@@ -90,7 +89,6 @@ class Served:
                 "observed_bls_ms": round(self.infer_ms, 3),
                 "upstream_ms": round(self.upstream_ms, 3),
                 "fallback_from": self.fallback_from,
-                "out_of_distribution": bool(self.drift and self.drift.out_of_distribution),
             }
         )
 
@@ -104,19 +102,17 @@ class Events:
 
     def decision(self, variant: str, code: str, n: int) -> None: ...
     def fallback(self, from_variant: str, to_variant: str, n: int) -> None: ...
-    def drift(self, n: int) -> None: ...
     def latency(self, variant: str, observed_ms: float, predicted_ms: float | None) -> None: ...
     def escalation(self, cascade: str, n: int) -> None: ...
 
 
 @dataclass
 class MetricsSnapshot:
-    """Events summed since the last flush: counts per (variant, reason code) and per (from, to) fallback, drift
-    detections, and per variant the BLS latency (last and sum, ms; call count) and the last predicted latency (ms)."""
+    """Events summed since the last flush: counts per (variant, reason code) and per (from, to) fallback, escalations
+    per cascade, and per variant the BLS latency (last and sum, ms; call count) and the last predicted latency (ms)."""
 
     decisions: dict[tuple[str, str], int] = field(default_factory=dict)
     fallbacks: dict[tuple[str, str], int] = field(default_factory=dict)
-    drift: int = 0
     escalations: dict[str, int] = field(default_factory=dict)
     bls_last_ms: dict[str, float] = field(default_factory=dict)
     bls_sum_ms: dict[str, float] = field(default_factory=dict)
@@ -124,7 +120,7 @@ class MetricsSnapshot:
     predicted_last_ms: dict[str, float] = field(default_factory=dict)
 
     def empty(self) -> bool:
-        return not (self.decisions or self.fallbacks or self.drift or self.bls_calls or self.escalations)
+        return not (self.decisions or self.fallbacks or self.bls_calls or self.escalations)
 
 
 class BatchedEvents(Events):
@@ -159,10 +155,6 @@ class BatchedEvents(Events):
         with self._lock:
             f = self._snap.fallbacks
             f[from_variant, to_variant] = f.get((from_variant, to_variant), 0) + n
-
-    def drift(self, n: int) -> None:
-        with self._lock:
-            self._snap.drift += n
 
     def escalation(self, cascade: str, n: int) -> None:
         with self._lock:
@@ -203,8 +195,6 @@ class SchedulerService:
         infer: InferFn,
         max_attempts: int = DEFAULTS.max_attempts,
         load: LoadTracker | None = None,
-        input_statistics: InputStatistics | None = None,
-        drift_margin: float = DEFAULTS.drift_margin,
         events: Events | None = None,
         upstream_ms: Callable[[], float] | None = None,
     ):
@@ -213,8 +203,6 @@ class SchedulerService:
         self.infer = infer
         self.max_attempts = max_attempts
         self.load = load or LoadTracker()
-        self.input_statistics = input_statistics
-        self.drift_margin = drift_margin
         self.events = events or Events()
         # time requests already spent before the scheduler (ms), e.g. UpstreamProbe.wait_ms; None: 0
         self.upstream_ms = upstream_ms
@@ -246,18 +234,9 @@ class SchedulerService:
                 arrival_window_ms=settings.arrival_window_ms,
                 offset_ttl_s=settings.offset_ttl_s,
             ),
-            input_statistics=manifest.input_statistics,
-            drift_margin=settings.drift_margin,
             events=events,
             upstream_ms=upstream_ms,
         )
-
-    def _drift(self, x: np.ndarray) -> DriftResult:
-        for row in x:
-            d = drift_check(row, self.input_statistics, self.drift_margin)
-            if d.out_of_distribution:
-                return d
-        return DriftResult(False)
 
     def handle(self, requests: Sequence[tuple[Mapping[str, object], np.ndarray]]) -> list[Served | Exception]:
         """Serve a batch of requests; element ``i`` of the result answers request ``i``.
@@ -267,40 +246,28 @@ class SchedulerService:
         """
         t_exec = time.perf_counter()
         out: list[Served | Exception | None] = [None] * len(requests)
-        groups: dict[tuple[RequestOptions, DriftResult], list[int]] = {}
-        n_drift = 0
-        cascades = bool(self.policy.manifest.cascades)
-        for i, (params, x) in enumerate(requests):
+        groups: dict[RequestOptions, list[int]] = {}
+        for i, (params, _) in enumerate(requests):
             try:
                 opts = parse_parameters(params, self.defaults)
             except RequestError as e:
                 out[i] = e
                 continue
-            # the drift check guards single-variant INT8 choices; a cascade's own confidence margin covers them
-            use_drift = opts.variant is None and not (cascades and opts.min_agreement is not None)
-            drift = self._drift(x) if use_drift else DriftResult(False)
-            n_drift += drift.out_of_distribution
-            groups.setdefault((opts, drift), []).append(i)
-        if n_drift:
-            self.events.drift(n_drift)
+            groups.setdefault(opts, []).append(i)
 
         up = self.upstream_ms() if self.upstream_ms is not None else 0.0
-        for (opts, drift), idx in groups.items():
-            self._serve_group(requests, idx, opts, drift, up, out)
+        for opts, idx in groups.items():
+            self._serve_group(requests, idx, opts, up, out)
         images = sum(len(x) for _, x in requests)
         self.load.observe_execute((time.perf_counter() - t_exec) * 1e3, images, t_exec)
         return out  # type: ignore[return-value]
 
-    def _serve_group(
-        self, requests, idx: list[int], opts: RequestOptions, drift: DriftResult, up: float, out
-    ):
+    def _serve_group(self, requests, idx: list[int], opts: RequestOptions, up: float, out):
         """One decision for the requests ``idx`` (same options), one BLS call per stage; results into ``out``."""
         t_group = time.perf_counter()
         batch = requests[idx[0]][1] if len(idx) == 1 else np.concatenate([requests[i][1] for i in idx])
         try:
-            ranked = self.policy.rank(
-                opts, batch_size=len(batch), load=self.load, drift=drift, upstream_ms=up
-            )
+            ranked = self.policy.rank(opts, batch_size=len(batch), load=self.load, upstream_ms=up)
         except RequestError as e:
             for i in idx:
                 out[i] = e
@@ -328,7 +295,6 @@ class SchedulerService:
                     decision,
                     attempts[0].variant if k else None,
                     ms,
-                    drift,
                     up,
                     stage=None if stage is None else stage[rows],
                     margin=None if margin is None else margin[rows],

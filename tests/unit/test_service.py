@@ -81,7 +81,7 @@ def test_batched_events_sum_between_flushes_and_reach_the_sink_on_close():
     ev.decision("m_int8", "min_latency", 2)
     ev.decision("m_int8", "min_latency", 3)
     ev.fallback("m_int8", "m_fp32", 1)
-    ev.drift(1)
+    ev.escalation("int8>fp32", 1)
     ev.latency("m_int8", 4.0, 3.0)
     ev.latency("m_int8", 6.0, None)
     ev.flush()
@@ -91,7 +91,11 @@ def test_batched_events_sum_between_flushes_and_reach_the_sink_on_close():
     assert len(snaps) == 2
     s = snaps[0]
     assert s.decisions == {("m_int8", "min_latency"): 5} and s.fallbacks == {("m_int8", "m_fp32"): 1}
-    assert s.drift == 1 and s.bls_calls == {"m_int8": 2} and s.bls_sum_ms == {"m_int8": 10.0}
+    assert (
+        s.escalations == {"int8>fp32": 1}
+        and s.bls_calls == {"m_int8": 2}
+        and s.bls_sum_ms == {"m_int8": 10.0}
+    )
     assert s.bls_last_ms == {"m_int8": 6.0} and s.predicted_last_ms == {"m_int8": 3.0}
     assert snaps[1].decisions == {("m_fp32", "forced"): 1}
     with pytest.raises(ValueError, match="flush_interval_s"):
@@ -113,15 +117,15 @@ def test_batched_events_flush_from_their_thread_and_survive_a_failing_sink():
         got.set()
 
     ev = BatchedEvents(sink, flush_interval_s=0.01)
-    ev.drift(1)
+    ev.escalation("c", 1)
     for _ in range(200):  # wait for the first (failing) flush
         if calls:
             break
         threading.Event().wait(0.01)
-    ev.drift(2)
+    ev.escalation("c", 2)
     assert got.wait(5), "the thread stopped after the sink failed"
     ev.close()
-    assert [c.drift for c in calls] == [1, 2]
+    assert [c.escalations["c"] for c in calls] == [1, 2]
 
 
 def test_upstream_time_reaches_the_policy_and_the_decision():

@@ -1,10 +1,10 @@
 """Triton Python-backend model ``scheduler``: picks a variant per request and calls it by BLS.
 
-Thin wrapper around ``tcsched.scheduler.service`` (grouping, drift check, fallback, load tracking) and
+Thin wrapper around ``tcsched.scheduler.service`` (grouping, cascades, fallback, load tracking) and
 ``tcsched.scheduler.policy`` (the decision rules); both are plain Python, unit-tested without Triton.
 Outputs ``LOGITS``, ``VARIANT`` (the name of the variant that answered the row) and ``DECISION`` (JSON: variant,
-reason, code, cascade, escalated, confidence margin, threshold, predicted latency, observed BLS time, fallback,
-drift), one per batch row. Settings come from this model's config.pbtxt parameters
+reason, code, cascade, escalated, confidence margin, threshold, predicted latency, observed BLS time, fallback),
+one per batch row. Settings come from this model's config.pbtxt parameters
 (``tcsched.settings.SchedulerSettings``, read in one call). Bad request parameters are answered with
 INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT). Custom metrics appear on Triton's metrics port with the ``tcsched_`` prefix.
 """
@@ -36,9 +36,6 @@ class _Metrics:
         self.f_fallbacks = pb_utils.MetricFamily(
             "tcsched_fallbacks_total", "requests served by a fallback variant", C
         )
-        self.f_drift = pb_utils.MetricFamily(
-            "tcsched_drift_detections_total", "out-of-distribution requests", C
-        )
         self.f_observed = pb_utils.MetricFamily(
             "tcsched_observed_latency_ms", "last BLS time of a variant, ms", G
         )
@@ -68,8 +65,6 @@ class _Metrics:
             self._get(self.f_decisions, variant=variant, reason=code).increment(n)
         for (src, dst), n in s.fallbacks.items():
             self._get(self.f_fallbacks, from_variant=src, to_variant=dst).increment(n)
-        if s.drift:
-            self._get(self.f_drift).increment(s.drift)
         for cascade, n in s.escalations.items():
             self._get(self.f_escalations, cascade=cascade).increment(n)
         for variant, n in s.bls_calls.items():
