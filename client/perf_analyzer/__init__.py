@@ -5,9 +5,9 @@ Results come from files, never from perf_analyzer's stdout: the CSV latency repo
 export (:mod:`.parsers`), and Triton's statistics API read before and after a run (:mod:`.stats`).
 
 Modules: :mod:`.binary` (the binary and its environment), :mod:`.inputs` (``--input-data`` files),
-:mod:`.parsers` (CSV report, profile export), :mod:`.stats` (statistics API), :mod:`.runner` (one load level,
-:class:`LoadSpec`, :func:`run_load` / :func:`run_perf_analyzer`). The names below are the public API; import
-them from this package.
+:mod:`.parsers` (CSV report, profile export), :mod:`.stats` (statistics API), :mod:`.command`
+(:class:`LoadSpec` and the command line), :mod:`.runner` (one measured level: :func:`run_load` /
+:func:`run_perf_analyzer`). The names below are the public API; import them from this package.
 """
 
 from tcsched.client.perf_analyzer.binary import (
@@ -16,6 +16,13 @@ from tcsched.client.perf_analyzer.binary import (
     find_perf_analyzer,
     perf_analyzer_env,
     perf_analyzer_version,
+)
+from tcsched.client.perf_analyzer.command import (
+    LoadSpec,
+    build_command,
+    perf_analyzer_command,
+    run_command,
+    warm_up,
 )
 from tcsched.client.perf_analyzer.inputs import write_bytes_input_data, write_tensor_input_data
 from tcsched.client.perf_analyzer.parsers import (
@@ -30,17 +37,7 @@ from tcsched.client.perf_analyzer.parsers import (
     parse_profile_export,
     within_budget_share,
 )
-from tcsched.client.perf_analyzer.runner import (
-    UNSTABLE_MARKER,
-    LoadSpec,
-    PerfPoint,
-    build_command,
-    perf_analyzer_command,
-    run_command,
-    run_load,
-    run_perf_analyzer,
-    warm_up,
-)
+from tcsched.client.perf_analyzer.runner import UNSTABLE_MARKER, PerfPoint, run_load, run_perf_analyzer
 from tcsched.client.perf_analyzer.stats import (
     ModelStats,
     Protocol,
