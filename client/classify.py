@@ -1,7 +1,7 @@
 """Client side: classify encoded images through the ``classifier`` ensemble with tritonclient (HTTP or gRPC).
 
-Request knobs travel as Triton request parameters (``variant``, ``accuracy_budget``, ``latency_budget_ms``,
-``objective``); the top-k comes from Triton's classification extension (``class_count``), as
+Request knobs travel as Triton request parameters (``variant``, ``min_agreement``, ``accuracy_budget``,
+``latency_budget_ms``, ``objective``); the top-k comes from Triton's classification extension (``class_count``), as
 ``"score:index:label"`` strings.
 """
 
@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from tcsched.names import DECISION, ENSEMBLE, IMAGE, LOGITS, VARIANT
+
 Protocol = Literal["http", "grpc"]
-MODEL = "classifier"
+MODEL = ENSEMBLE
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,14 @@ class Classification:
     topk: list[Prediction]
     variant: str
     latency_ms: float
-    decision: dict | None = None  # the scheduler's DECISION output: reason, code, predicted latency, fallback
+    decision: dict | None = (
+        None  # the scheduler's DECISION output: reason, code, cascade, escalated, margin, ...
+    )
+
+    @property
+    def escalated(self) -> bool:
+        """Whether a confidence cascade re-ran this image on a later stage."""
+        return bool((self.decision or {}).get("escalated"))
 
 
 def parse_class_entry(entry: bytes | str) -> Prediction:
@@ -103,12 +112,12 @@ class ClassifierClient:
         if not 1 <= top_k <= 1000:
             raise ValueError(f"top_k must be in [1, 1000], got {top_k}")
         tc = self._tc
-        inp = tc.InferInput("IMAGE", [1, 1], "BYTES")
+        inp = tc.InferInput(IMAGE, [1, 1], "BYTES")
         inp.set_data_from_numpy(np.array([[image]], dtype=np.object_))
         outputs = [
-            tc.InferRequestedOutput("LOGITS", class_count=top_k),
-            tc.InferRequestedOutput("VARIANT"),
-            tc.InferRequestedOutput("DECISION"),
+            tc.InferRequestedOutput(LOGITS, class_count=top_k),
+            tc.InferRequestedOutput(VARIANT),
+            tc.InferRequestedOutput(DECISION),
         ]
         kw = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         t0 = time.perf_counter()
@@ -116,9 +125,9 @@ class ClassifierClient:
             self.model, [inp], outputs=outputs, parameters=dict(parameters or {}), **kw
         )
         ms = (time.perf_counter() - t0) * 1e3
-        entries = result.as_numpy("LOGITS").reshape(-1)
-        variant = result.as_numpy("VARIANT").reshape(-1)[0]
-        decision = result.as_numpy("DECISION")
+        entries = result.as_numpy(LOGITS).reshape(-1)
+        variant = result.as_numpy(VARIANT).reshape(-1)[0]
+        decision = result.as_numpy(DECISION)
         return Classification(
             [parse_class_entry(e) for e in entries],
             variant.decode() if isinstance(variant, bytes) else str(variant),
@@ -132,8 +141,10 @@ class ClassifierClient:
         top_k: int = 5,
         parameters: Mapping[str, object] | None = None,
         concurrency: int = 4,
+        on_done: Callable[[], None] | None = None,
     ) -> list[Classification | Exception]:
         """Classify many images with ``concurrency`` requests in flight; errors are returned in place.
+        ``on_done`` is called after each image (progress).
 
         tritonclient's clients are not thread-safe: each worker thread opens its own connection.
         """
@@ -151,6 +162,9 @@ class ClassifierClient:
                 return client.classify(img, top_k, parameters)
             except Exception as e:  # noqa: BLE001 - returned per image
                 return e
+            finally:
+                if on_done is not None:
+                    on_done()
 
         try:
             with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
@@ -158,3 +172,25 @@ class ClassifierClient:
         finally:
             for c in opened:
                 c.close()
+
+
+def compute_ns(client: ClassifierClient, models: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """Triton's cumulative statistics of ``models``: (compute_infer ns, inference count) each.
+
+    ``compute_infer`` is the time a model's backend spent executing (Triton's statistics extension,
+    docs/protocol/extension_statistics.md); ``inference_count`` counts batch rows. Deltas between two calls give a
+    configuration's own compute time.
+    """
+    out: dict[str, tuple[int, int]] = {}
+    for name in models:
+        stats = client._client.get_inference_statistics(model_name=name)
+        if client.protocol == "grpc":
+            from google.protobuf.json_format import MessageToDict
+
+            stats = MessageToDict(stats, preserving_proto_field_name=True)
+        ns = count = 0
+        for m in stats.get("model_stats", []):
+            ns += int(m.get("inference_stats", {}).get("compute_infer", {}).get("ns", 0))
+            count += int(m.get("inference_count", 0))
+        out[name] = (ns, count)
+    return out

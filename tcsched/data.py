@@ -114,6 +114,10 @@ def list_images(folder: str | Path) -> list[ImageItem]:
     return items
 
 
+# calibration / selection / evaluation shares of a labeled --data-dir (tcsched build; tcsched eval --evaluation-split)
+SPLIT_FRACTIONS = (0.25, 0.25, 0.5)
+
+
 def split(
     items: Sequence[ImageItem], fractions: Iterable[float], salt: str = "tcsched"
 ) -> list[list[ImageItem]]:

@@ -1,0 +1,201 @@
+"""``tcsched eval``: accuracy of the served ensemble per configuration (a forced variant, the scheduler's default,
+a cascade target), on labeled images, beside torchvision eager.
+
+Per configuration: top-1/top-5 with Wilson 95% intervals, top-1 agreement with the served fp32 reference (and with
+eager), the share of images a cascade escalated, and the variants' compute time per image from Triton's own
+statistics (``compute_infer`` of every variant model, delta over the configuration, divided by its images), with
+its ratio to static fp32's in the same run. Configurations run one after the other on the same server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tcsched.client.classify import ClassifierClient, compute_ns
+from tcsched.data import ImageItem
+from tcsched.manifest import Manifest
+from tcsched.metrics import wilson_interval
+
+
+@dataclass
+class EvalRow:
+    """One evaluated configuration. Fractions in [0, 1]; ``*_ci95`` are Wilson 95% intervals over ``n_images``.
+
+    ``compute_ms_per_image``: the variants' compute time (Triton ``compute_infer``) per image of this
+    configuration; ``compute_vs_fp32``: its ratio to the static fp32 configuration's in the same run.
+    """
+
+    name: str
+    n_images: int
+    top1: float
+    top5: float
+    ci95_top1: tuple[float, float]
+    agreement_with_reference: float | None = None  # with torchvision eager
+    agreement_with_fp32: float | None = None  # with the served fp32 variant, same run
+    agreement_with_fp32_ci95: tuple[float, float] | None = None
+    escalation_rate: float | None = None
+    compute_ms_per_image: float | None = None
+    compute_vs_fp32: float | None = None
+    errors: int = 0
+    variants_used: dict[str, int] = field(default_factory=dict)
+    mean_latency_ms: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def row_from_topk(
+    name: str,
+    labels: np.ndarray,
+    top5_idx: np.ndarray,
+    reference_top1: np.ndarray | None = None,
+    errors: int = 0,
+    **extra,
+) -> EvalRow:
+    """An :class:`EvalRow` from top-5 class indices [N, 5] (best first) and labels [N]."""
+    top1_hits = top5_idx[:, 0] == labels
+    agree = None if reference_top1 is None else float((top5_idx[:, 0] == reference_top1).mean())
+    return EvalRow(
+        name=name,
+        n_images=len(labels),
+        top1=float(top1_hits.mean()),
+        top5=float((top5_idx == labels[:, None]).any(axis=1).mean()),
+        ci95_top1=wilson_interval(int(top1_hits.sum()), len(labels)),
+        agreement_with_reference=agree,
+        errors=errors,
+        **extra,
+    )
+
+
+@dataclass
+class EvalResult:
+    rows: list[EvalRow]
+    n_images: int
+
+    def as_dict(self) -> dict:
+        return {"n_images": self.n_images, "rows": [r.as_dict() for r in self.rows]}
+
+    def table(self, title: str) -> Table:
+        t = Table(title=f"top-1/top-5 on {title}")
+        cols = (
+            "configuration",
+            "top-1 [95%]",
+            "top-5",
+            "agree fp32 [95%]",
+            "agree eager",
+            "escalated",
+            "compute ms/img",
+            "vs fp32",
+            "errors",
+            "variants used",
+        )
+        for c in cols:
+            t.add_column(c)
+
+        def pct(v):
+            return "-" if v is None else f"{100 * v:.2f}%"
+
+        for r in self.rows:
+            ci = r.agreement_with_fp32_ci95
+            t.add_row(
+                r.name,
+                f"{100 * r.top1:.2f}% [{100 * r.ci95_top1[0]:.1f}, {100 * r.ci95_top1[1]:.1f}]",
+                pct(r.top5),
+                "-" if ci is None else f"{pct(r.agreement_with_fp32)} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]",
+                pct(r.agreement_with_reference),
+                pct(r.escalation_rate),
+                "-" if r.compute_ms_per_image is None else f"{r.compute_ms_per_image:.2f}",
+                "-" if r.compute_vs_fp32 is None else f"{r.compute_vs_fp32:.2f}x",
+                str(r.errors),
+                ", ".join(f"{k}: {v}" for k, v in r.variants_used.items()) or "-",
+            )
+        return t
+
+
+def run_eval(
+    items: Sequence[ImageItem],
+    url: str,
+    manifest: Manifest,
+    configs: Sequence[tuple[str, Mapping[str, object]]],
+    *,
+    eager: Callable[[Sequence[ImageItem]], np.ndarray] | None = None,
+    concurrency: int = 4,
+    console: Console | None = None,
+) -> EvalResult:
+    """Every configuration (name, request parameters) over ``items`` through the ensemble at ``url`` (HTTP).
+
+    Args:
+        eager: top-5 class indices [N, 5] of an independent reference (torchvision eager), or None.
+    """
+    console = console or Console()
+    labels = np.array([it.label for it in items])
+    data = [it.read_bytes() for it in items]
+    ref_name = manifest.reference_variant
+    variant_names = [v.name for v in manifest.variants]
+    rows: list[EvalRow] = []
+    eager_top1 = None
+    if eager is not None:
+        with console.status(f"reference: torchvision eager on {len(items)} images"):
+            top = eager(items)
+        eager_top1 = top[:, 0]
+        rows.append(row_from_topk("torchvision eager fp32", labels, top))
+    served_ref_top1: np.ndarray | None = None
+    ref_compute: float | None = None
+    top1s: dict[int, np.ndarray] = {}  # row index -> served top-1 of every image (rows without errors)
+    client = ClassifierClient(url, "http")
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*cols, console=console) as progress:
+            for name, params in configs:
+                task = progress.add_task(name, total=len(items))
+                before = compute_ns(client, variant_names)
+                res = client.classify_many(
+                    data,
+                    top_k=5,
+                    parameters=params,
+                    concurrency=concurrency,
+                    on_done=lambda task=task: progress.advance(task),
+                )
+                after = compute_ns(client, variant_names)
+                keep = np.array([not isinstance(r, Exception) for r in res])
+                ok = [r for r in res if not isinstance(r, Exception)]
+                top5 = np.array([[p.index for p in r.topk] for r in ok]).reshape(-1, 5)
+                used: dict[str, int] = {}
+                for r in ok:
+                    used[r.variant] = used.get(r.variant, 0) + 1
+                ms = sum(after[n][0] - before[n][0] for n in variant_names) / 1e6 / max(1, len(ok))
+                row = row_from_topk(
+                    f"served: {name}",
+                    labels[keep],
+                    top5,
+                    None if eager_top1 is None else eager_top1[keep],
+                    len(res) - len(ok),
+                    variants_used=used,
+                    mean_latency_ms=float(np.mean([r.latency_ms for r in ok])) if ok else None,
+                    compute_ms_per_image=ms,
+                )
+                cascaded = [r for r in ok if (r.decision or {}).get("cascade")]
+                if cascaded:
+                    row.escalation_rate = float(np.mean([r.escalated for r in ok]))
+                if len(ok) == len(items):
+                    top1s[len(rows)] = top5[:, 0]
+                    if params.get("variant") in (ref_name, "fp32"):
+                        served_ref_top1, ref_compute = top5[:, 0], ms
+                rows.append(row)
+    finally:
+        client.close()
+    # agreement with the served fp32 and compute ratios, once the reference configuration has run
+    for i, r in enumerate(rows):
+        if served_ref_top1 is not None and i in top1s:
+            hits = int((top1s[i] == served_ref_top1).sum())
+            r.agreement_with_fp32 = hits / len(items)
+            r.agreement_with_fp32_ci95 = wilson_interval(hits, len(items))
+        if ref_compute and r.compute_ms_per_image is not None:
+            r.compute_vs_fp32 = r.compute_ms_per_image / ref_compute
+    return EvalResult(rows, len(items))
