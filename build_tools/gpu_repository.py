@@ -36,8 +36,10 @@ from pathlib import Path
 from rich.console import Console
 from tritonclient.grpc import model_config_pb2 as mc
 
+from tcsched import engine_compat
 from tcsched.build_tools import repository as repo_mod
 from tcsched.build_tools import tensorrt_engine as te
+from tcsched.engine_compat import same_tensorrt_version as same_tensorrt_version  # re-exported
 from tcsched.fsutil import atomic_directory, clean_stale_temporaries
 from tcsched.manifest import MANIFEST_FILENAME, EngineInfo, LatencyReport, Manifest, VariantEntry
 
@@ -114,11 +116,6 @@ def tensorrt_variant_config(
 def default_timing_cache_path(compute_capability: str, tensorrt_version: str) -> Path:
     """``.tcsched/tensorrt/timing-cc<cc>-trt<version>.cache``: one cache per GPU architecture and TensorRT."""
     return Path(".tcsched") / "tensorrt" / f"timing-cc{compute_capability}-trt{tensorrt_version}.cache"
-
-
-def same_tensorrt_version(a: str, b: str) -> bool:
-    """Engines load only on the TensorRT release that built them: compare major.minor.patch."""
-    return a.split(".")[:3] == b.split(".")[:3]
 
 
 def sparse_keep_decision(
@@ -418,40 +415,10 @@ def convert_to_gpu_repository(
 def check_engine_compatibility(
     manifest: Manifest, identity: Callable[[], tuple[str, str, str]] | None = None
 ) -> None:
-    """Refuse to serve TensorRT engines built for another GPU architecture or TensorRT release.
-
-    No-op for a CPU repository (``manifest.target == "cpu"``). For a GPU one, every variant's
-    :class:`~tcsched.manifest.EngineInfo` must name this machine's compute capability and TensorRT
-    major.minor.patch (``identity`` defaults to :func:`tcsched.build_tools.tensorrt_engine.gpu_identity`).
+    """:func:`tcsched.engine_compat.check_engine_compatibility`, with ``identity`` defaulting to this module's
+    :func:`tcsched.build_tools.tensorrt_engine.gpu_identity` looked up at call time (tests replace it there).
 
     Raises:
-        RuntimeError: a variant has no engine info; this machine's GPU or TensorRT cannot be identified (no
-            tensorrt package, no CUDA GPU); or an engine was built for another compute capability / TensorRT.
-            The message says what was found and to rebuild with ``tcsched engines``.
+        RuntimeError: as :func:`tcsched.engine_compat.check_engine_compatibility`.
     """
-    if manifest.target != "gpu":
-        return
-    missing = [v.name for v in manifest.variants if v.engine is None]
-    if missing:
-        raise RuntimeError(
-            f"GPU repository without engine info for {missing}: rebuild it with `tcsched engines`"
-        )
-    first = manifest.variants[0].engine
-    assert first is not None
-    try:
-        gpu_name, cc, trt_version = (identity or te.gpu_identity)()
-    except (ImportError, RuntimeError) as e:
-        raise RuntimeError(
-            f"this repository holds TensorRT engines built for compute capability {first.compute_capability} / "
-            f"TensorRT {first.tensorrt_version} ({first.gpu_name}), but this machine's GPU and TensorRT cannot "
-            f"be identified ({e}); serve the CPU repository instead, or rebuild with `tcsched engines` on the GPU"
-        ) from None
-    for v in manifest.variants:
-        e = v.engine
-        assert e is not None
-        if e.compute_capability != cc or not same_tensorrt_version(e.tensorrt_version, trt_version):
-            raise RuntimeError(
-                f"engine {e.plan_file} ({v.name}) built for compute capability {e.compute_capability} / "
-                f"TensorRT {e.tensorrt_version} ({e.gpu_name}), this machine has compute capability {cc} / "
-                f"TensorRT {trt_version} ({gpu_name}); rebuild with `tcsched engines`"
-            )
+    engine_compat.check_engine_compatibility(manifest, identity or te.gpu_identity)

@@ -22,6 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+# re-exported: the identity is defined beside the compatibility check that the server runs
+from tcsched.engine_compat import gpu_identity as gpu_identity
+
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 CHW = (3, 224, 224)
@@ -281,55 +284,6 @@ def build_engine(
         sparse_layers_chosen=count_sparse_layers(text) if sparse else 0,
         sparse_layers_eligible=count_sparse_eligible_layers(text) if sparse else 0,
     )
-
-
-def gpu_identity(device: int = 0) -> tuple[str, str, str]:
-    """``(gpu_name, compute_capability, tensorrt_version)`` of this machine, e.g.
-    ``("NVIDIA H100 80GB HBM3", "9.0", "10.5.0")``.
-
-    The GPU is CUDA device ``device`` as the CUDA runtime numbers it (honouring ``CUDA_VISIBLE_DEVICES``),
-    read through torch when installed, else through NVML (``nvidia-ml-py``; NVML numbers all GPUs of the
-    machine, so set ``CUDA_VISIBLE_DEVICES`` consistently there). The TensorRT version is the Python
-    package's ``tensorrt.__version__``.
-
-    Raises:
-        ValueError: ``device`` < 0.
-        ImportError: ``tensorrt`` is not installed.
-        RuntimeError: no CUDA GPU is visible (or neither torch nor NVML can see one).
-    """
-    if not isinstance(device, int) or device < 0:
-        raise ValueError(f"device must be an int >= 0, got {device!r}")
-    import tensorrt as trt
-
-    name = cc = None
-    try:
-        import torch
-
-        if torch.cuda.is_available() and device < torch.cuda.device_count():
-            major, minor = torch.cuda.get_device_capability(device)
-            name, cc = torch.cuda.get_device_name(device), f"{major}.{minor}"
-    except ImportError:
-        pass
-    if name is None:
-        try:
-            import pynvml
-        except ImportError:
-            raise RuntimeError(
-                "cannot identify the GPU: neither torch (with CUDA) nor nvidia-ml-py (pynvml) sees one"
-            ) from None
-        try:
-            pynvml.nvmlInit()
-            try:
-                handle = pynvml.nvmlDeviceGetHandleByIndex(device)
-                raw = pynvml.nvmlDeviceGetName(handle)
-                name = raw.decode() if isinstance(raw, bytes) else str(raw)
-                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-                cc = f"{major}.{minor}"
-            finally:
-                pynvml.nvmlShutdown()
-        except pynvml.NVMLError as e:
-            raise RuntimeError(f"no CUDA GPU {device} visible to NVML: {e}") from None
-    return str(name), str(cc), str(trt.__version__)
 
 
 def _torch_dtype(trt, torch, dt):

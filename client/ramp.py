@@ -89,7 +89,7 @@ def pool_runs(target: str, level: float, runs: Sequence, manifest: Manifest, bud
 def pending_requests(metrics_text: str) -> float:
     """Requests queued in the server, summed over every model: Triton's ``nv_inference_pending_request_count``
     gauge (Prometheus text exposition, docs/user_guide/metrics.md)."""
-    from tcsched.scheduler.live import sum_metric
+    from tcsched.prometheus import sum_metric
 
     return sum_metric(metrics_text, "nv_inference_pending_request_count", None)
 

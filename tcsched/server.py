@@ -167,7 +167,7 @@ class TritonServer:
 
         manifest = Manifest.read(self.model_repository / "manifest.json")  # ValueError on a bad schema
         if manifest.target == "gpu":
-            from tcsched.build_tools.gpu_repository import check_engine_compatibility
+            from tcsched.engine_compat import check_engine_compatibility
 
             try:
                 check_engine_compatibility(manifest)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from tcsched.prometheus import sum_metric as sum_metric  # re-exported
 from tcsched.settings import DEFAULTS
 
 log = logging.getLogger(__name__)
@@ -181,30 +181,6 @@ class Periodic:
         """Stop the loop; waits at most ``timeout_s`` seconds for a call in progress to end."""
         self._stop.set()
         self._thread.join(timeout_s)
-
-
-_SAMPLE = re.compile(r"^(\w+)\{([^}]*)\}\s+(\S+)")
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def sum_metric(text: str, name: str, models: Sequence[str] | None) -> float:
-    """Sum of the samples of Prometheus metric ``name`` whose ``model`` label is in ``models`` (every version);
-    ``models=None``: every sample of the metric.
-
-    ``text`` is the Prometheus text exposition format that Triton serves on its metrics port, e.g.
-    ``nv_inference_request_duration_us{model="preprocess",version="1"} 123``. A missing metric sums to 0.
-    """
-    wanted = None if models is None else set(models)
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        m = _SAMPLE.match(line)
-        if m is None or m.group(1) != name:
-            continue
-        if wanted is None or dict(_LABEL.findall(m.group(2))).get("model") in wanted:
-            total += float(m.group(3))
-    return total
 
 
 class UpstreamProbe:
