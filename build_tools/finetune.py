@@ -43,6 +43,19 @@ def map_onnx_layers(model, onnx_layer_shapes: Sequence[tuple[str, tuple[int, ...
     return out
 
 
+def distillation_loss(student_logits, teacher_logits, temperature: float):
+    """KL(softmax(teacher / T) || softmax(student / T)) * T^2, mean over the batch (Hinton et al. 2015): torch
+    float [B, classes] logits -> a scalar tensor (differentiable in ``student_logits``)."""
+    import torch.nn.functional as F
+
+    return F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        log_target=True,
+        reduction="batchmean",
+    ) * (temperature**2)
+
+
 def distill_pruned(
     teacher,
     layers: dict[str, object],
@@ -72,7 +85,6 @@ def distill_pruned(
         ValueError: ``steps`` < 0, ``batch_size`` < 1 or no images.
     """
     import torch
-    import torch.nn.functional as F
 
     if steps < 0 or batch_size < 1 or len(images) == 0:
         raise ValueError(
@@ -103,13 +115,7 @@ def distill_pruned(
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         with torch.no_grad():
             t_logits = teacher(x)
-        s_logits = student(x)
-        loss = F.kl_div(
-            F.log_softmax(s_logits / temperature, dim=1),
-            F.log_softmax(t_logits / temperature, dim=1),
-            log_target=True,
-            reduction="batchmean",
-        ) * (temperature**2)
+        loss = distillation_loss(student(x), t_logits, temperature)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -285,7 +285,8 @@ def distill_qdq(
         ValueError: ``images`` not [N, C, H, W], ``steps`` < 1, or an unsupported op.
     """
     import torch
-    import torch.nn.functional as F
+
+    from tcsched.build_tools.finetune import distillation_loss
 
     if images.ndim != 4 or len(images) < 1:
         raise ValueError(f"need images [N, C, H, W], got {images.shape}")
@@ -312,16 +313,7 @@ def distill_qdq(
             if augment:
                 x = augment_batch(x, rng)
             t = torch.from_numpy(np.asarray(teacher(x.numpy()), dtype=np.float32))
-            y = graph(x)
-            loss = (
-                F.kl_div(
-                    F.log_softmax(y / temperature, dim=1),
-                    F.log_softmax(t / temperature, dim=1),
-                    log_target=True,
-                    reduction="batchmean",
-                )
-                * temperature**2
-            )
+            loss = distillation_loss(graph(x), t, temperature)
             opt.zero_grad()
             loss.backward()
             opt.step()

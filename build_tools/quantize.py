@@ -16,6 +16,31 @@ import numpy as np
 import onnx
 
 CalibMethod = Literal["minmax", "percentile", "entropy"]
+# ``percentile`` without a value: the 99.999th percentile of |x| (ONNX Runtime's CalibPercentile default)
+DEFAULT_PERCENTILE = 99.999
+
+
+def parse_calib_method(spec: str) -> tuple[CalibMethod, float]:
+    """``minmax`` | ``percentile`` | ``percentile:P`` (P in (90, 100), default 99.999) -> (method, percentile).
+
+    Raises:
+        ValueError: anything else (``entropy`` through quantize_static silently equals minmax: refused).
+    """
+    name, _, arg = spec.partition(":")
+    if name == "minmax" and not arg:
+        return "minmax", 100.0
+    if name == "percentile":
+        try:
+            p = float(arg) if arg else DEFAULT_PERCENTILE
+        except ValueError:
+            raise ValueError(f"bad percentile in {spec!r}") from None
+        if not 90 < p < 100:
+            raise ValueError(f"percentile must be in (90, 100), got {p}")
+        return "percentile", p
+    raise ValueError(
+        f"unknown calibration method {spec!r}; expected minmax, percentile or percentile:P "
+        "(entropy through quantize_static silently equals minmax)"
+    )
 
 
 class ArrayCalibrationReader:
@@ -61,7 +86,7 @@ def quantize_int8(
     calibration: np.ndarray,
     input_name: str = "input",
     method: CalibMethod = "percentile",
-    percentile: float = 99.999,
+    percentile: float = DEFAULT_PERCENTILE,
     nodes_to_exclude: Sequence[str] = (),
     op_types: Iterable[str] | None = None,
 ) -> Path:

@@ -4,20 +4,11 @@ import pytest
 from onnx import numpy_helper
 
 from tcsched.build_tools.analysis import is_2to4, prune_2_4
+from tcsched.build_tools.augment import label_preserving_views
+from tcsched.build_tools.graph_surgery import convert_fp16, dequantize_layers, prune_onnx_2_4
+from tcsched.build_tools.mixed_search import float_group_study, float_groups, rank_in_context, search_mixed
 from tcsched.build_tools.quantize import quantize_int8
-from tcsched.build_tools.variants import (
-    Score,
-    convert_fp16,
-    dequantize_layers,
-    float_group_study,
-    float_groups,
-    label_preserving_views,
-    prune_onnx_2_4,
-    rank_in_context,
-    run_model,
-    score,
-    search_mixed,
-)
+from tcsched.build_tools.scoring import Score, run_model, score
 from tests.helpers import tiny_classifier, tiny_layered_classifier
 
 
@@ -69,7 +60,7 @@ def test_search_mixed_takes_the_smallest_k_and_reports_trials(tiny):
 
     res = search_mixed(q, ranking, evaluate, 0.5, 0.97, reference=fp32)
     assert res.met_budget and res.float_layers == ["classifier", "dw_conv"]
-    assert [t[0] for t in res.trials] == [0, 1, 2]
+    assert [t.k for t in res.trials] == [0, 1, 2]
     res = search_mixed(q, ranking, evaluate, 0.5, 0.999, max_float_layers=1, reference=fp32)
     assert not res.met_budget and len(res.float_layers) == 1
     with pytest.raises(ValueError):
@@ -128,7 +119,7 @@ def test_search_mixed_missing_the_budget_keeps_the_lowest_kl_not_the_luckiest_ag
         return Score(agreement=agreement[k], kl=kl[k], top1_drop_points=0.0)
 
     res = search_mixed(q, ranking, evaluate, 0.5, 0.97, reference=fp32)
-    assert not res.met_budget and [t[0] for t in res.trials] == [0, 1, 2, 3]
+    assert not res.met_budget and [t.k for t in res.trials] == [0, 1, 2, 3]
     assert res.float_layers == ["classifier", "dw_conv"]  # k=2: lowest KL, and fewer layers than the k=3 tie
     assert res.score.kl == pytest.approx(0.03) and res.score.agreement == pytest.approx(0.94)
 
@@ -147,7 +138,7 @@ def test_search_mixed_confirms_an_over_cap_timing_before_stopping(tiny):
     res = search_mixed(
         q, ranking, evaluate, 0.5, 0.97, reference=fp32, latency_ratio=latency, max_latency_ratio=0.6
     )
-    assert res.stopped_at is None and [t[0] for t in res.trials] == [0, 1, 2, 3]
+    assert res.stopped_at is None and [t.k for t in res.trials] == [0, 1, 2, 3]
     assert res.latency_ratios[2] == pytest.approx(0.59)
 
 
@@ -208,7 +199,7 @@ def test_prune_onnx_2_4_and_fp16(tmp_path):
 
 def test_candidate_latency_is_measured_against_the_reference(tmp_path):
     """The int8_mixed search's latency probe, timed for real with ONNX Runtime on a tiny graph."""
-    from tcsched.build_tools.build import candidate_latency_ratio
+    from tcsched.build_tools.latency import candidate_latency_ratio
 
     fp32 = tiny_classifier(tmp_path / "tiny.onnx")
     x = np.random.default_rng(0).normal(0, 1, (8, 3, 32, 32)).astype(np.float32)

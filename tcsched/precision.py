@@ -1,0 +1,19 @@
+"""Precision names: one definition for the build (``build_tools/recipes``) and the manifest.
+
+``Precision`` names what a whole variant is (``VariantEntry.precision``); ``LayerPrecision`` what one Conv/Gemm
+layer of it computes in (the values of ``VariantEntry.layer_precision``). A new precision is one more name here
+and one recipe module (``build_tools/recipes``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Precision = Literal["fp32", "fp16", "int8", "int8_mixed", "sparse24"]
+LayerPrecision = Literal["fp32", "fp16", "int8", "sparse24"]
+
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+LAYER_PRECISIONS: tuple[LayerPrecision, ...] = get_args(LayerPrecision)
+
+# every other variant's accuracy is measured against this one (the exported graph, unchanged)
+REFERENCE: Precision = "fp32"
