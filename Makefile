@@ -32,8 +32,12 @@ test: setup
 test-unit: setup
 	$(BIN)/pytest tests/unit
 
+# The lint gates (.ci/run runs them before the tests): ruff's rules, ruff's formatting, and the import boundaries
+# of [tool.importlinter] in pyproject.toml (import-linter on the installed package layout, see .ci/lint_imports.py).
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python .ci/lint_imports.py
 
 # Top-1/top-5 through the served ensemble on the labeled sample, per variant, vs torchvision eager.
 eval: setup
