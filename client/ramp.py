@@ -1,13 +1,15 @@
-"""``tcsched ramp``: the scheduler under load vs every static variant, side by side (issue: the scheduler's brain).
+"""``tcsched ramp``: the scheduler under load vs every static variant, side by side.
 
-A closed-loop load ramp (perf_analyzer concurrency levels) on the ``classifier`` ensemble with real images. At
-every level each target runs once per round (``rounds``, each round in a fresh random order, pooled): the
-ensemble with ``latency_budget_ms`` set (the scheduler picks the most accurate variant that its prediction says
-fits) and the ensemble forced to each static variant.
-Per point: p50/p99 (perf_analyzer's CSV), the share of requests within the budget (per-request latencies from
-``--profile-export-file``), and the served accuracy: the accuracy of the variants that actually answered, weighted
-by how many requests each answered (each response's ``VARIANT`` output), from the manifest's measured figures.
-Output: ``ramp.json``, ``ramp.md`` and ``ramp.png`` (within-budget share and p99 against concurrency).
+A load ramp (perf_analyzer concurrency levels, or open-loop request rates) on the ``classifier`` ensemble with
+real images. At every level each target runs once per round (``rounds``, each round in a fresh random order,
+pooled): the ensemble with ``latency_budget_ms`` (and ``min_agreement``) set, where the scheduler chooses, and the
+ensemble forced to each static variant.
+Per point: p50/p99 (perf_analyzer), the share of requests within the budget (per-request latencies from
+``--profile-export-file``), the share of rows a cascade escalated, and the served agreement with fp32, measured:
+before the ramp every image is classified once by each variant (:func:`probe_images`), so each response's
+``VARIANT`` and ``DECISION`` (its confidence margin identifies the image) say whether its top-1 is fp32's. A
+response without a margin (a single-variant plan) counts with its variant's agreement over the ramp's images.
+Output: ``ramp.json``, ``ramp.md`` and ``ramp.png`` (within-budget share, p99, escalations and agreement).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tcsched.confidence import confidence_margin
 from tcsched.manifest import Manifest
+from tcsched.names import DECISION, ENSEMBLE, LOGITS, VARIANT
 
-ENSEMBLE = "classifier"
+MARGIN_MATCH = 2e-4  # a DECISION's margin (5 decimals) matches a probed image's within this
 
 
 @dataclass
@@ -39,6 +43,89 @@ class RampPoint:
     served_agreement: float | None
     served_top1: float | None
     stable: bool
+    escalated: float | None = None  # share of rows a cascade re-ran on a later stage
+    unidentified: int = (
+        0  # cascade rows whose margin matched no probed image (counted at their variant's mean)
+    )
+
+
+@dataclass
+class Probe:
+    """Every ramp image classified once by each variant: ``top1[variant][i]``, and the confidence margin of each
+    cascade's first stage on image ``i`` (``margin[variant][i]``, for the variants that start a cascade)."""
+
+    top1: dict[str, list[int]]
+    margin: dict[str, list[float]]
+    reference: str
+
+    def agreement(self, variant: str) -> float:
+        ref, got = self.top1[self.reference], self.top1[variant]
+        return sum(a == b for a, b in zip(ref, got, strict=True)) / len(ref)
+
+    def image_of(self, first_stage: str, margin: float) -> int | None:
+        ms = self.margin.get(first_stage)
+        if not ms:
+            return None
+        i = min(range(len(ms)), key=lambda k: abs(ms[k] - margin))
+        return i if abs(ms[i] - margin) <= MARGIN_MATCH else None
+
+
+def probe_images(grpc_url: str, images: Sequence[bytes], manifest: Manifest) -> Probe:
+    """Classify each image with each variant forced (raw LOGITS over gRPC): top-1s and first-stage margins."""
+    import numpy as np
+    import tritonclient.grpc as tc
+
+    from tcsched.names import IMAGE
+
+    firsts = {c.stages[0] for c in manifest.cascades}
+    top1: dict[str, list[int]] = {}
+    margin: dict[str, list[float]] = {}
+    with tc.InferenceServerClient(grpc_url) as client:
+        for v in manifest.variants:
+            top1[v.name], ms = [], []
+            for img in images:
+                inp = tc.InferInput(IMAGE, [1, 1], "BYTES")
+                inp.set_data_from_numpy(np.array([[img]], dtype=np.object_))
+                r = client.infer(
+                    ENSEMBLE, [inp], outputs=[tc.InferRequestedOutput(LOGITS)], parameters={"variant": v.name}
+                )
+                logits = r.as_numpy(LOGITS).reshape(1, -1)
+                top1[v.name].append(int(logits.argmax()))
+                ms.append(float(confidence_margin(logits)[0]))
+            if v.name in firsts:
+                margin[v.name] = ms
+    return Probe(top1, margin, manifest.reference_variant)
+
+
+def measured_agreement(
+    records: Sequence, probe: Probe, manifest: Manifest
+) -> tuple[float | None, float | None, int]:
+    """(served agreement with fp32, share escalated, rows not identified) over profiled requests' outputs."""
+    import json as _json
+
+    by_first = {c.label: c.stages[0] for c in manifest.cascades}
+    agree, escalated, cascaded, unknown = [], 0, 0, 0
+    for r in records:
+        v = r.outputs.get(VARIANT)
+        if v is None:
+            continue
+        d = _json.loads(r.outputs[DECISION]) if DECISION in r.outputs else {}
+        i = None
+        if d.get("cascade") and d.get("confidence_margin") is not None:
+            cascaded += 1
+            escalated += bool(d.get("escalated"))
+            i = probe.image_of(by_first.get(d["cascade"], ""), d["confidence_margin"])
+            unknown += i is None
+        if v not in probe.top1:
+            continue
+        agree.append(
+            probe.agreement(v) if i is None else float(probe.top1[v][i] == probe.top1[probe.reference][i])
+        )
+    return (
+        sum(agree) / len(agree) if agree else None,
+        escalated / cascaded if cascaded else None,
+        unknown,
+    )
 
 
 def served_accuracy(manifest: Manifest, counts: dict[str, int]) -> tuple[float | None, float | None]:
@@ -56,21 +143,35 @@ def served_accuracy(manifest: Manifest, counts: dict[str, int]) -> tuple[float |
     return agree, top1
 
 
-def pool_runs(target: str, level: float, runs: Sequence, manifest: Manifest, budget_ms: float) -> RampPoint:
+def pool_runs(
+    target: str,
+    level: float,
+    runs: Sequence,
+    manifest: Manifest,
+    budget_ms: float,
+    probe: Probe | None = None,
+) -> RampPoint:
     """One :class:`RampPoint` from several perf_analyzer runs (``PerfPoint`` with a profile) of the same target
-    and level: latencies, requests and variant counts pooled, throughput averaged, stable only if all were."""
+    and level: latencies, requests and variant counts pooled, throughput averaged, stable only if all were.
+    With a ``probe`` the served agreement is measured per response (:func:`measured_agreement`), else taken
+    from the manifest's figures of the variants that answered."""
     import numpy as np
 
     from tcsched.client.perf_analyzer import within_budget_share
 
     lat: list[float] = []
     counts: dict[str, int] = {}
+    records = []
     for p in runs:
         if p.profile is not None:
             lat += p.profile.latencies_ms()
-            for v, n in p.profile.output_counts("VARIANT").items():
+            records += p.profile.measured()
+            for v, n in p.profile.output_counts(VARIANT).items():
                 counts[v] = counts.get(v, 0) + n
     agree, top1 = served_accuracy(manifest, counts)
+    escalated, unknown = None, 0
+    if probe is not None:
+        agree, escalated, unknown = measured_agreement(records, probe, manifest)
     return RampPoint(
         target,
         level,
@@ -83,6 +184,8 @@ def pool_runs(target: str, level: float, runs: Sequence, manifest: Manifest, bud
         agree,
         top1,
         all(p.stable for p in runs),
+        escalated,
+        unknown,
     )
 
 
@@ -127,6 +230,7 @@ def run_ramp(
     rounds: int = 2,
     seed: int = 0,
     metrics_url: str | None = None,
+    min_agreement: float | None = None,
 ) -> list[RampPoint]:
     """Run the ramp and write the report; returns every point.
 
@@ -160,8 +264,10 @@ def run_ramp(
     for v in names:
         manifest.variant(v)  # KeyError names the known ones
     output.mkdir(parents=True, exist_ok=True)
-    data = make_input_data(pick_images(data_dir, n_images), output / "raw")
-    targets = ramp_targets(names, latency_budget_ms)
+    items = pick_images(data_dir, n_images)
+    data = make_input_data(items, output / "raw")
+    extra = {} if min_agreement is None else {"min_agreement": float(min_agreement)}
+    targets = ramp_targets(names, latency_budget_ms, **extra)
     points: list[RampPoint] = []
     ctx = (
         contextlib.nullcontext(None) if url else TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0)
@@ -170,6 +276,7 @@ def run_ramp(
     with ctx as server:
         grpc_url = url or server.grpc_url
         metrics_url = metrics_url or (server.metrics_url if server is not None else None)
+        probe = probe_images(grpc_url, [it.read_bytes() for it in items], manifest)
         for t in targets:  # warm-up: every path loaded and its sessions initialised
             run_perf_analyzer(
                 t.model,
@@ -205,20 +312,24 @@ def run_ramp(
                             stability_percentage=25.0,
                             max_trials=5,
                             profile_export=True,
-                            string_outputs=("VARIANT",),
+                            string_outputs=(VARIANT, DECISION),
                             target=t.name,
                         )
                     )
             for t in targets:
-                point = pool_runs(t.name, c, runs[t.name], manifest, latency_budget_ms)
+                point = pool_runs(t.name, c, runs[t.name], manifest, latency_budget_ms, probe)
                 points.append(point)
                 log(
                     f"{'rate' if mode == 'request_rate' else 'c'}={c:<4g} {t.name:<42} "
                     f"{point.throughput_img_s:7.1f} img/s  p99 {point.p99_ms or 0:7.1f} ms  within "
                     f"{latency_budget_ms:g} ms: {0 if point.within_budget is None else point.within_budget:6.1%}  "
+                    f"agreement {0 if point.served_agreement is None else point.served_agreement:6.1%}  "
+                    f"escalated {'-' if point.escalated is None else f'{point.escalated:.1%}'}  "
                     f"served {point.served_by}"
                 )
-    write_ramp_report(points, manifest, latency_budget_ms, output, time.perf_counter() - t0, mode)
+    write_ramp_report(
+        points, manifest, latency_budget_ms, output, time.perf_counter() - t0, mode, min_agreement
+    )
     return points
 
 
@@ -229,11 +340,13 @@ def write_ramp_report(
     output: Path,
     wall_s: float,
     mode: str = "concurrency",
+    min_agreement: float | None = None,
 ) -> None:
     (output / "ramp.json").write_text(
         json.dumps(
             {
                 "latency_budget_ms": budget_ms,
+                "min_agreement": min_agreement,
                 "mode": mode,
                 "wall_s": wall_s,
                 "points": [asdict(p) for p in points],
@@ -243,14 +356,16 @@ def write_ramp_report(
     )
     level = "request rate (req/s)" if mode == "request_rate" else "concurrency"
     lines = [
-        f"# Load ramp: scheduler with latency_budget_ms={budget_ms:g} vs static variants",
+        f"# Load ramp: scheduler with latency_budget_ms={budget_ms:g}"
+        + ("" if min_agreement is None else f", min_agreement={min_agreement:g}")
+        + " vs static variants",
         "",
         f"{'Open loop (perf_analyzer --request-rate --async, constant arrivals; each run starts on empty server queues)' if mode == 'request_rate' else 'Closed loop (perf_analyzer concurrency)'}, "
         f"gRPC, real images, ensemble `{ENSEMBLE}`; {wall_s:.0f} s in all. "
-        "Served accuracy: the manifest's measured agreement with fp32 / top-1 of the variants that answered, "
-        "weighted by requests.",
+        "Served agreement: measured per response (each image classified by every variant before the ramp; a "
+        "cascade's DECISION margin identifies the image). Escalated: share of a cascade's rows re-run on fp32.",
         "",
-        f"| {level} | target | img/s | p50 ms | p99 ms | within budget | served agreement | served top-1 | served by |",
+        f"| {level} | target | img/s | p50 ms | p99 ms | within budget | served agreement | escalated | served by |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     fmt = lambda x, f: "-" if x is None else f.format(x)  # noqa: E731
@@ -258,7 +373,7 @@ def write_ramp_report(
         lines.append(
             f"| {p.concurrency} | {p.target} | {p.throughput_img_s:.1f} | {fmt(p.p50_ms, '{:.1f}')} | "
             f"{fmt(p.p99_ms, '{:.1f}')} | {fmt(p.within_budget, '{:.1%}')} | {fmt(p.served_agreement, '{:.1%}')} | "
-            f"{fmt(p.served_top1, '{:.1%}')} | {', '.join(f'{k}: {v}' for k, v in p.served_by.items())} |"
+            f"{fmt(p.escalated, '{:.1%}')} | {', '.join(f'{k}: {v}' for k, v in p.served_by.items())} |"
         )
     (output / "ramp.md").write_text("\n".join(lines) + "\n")
     plot_ramp(points, budget_ms, output / "ramp.png", level)
@@ -270,16 +385,35 @@ def plot_ramp(points: list[RampPoint], budget_ms: float, path: Path, level: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, ((a, b), (c, d)) = plt.subplots(2, 2, figsize=(12, 8.5))
     for target in dict.fromkeys(p.target for p in points):
         pts = [p for p in points if p.target == target]
         xs = [p.concurrency for p in pts]  # the load level: concurrency or request rate
         style = {"lw": 2.5, "color": "black"} if "budget" in target else {"ls": "--"}
         a.plot(xs, [100 * (p.within_budget or 0) for p in pts], marker="o", label=target, **style)
         b.plot(xs, [p.p99_ms or float("nan") for p in pts], marker="o", label=target, **style)
+        c.plot(
+            xs,
+            [100 * p.served_agreement if p.served_agreement is not None else float("nan") for p in pts],
+            marker="o",
+            label=target,
+            **style,
+        )
+        if any(p.escalated is not None for p in pts):
+            d.plot(
+                xs,
+                [100 * p.escalated if p.escalated is not None else float("nan") for p in pts],
+                marker="o",
+                label=target,
+                **style,
+            )
+    c.set(xlabel=level, ylabel="served top-1 agreement with fp32, %")
+    c.axhline(99, color="grey", lw=0.8, ls=":")
+    d.set(xlabel=level, ylabel="rows escalated by the cascade, %", ylim=(0, None))
+    c.legend(fontsize=8)
     a.axhline(95, color="grey", lw=0.8, ls=":")
     a.set(
-        xlabel="concurrency (requests in flight)",
+        xlabel=level,
         ylabel=f"% of requests within {budget_ms:g} ms",
         ylim=(0, 105),
     )
@@ -305,6 +439,7 @@ def ramp_command(
     measurement_interval_ms: int = 2000,
     url: str = None,
     rounds: int = 2,
+    min_agreement: float = None,
 ):
     """Load ramp: the scheduler with a latency budget vs each static variant (p99, share within budget, served
     accuracy); --request-rates gives an open-loop sweep instead of concurrency; writes ramp.json, ramp.md,
@@ -330,6 +465,7 @@ def ramp_command(
             measurement_interval_ms=measurement_interval_ms,
             url=url,
             rounds=rounds,
+            min_agreement=min_agreement,
         )
     except (ValueError, KeyError) as e:
         raise typer.BadParameter(str(e)) from None

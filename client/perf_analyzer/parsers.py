@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import math
 import os
 import re
@@ -189,7 +190,7 @@ def _profile_token_re(string_outputs: Iterable[str]) -> re.Pattern[bytes]:
         rb'|\{"timestamp":(?P<ts>\d+),'
         rb'|"response_timestamps":\[(?P<rts>[\d,]*)\]'
         rb'|"window_boundaries":\[(?P<wb>[\d,]*)\]'
-        rb'|"(?P<oname>' + outs.encode() + rb')":"(?P<oval>[^"\\]{0,512})"'
+        rb'|"(?P<oname>' + outs.encode() + rb')":"(?P<oval>(?:[^"\\]|\\.){0,4096})"'
     )
 
 
@@ -225,7 +226,9 @@ class _ProfileScanner:
             if self.experiments and m.group("wb"):
                 self.experiments[-1].window_boundaries_ns = [int(x) for x in m.group("wb").split(b",")]
         elif m.group("oname") is not None and self.cur is not None:
-            self.cur["outputs"][m.group("oname").decode()] = m.group("oval").decode("utf-8", "replace")
+            raw = m.group("oval").decode("utf-8", "replace")
+            # a JSON string's escapes (a DECISION output is itself JSON): decoded as JSON decodes them
+            self.cur["outputs"][m.group("oname").decode()] = json.loads(f'"{raw}"') if "\\" in raw else raw
 
 
 def _stream_matches(f: BinaryIO, pat: re.Pattern[bytes], chunk_size: int) -> Iterator[re.Match[bytes]]:
