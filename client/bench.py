@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
 from tcsched.client.bare import BarePoint, measure_bare, serving_threads
+from tcsched.client.bench_env import check_server, environment, has_models
 from tcsched.client.bench_report import write_report
 from tcsched.client.bench_results import BenchConfig, BenchResult
 from tcsched.client.overhead import OverheadResult, measure_overhead
@@ -64,72 +63,6 @@ from tcsched.client.targets import (
 )
 
 
-def environment(server_url: str | None = None) -> dict:
-    """CPU model, cores, load, and versions of tritonserver, perf_analyzer, onnxruntime, tcsched and friends."""
-    import importlib.metadata as md
-
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-
-    def ver(dist: str) -> str | None:
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return None
-
-    env = {
-        "utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hostname": platform.node(),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "tcsched": ver("tcsched"),
-        "onnxruntime": ver("onnxruntime"),
-        "tritonclient": ver("tritonclient"),
-        "nvidia_pytriton": ver("nvidia-pytriton"),
-        "numpy": ver("numpy"),
-        "perf_analyzer": None,
-        "tritonserver": None,
-        "omp_num_threads_server": "1 (tcsched.server.TritonServer default)",
-    }
-    with contextlib.suppress(Exception):
-        env["perf_analyzer"] = perf_analyzer_version()
-    if server_url:
-        with contextlib.suppress(Exception):
-            import tritonclient.grpc as grpcclient
-
-            c = grpcclient.InferenceServerClient(server_url)
-            env["tritonserver"] = c.get_server_metadata(as_json=True).get("version")
-            c.close()
-    return env
-
-
-# ------------------------------------------------------------------------------------------------- run
-
-
-def _check_server(url: str, models: Sequence[str]) -> None:
-    import tritonclient.grpc as grpcclient
-
-    try:
-        c = grpcclient.InferenceServerClient(url)
-        ready = c.is_server_ready()
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"no Triton server answering gRPC at {url}: {e}") from None
-    if not ready:
-        raise ValueError(f"the Triton server at {url} is not ready")
-    missing = [m for m in models if not c.is_model_ready(m)]
-    c.close()
-    if missing:
-        raise ValueError(f"models not ready on the server at {url}: {', '.join(missing)}")
-
-
 def plan(cfg: BenchConfig, variants: Sequence[str]) -> dict:
     """How many perf_analyzer points and bare measurements a config runs, and a rough duration (s)."""
     n_targets = len(bench_targets(variants, scheduler=cfg.scheduler, pipelines=cfg.url is None))
@@ -140,16 +73,6 @@ def plan(cfg: BenchConfig, variants: Sequence[str]) -> dict:
     est = points * per_point + bare * (3 * cfg.measurement_interval_ms / 1000 + 1) + n_targets * 3 + 25
     est += cfg.overhead_rounds * n_targets * 0.012  # one ~10 ms request per target per round
     return {"perf_analyzer_points": points, "bare_points": bare, "estimated_s": round(est)}
-
-
-def _has_models(url: str, models: Sequence[str]) -> bool:
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        return all(client.is_model_ready(m) for m in models)
-    finally:
-        client.close()
 
 
 def _select_variants(cfg: BenchConfig, manifest) -> list[str]:
@@ -416,11 +339,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResu
     find_perf_analyzer()
     pa_version = perf_analyzer_version()  # fails early without libb64 / libcudart.so.12
     if cfg.url is not None:
-        _check_server(cfg.url, [*variants, ENSEMBLE])
+        check_server(cfg.url, [*variants, ENSEMBLE])
     items = pick_images(cfg.data_dir, cfg.n_images)
     # the plain pipelines are served beside the repository by the bench's own server; an external one
     # (--url) has them only if it was started with them
-    pipelines = cfg.url is None or _has_models(cfg.url, [pipeline_name(v) for v in variants])
+    pipelines = cfg.url is None or has_models(cfg.url, [pipeline_name(v) for v in variants])
     if not pipelines:
         log("no pipeline_<variant> models on the server at --url: ensemble vs pipeline not measured")
     targets = bench_targets(variants, scheduler=cfg.scheduler, pipelines=pipelines)

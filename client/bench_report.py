@@ -182,7 +182,7 @@ def _overhead_section(result: BenchResult) -> list[str]:
         "",
         "Each round sends one request (batch 1, gRPC, Python tritonclient) to every target in a fresh random "
         "order, same image for all targets, images cycled over rounds (`tcsched.client.overhead`). Drifts "
-        "of the shared machine fall on all targets alike, so these ratios are steadier than the "
+        "of the machine's load fall on all targets alike, so these ratios are steadier than the "
         "perf_analyzer ones above, which measure one target after the other. CI: paired bootstrap over "
         "rounds. The client's own cost is in both sides of every ratio.",
         "",

@@ -98,6 +98,32 @@ class _Request:
     extra_args: Sequence[str]
     timeout_s: float
 
+    def validate(self, load: LoadSpec, relax_unstable: float | None) -> None:
+        """Raises ValueError on a bad argument (see :func:`build_command`), a missing input file or a bad
+        ``relax_unstable``."""
+        build_command(
+            self.model,
+            self.url,
+            load,
+            input_data=self.input_data,
+            report_csv="x.csv",
+            request_parameters=self.request_parameters,
+            protocol=self.protocol,
+        )
+        if not Path(self.input_data).is_file():
+            raise ValueError(f"input data file {self.input_data} does not exist")
+        if relax_unstable is not None and relax_unstable <= 1:
+            raise ValueError(f"relax_unstable must be > 1 or None, got {relax_unstable}")
+
+
+def _work_dir(stack: contextlib.ExitStack, work_dir: str | os.PathLike | None) -> Path:
+    """``work_dir`` (created), or a temporary folder removed when ``stack`` closes."""
+    if work_dir is None:
+        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tcsched-pa-")))
+    wd = Path(work_dir).resolve()
+    wd.mkdir(parents=True, exist_ok=True)
+    return wd
+
 
 @dataclass
 class _Run:
@@ -247,20 +273,6 @@ def run_load(
         ValueError: bad arguments (before anything runs).
         PerfAnalyzerError: perf_analyzer failed (or stayed unstable with ``relax_unstable=None``).
     """
-    # validate everything before the first run
-    build_command(
-        model,
-        url,
-        load,
-        input_data=input_data,
-        report_csv="x.csv",
-        request_parameters=request_parameters,
-        protocol=protocol,
-    )
-    if not Path(input_data).is_file():
-        raise ValueError(f"input data file {input_data} does not exist")
-    if relax_unstable is not None and relax_unstable <= 1:
-        raise ValueError(f"relax_unstable must be > 1 or None, got {relax_unstable}")
     req = _Request(
         model,
         url,
@@ -272,13 +284,10 @@ def run_load(
         extra_args,
         timeout_s,
     )
+    req.validate(load, relax_unstable)  # everything, before the first run
     label = target or model
     with contextlib.ExitStack() as stack:
-        if work_dir is None:
-            wd = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tcsched-pa-")))
-        else:
-            wd = Path(work_dir).resolve()
-            wd.mkdir(parents=True, exist_ok=True)
+        wd = _work_dir(stack, work_dir)
         stem = re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{label}_{load.tag}")
         stable = True
         for attempt in range(2):
