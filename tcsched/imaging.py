@@ -13,12 +13,13 @@ Client bytes are untrusted. :func:`decode_image` bounds what a decode *produces*
 - encoded size <= :data:`MAX_ENCODED_BYTES` (32 MiB);
 - source pixels <= :data:`MAX_SOURCE_PIXELS` (32 Mi = 33.5 Mpixel: a 24-30 Mpixel camera original or a
   12 Mpixel phone photo fits; 0.37x PIL's own decompression-bomb warning threshold ``Image.MAX_IMAGE_PIXELS``,
-  89.5 Mpixel, whose 2x is PIL's hard error). Measured on the project's 2-core machine: a 40 Mpixel JPEG
-  takes 0.9 s and a 40 Mpixel PNG 1.3 s to decode and transform, ~0.5 GB peak;
+  89.5 Mpixel, whose 2x is PIL's hard error). At the limit the decoded RGB image is 100 MB; measured on the
+  project's 2-core machine, one 40 Mpixel JPEG takes 0.9 s and one 40 Mpixel PNG 1.3 s to decode and transform,
+  a flat 5792x5792 PNG (33.5 Mpixel, 32 KB) 0.25 s alone and up to 2 s on a loaded server;
 - aspect ratio <= :data:`MAX_ASPECT_RATIO` (16): the resize to 256 on the shorter side makes the longer side
   at most 4096 px (1 Mpixel, 16x a square image's 256x256). Without it a 180 KB PNG of 60000x1 pixels passes
   the source limit and the resize makes it 256x15.4M pixels (the preprocess stub peaked at 16 GB RSS). The
-  centre crop of such an image would see 1/16 of its width anyway;
+  224 px centre crop of a wider one would see under 1/18 of its longer side anyway;
 - formats :data:`ALLOWED_FORMATS` only (JPEG, PNG, WebP, BMP, GIF, TIFF, PNM): PIL's EPS plugin runs
   Ghostscript, and the rarely used decoders are where decoder bugs live.
 
