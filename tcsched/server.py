@@ -4,23 +4,65 @@ The wheel's Python backend needs a ``triton_python_backend_stub`` built for the 
 ``libtriton_python.so``; :func:`backend_directory` assembles such a folder (links to the wheel's files plus the
 stub for this Python's minor version) and :class:`TritonServer` starts the server with ``--backend-directory``.
 The venv's ``bin`` goes first on PATH so the Python-backend models import this project and its dependencies.
+
+Secure by default (README "Security"): the admin API groups :data:`ADMIN_APIS` answer only requests carrying
+the header :data:`ADMIN_HEADER` with the server's admin key (a random one unless the operator sets it), a
+watchdog reloads a model whose Python stub died, and :meth:`TritonServer.stop` ends within seconds and removes
+this server's shared-memory regions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 _FATAL_LOG_MARKERS = ("error while loading shared libraries", "failed to load all models", "Traceback")
+log = logging.getLogger(__name__)
+
+#: API groups of tritonserver 2.51's ``--http-restricted-api`` / ``--grpc-restricted-protocol`` (its --help)
+TRITON_API_GROUPS = (
+    "health",
+    "metadata",
+    "inference",
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+)
+#: Restricted to the admin key unless opened. shared-memory: a client registering the Python backend's own region
+#: (its name is on the stub's command line) reads other requests' tensors or crashes the server (CVE-2025-23319;
+#: system and CUDA shared memory are one group); model-repository loads and unloads models; logging and trace
+#: change what the server writes. The other groups (health, metadata, inference, model-config, statistics) are
+#: read-only or the service itself, and perf_analyzer needs model-config and statistics.
+ADMIN_APIS = ("shared-memory", "model-repository", "logging", "trace")
+#: HTTP header of the admin key. Triton prefixes the gRPC metadata key with ``triton-grpc-protocol-``
+#: (server docs, customization_guide/inference_protocols.md, "Limit Endpoint Access").
+ADMIN_HEADER = "tcsched-admin-key"
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
+#: python_backend's default region prefix ("triton_" + backend name + "_backend_shm_region_", python_be.cc); each
+#: server extends it with its own token so that stop() removes exactly its own regions.
+SHM_REGION_PREFIX = "triton_python_backend_shm_region_"
+SHM_DIR = Path("/dev/shm")
+# an admin key: printable ASCII without spaces (a valid HTTP header value and gRPC metadata value), >= 16 chars
+_KEY_RE = re.compile(r"[\x21-\x7e]{16,}")
+_STUB_COMM = "triton_python_b"  # the stub's /proc comm: "triton_python_backend_stub" cut to 15 characters
 
 
 class ServerError(RuntimeError):
@@ -83,11 +125,80 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def parse_open_apis(apis: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The admin API groups to open to every client: ``"shared-memory,logging"``, a sequence, or ``"all"``.
+
+    Raises:
+        ValueError: a name that is not one of :data:`ADMIN_APIS` (the other Triton groups are always open).
+    """
+    if not apis:
+        return ()
+    names = [a.strip() for a in (apis.split(",") if isinstance(apis, str) else apis) if a.strip()]
+    if names == ["all"]:
+        return ADMIN_APIS
+    bad = [a for a in names if a not in ADMIN_APIS]
+    if bad:
+        always = [g for g in TRITON_API_GROUPS if g not in ADMIN_APIS]
+        raise ValueError(
+            f"unknown admin API group(s) {bad}: expected 'all' or a comma-separated subset of "
+            f"{', '.join(ADMIN_APIS)} (always open: {', '.join(always)})"
+        )
+    return tuple(a for a in ADMIN_APIS if a in names)
+
+
+@dataclass(frozen=True)
+class StubProcess:
+    """One ``triton_python_backend_stub``: a child of tritonserver, one per Python-backend model instance.
+
+    ``state`` is /proc's (``S`` sleeping, ``R`` running, ``Z`` zombie: dead, not yet reaped by tritonserver,
+    which reaps a stub only when it unloads the instance). ``model`` and ``region`` come from the stub's command
+    line (``<stub> <repo>/<model>/<version>/model.py <shm region> ...``, python_backend stub_launcher.cc); a
+    zombie has none, so they are None for it.
+    """
+
+    pid: int
+    state: str
+    model: str | None
+    region: str | None
+
+    @property
+    def dead(self) -> bool:
+        return self.state in ("Z", "X")
+
+
+@dataclass
+class StubRecovery:
+    """The watchdog's reload of a model whose stub died. Times are ``time.monotonic()`` seconds."""
+
+    model: str
+    pid: int
+    detected_at: float
+    recovered_at: float | None = None
+    error: str | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        """From detection to the model loaded again; None while running or after a failure."""
+        return None if self.recovered_at is None else self.recovered_at - self.detected_at
+
+
 @dataclass
 class TritonServer:
     """A tritonserver process over ``model_repository``. Use as a context manager or call start()/stop().
 
     Ports default to Triton's (8000 HTTP, 8001 gRPC, 8002 metrics); pass 0 to pick free ones.
+
+    Security (README "Security"): the groups :data:`ADMIN_APIS` minus ``open_apis`` need the header
+    :data:`ADMIN_HEADER` (gRPC: :data:`GRPC_ADMIN_HEADER`) set to ``admin_key``; without an ``admin_key`` a
+    random one is drawn that only this object knows (:meth:`admin_headers`). Models are loaded with
+    ``--model-control-mode=explicit --load-model=*`` so that the watchdog (``watchdog=True``) can reload, through
+    the restricted repository API, a model whose stub process died: every ``watchdog_interval_s`` it looks for
+    dead stubs among tritonserver's children, then unloads the model (requests to it fail at once and
+    /v2/health/ready turns false) and loads it again (:attr:`recoveries`).
+
+    Raises (constructor):
+        ValueError: an ``admin_key`` that is not >= 16 printable ASCII characters without spaces, or an unknown
+            group in ``open_apis``.
     """
 
     model_repository: Path
@@ -100,12 +211,36 @@ class TritonServer:
     extra_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 180.0
     process: subprocess.Popen | None = None
+    admin_key: str | None = field(default=None, repr=False)
+    open_apis: Sequence[str] = ()
+    watchdog: bool = True
+    watchdog_interval_s: float = 0.5
+    # tritonserver waits this long for in-flight requests (and open HTTP connections) on SIGTERM, then exits
+    exit_timeout_s: int = 5
+    # stop(): SIGKILL to the process group after this long
+    stop_timeout_s: float = 8.0
+    recoveries: list[StubRecovery] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.model_repository = Path(self.model_repository).resolve()
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
+        self.open_apis = parse_open_apis(self.open_apis)
+        if self.admin_key is None:
+            self.admin_key = secrets.token_urlsafe(32)
+        elif not _KEY_RE.fullmatch(self.admin_key):
+            raise ValueError(
+                "the admin key must be at least 16 printable ASCII characters without spaces "
+                f"(got {len(self.admin_key)} characters); e.g. "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+        # this server's shared-memory regions: python_backend names them <prefix><uuid>
+        self.shm_region_prefix = f"{SHM_REGION_PREFIX}tcsched-{secrets.token_hex(6)}-"
+        self._watch_stop = threading.Event()
+        self._watch_thread: threading.Thread | None = None
+        # stub pid -> (model, shm region), learnt while the stub was alive
+        self._stub_models: dict[int, tuple[str, str | None]] = {}
 
     @property
     def http_url(self) -> str:
@@ -119,8 +254,27 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
+    @property
+    def restricted_apis(self) -> tuple[str, ...]:
+        """The admin groups that need the admin key: :data:`ADMIN_APIS` minus ``open_apis``."""
+        return tuple(a for a in ADMIN_APIS if a not in self.open_apis)
+
+    def admin_headers(self, protocol: str = "http") -> dict[str, str]:
+        """Headers for the restricted APIs, e.g. ``client.unload_model(m, headers=server.admin_headers())``."""
+        if protocol not in ("http", "grpc"):
+            raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+        return {ADMIN_HEADER if protocol == "http" else GRPC_ADMIN_HEADER: str(self.admin_key)}
+
     def command(self) -> list[str]:
         root = pytriton_root()
+        given = [a.split("=", 1)[0] for a in self.extra_args]
+        # explicit model control: the watchdog reloads a model through the (restricted) repository API
+        control = [] if "--model-control-mode" in given else ["--model-control-mode=explicit"]
+        load = [] if "--load-model" in given else ["--load-model=*"]
+        restricted = []
+        if self.restricted_apis:
+            rule = f"{','.join(self.restricted_apis)}:{ADMIN_HEADER}={self.admin_key}"
+            restricted = [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
         return [
             str(root / "bin" / "tritonserver"),
             f"--model-repository={self.model_repository}",
@@ -135,6 +289,11 @@ class TritonServer:
             "--allow-gpu-metrics=false",
             "--strict-readiness=true",
             "--exit-on-error=true",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_region_prefix}",
+            *control,
+            *load,
+            *restricted,
             f"--log-verbose={self.log_verbose}",
             *self.extra_args,
         ]
@@ -197,11 +356,18 @@ class TritonServer:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                self._close_log()
+                self.stop()  # its stubs and shared-memory regions
                 raise ServerError(
                     f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}"
                 )
             if self.ready():
+                if self.watchdog:
+                    self._watch_stop.clear()
+                    self._learn_stubs()
+                    self._watch_thread = threading.Thread(
+                        target=self._watch, name=f"tcsched-watchdog-{self.http_port}", daemon=True
+                    )
+                    self._watch_thread.start()
                 return self
             tail = self.log_tail(200)
             if any(marker in tail for marker in _FATAL_LOG_MARKERS):
@@ -226,23 +392,177 @@ class TritonServer:
             return ""
         return "\n".join(Path(self.log_file).read_text(errors="replace").splitlines()[-n:])
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM (Triton drains in-flight requests), then SIGKILL after ``timeout_s``."""
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop the server and clean up after it; returns within about ``timeout_s`` + 2 s.
+
+        SIGTERM to tritonserver (it drains in-flight requests for at most ``exit_timeout_s``, then finalizes the
+        models and their stubs), SIGKILL to its process group after ``timeout_s`` (default ``stop_timeout_s``),
+        then SIGKILL to any stub still in the group (tritonserver leaves them behind when its exit timeout
+        expires or it is killed), then removes this server's shared-memory regions from /dev/shm.
+        """
+        timeout_s = self.stop_timeout_s if timeout_s is None else timeout_s
+        self.stop_watchdog()
+        if self.process is not None:
+            if self.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+                    self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("tritonserver did not exit %.0f s after SIGTERM: SIGKILL", timeout_s)
+            self._kill_group()
+            self.remove_shm_regions()
         self._close_log()
 
+    def stop_watchdog(self) -> None:
+        """Stop the stub watchdog (a reload in progress is given 2 s to finish); the server keeps running."""
+        self._watch_stop.set()
+        if self._watch_thread is not None:
+            self._watch_thread.join(timeout=2.0)
+            self._watch_thread = None
+
+    def _kill_group(self, wait_s: float = 2.0) -> None:
+        """SIGKILL to every process left in tritonserver's process group (the server and its stubs)."""
+        assert self.process is not None
+        pgid = self.process.pid  # start_new_session: the server leads its own group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        self.process.wait()
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+    def shm_regions(self) -> list[Path]:
+        """This server's Python-backend shared-memory regions (``/dev/shm/<shm_region_prefix><uuid>``)."""
+        return sorted(SHM_DIR.glob(f"{self.shm_region_prefix}*"))
+
+    def remove_shm_regions(self) -> list[Path]:
+        """Remove this server's regions (once its stubs are gone); returns those removed."""
+        removed = []
+        for path in self.shm_regions():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+        return removed
+
+    # --- stub watchdog ------------------------------------------------------------------------------------------
+
+    def stub_processes(self) -> list[StubProcess]:
+        """The Python-backend stubs that are children of this tritonserver, read from /proc."""
+        if self.process is None:
+            return []
+        out = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text()
+                # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+                comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+                state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+                if int(ppid) != self.process.pid or comm != _STUB_COMM:
+                    continue
+                argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError):
+                continue  # exited meanwhile
+            model = region = None
+            if len(argv) > 2 and argv[1]:
+                model = Path(argv[1].decode(errors="replace")).parent.parent.name
+                region = argv[2].decode(errors="replace")
+            out.append(StubProcess(int(entry.name), state, model, region))
+        return out
+
+    def _learn_stubs(self) -> list[StubProcess]:
+        """Scan the stubs; remember which model each live one serves (a dead one's command line is empty)."""
+        stubs = self.stub_processes()
+        for st in stubs:
+            if st.model is not None:
+                self._stub_models[st.pid] = (st.model, st.region)
+        return stubs
+
+    def _watch(self) -> None:
+        handled: set[int] = set()
+        while not self._watch_stop.wait(self.watchdog_interval_s):
+            if not self.alive():
+                return
+            stubs = self._learn_stubs()
+            for st in stubs:
+                if not st.dead or st.pid in handled:
+                    continue
+                handled.add(st.pid)
+                model, region = self._stub_models.get(st.pid, (None, None))
+                if model is None:
+                    # died before a scan saw it alive (e.g. right after a reload): the models with no live stub
+                    live = {s.model for s in stubs if not s.dead}
+                    orphans = sorted({m for m, _ in self._stub_models.values()} - live)
+                    log.warning("stub %d died unseen; models without a live stub: %s", st.pid, orphans)
+                    for m in orphans:
+                        self._recover(m, st.pid)
+                else:
+                    self._recover(model, st.pid)
+                # python_backend 24.10 never finishes unloading an instance whose stub died (the old version
+                # stays "live" until the exit timeout), so its region would stay in /dev/shm until stop():
+                # nothing opens a region by name once its stub has started, so the name can go now
+                if region and "/" not in region and region.startswith(self.shm_region_prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        (SHM_DIR / region).unlink()
+            live_pids = {st.pid for st in stubs}
+            for pid in [p for p in self._stub_models if p not in live_pids]:
+                del self._stub_models[pid]
+                handled.discard(pid)
+
+    def _recover(self, model: str, pid: int) -> None:
+        """Unload ``model`` (its requests now fail at once instead of after python_backend's 1 s health wait,
+        and strict readiness turns false), then load it again: new instances, new stubs."""
+        rec = StubRecovery(model, pid, time.monotonic())
+        self.recoveries.append(rec)
+        log.warning("stub %d of model %s died: reloading the model", pid, model)
+        try:
+            self._repository_call(model, "unload")
+            for attempt in range(3):
+                try:
+                    self._repository_call(model, "load")
+                    break
+                except ServerError:
+                    if attempt == 2 or self._watch_stop.is_set():
+                        raise
+                    time.sleep(1.0)
+            rec.recovered_at = time.monotonic()
+            log.warning("model %s reloaded in %.1f s", model, rec.seconds)
+        except (ServerError, OSError) as e:
+            rec.error = str(e)
+            log.error("could not reload model %s: %s", model, e)
+
+    def _repository_call(self, model: str, action: str, timeout_s: float = 120.0) -> None:
+        """POST /v2/repository/models/<model>/<action> with the admin key (model-repository extension).
+
+        Raises:
+            ServerError: the server refused (the message holds its answer).
+        """
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)
+        host = f"[{host}]" if ":" in host else host
+        req = urllib.request.Request(
+            f"http://{host}:{self.http_port}/v2/repository/models/{model}/{action}",
+            data=b"{}",
+            headers={"Content-Type": "application/json", **self.admin_headers()},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s):
+                return
+        except urllib.error.HTTPError as e:
+            raise ServerError(
+                f"{action} {model}: HTTP {e.code} {e.read()[:500].decode(errors='replace')}"
+            ) from None
+
     def _close_log(self) -> None:
-        log = getattr(self, "_log", None)
-        if log is not None and not log.closed:
-            log.close()
+        f = getattr(self, "_log", None)
+        if f is not None and not f.closed:
+            f.close()
 
     def __enter__(self) -> TritonServer:
         return self.start()
