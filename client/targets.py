@@ -11,15 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from tcsched import names
 from tcsched.client.perf_analyzer import write_bytes_input_data, write_tensor_input_data
 from tcsched.client.pipelines import pipeline_name
 
-# model and tensor names of the repository that tcsched build writes (tcsched.build_tools.repository)
-ENSEMBLE = "classifier"
-ENSEMBLE_INPUT = "IMAGE"
-VARIANT_INPUT = "input"
-SCHEDULER = "scheduler"
-SCHEDULER_INPUT = "INPUT"
+# model and tensor names of the repository that tcsched build writes (defined in tcsched.names)
+ENSEMBLE = names.ENSEMBLE
+ENSEMBLE_INPUT = names.IMAGE
+VARIANT_INPUT = "input"  # the variants' ONNX input name (tcsched.build_tools.export.INPUT_NAME)
+SCHEDULER = names.SCHEDULER
+SCHEDULER_INPUT = names.PIXELS
 
 TargetKind = Literal["variant", "ensemble", "scheduler", "pipeline"]
 
