@@ -72,7 +72,7 @@ def test_failed_variant_falls_back_and_is_counted(explicit_server, sched_repo):
         assert first == "mobilenet_v2_int8"  # the profiled-fastest variant within a loose budget
         before = metric(explicit_server, "tcsched_fallbacks_total", from_variant=first)
         admin = httpclient.InferenceServerClient(explicit_server.http_url)
-        admin.unload_model(first)
+        admin.unload_model(first, headers=explicit_server.admin_headers())
         try:
             r = c.classify(img, parameters=params)
             assert r.variant != first and r.decision["fallback_from"] == first
@@ -85,7 +85,7 @@ def test_failed_variant_falls_back_and_is_counted(explicit_server, sched_repo):
             with pytest.raises(Exception, match=first):
                 c.classify(img, parameters={"variant": first})
         finally:
-            admin.load_model(first)
+            admin.load_model(first, headers=explicit_server.admin_headers())
             admin.close()
     assert explicit_server.ready()
 
