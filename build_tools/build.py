@@ -35,11 +35,13 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from tcsched.build_tools import export as ex
 from tcsched.build_tools import repository as repo_mod
 from tcsched.build_tools.augment import label_preserving_views
+from tcsched.build_tools.cascade import FrontVerdict
 from tcsched.build_tools.config import BuildConfig
 from tcsched.build_tools.graph_surgery import WEIGHT_OPS
 from tcsched.build_tools.latency import measure_latency
 from tcsched.build_tools.quantize import parse_calib_method
 from tcsched.build_tools.recipes import REGISTRY, BuildContext, BuiltVariant, Dropped, Recipe
+from tcsched.build_tools.serving import Serving, decide_serving, write_serving_reports
 from tcsched.data import SPLIT_FRACTIONS, ImageItem, default_photos, list_images, split
 from tcsched.fsutil import atomic_directory, check_replaceable_output, clean_stale_temporaries
 from tcsched.imaging import preprocess_bytes
@@ -52,7 +54,7 @@ from tcsched.manifest import (
     TensorSpec,
     VariantEntry,
 )
-from tcsched.metrics import mean_kl, top1_agreement, topk_accuracy
+from tcsched.metrics import mean_kl, top1_agreement, topk_accuracy, wilson_interval
 from tcsched.ort_runtime import OrtClassifier
 from tcsched.precision import REFERENCE
 
@@ -361,15 +363,25 @@ def measure(ctx: BuildContext, built: dict[str, BuiltVariant], eval_description:
 
 
 def _entry(
-    tmp: Path, m: Measured, ref: Measured, measurements: Measurements, cfg: BuildConfig, notes: list[str]
+    tmp: Path,
+    m: Measured,
+    ref: Measured,
+    measurements: Measurements,
+    cfg: BuildConfig,
+    notes: list[str],
+    verdict: FrontVerdict | None = None,
 ) -> VariantEntry:
-    """The manifest entry of one measured variant, its model written under ``tmp``."""
+    """The manifest entry of one measured variant, its model written under ``tmp``; ``verdict``: whether it is
+    on the accuracy-latency front (:func:`tcsched.build_tools.cascade.pareto_front`)."""
     classes = ref.eval_logits.shape[1]
     dst = repo_mod.write_variant(tmp, m.model_name, m.variant.path, cfg.serving, classes=classes)
     y = measurements.eval_labels
     top1 = topk_accuracy(m.eval_logits, y, 1) if y is not None else None
     agree = top1_agreement(ref.eval_logits, m.eval_logits)
     drop = 100.0 * (topk_accuracy(ref.eval_logits, y, 1) - top1) if y is not None else 100.0 * (1.0 - agree)
+    n = len(m.eval_logits)
+    hits = int(round(agree * n))
+    top1_ci = wilson_interval(int(round(top1 * n)), n) if top1 is not None else None
     p50, ref_p50 = m.p50_ms_by_batch, ref.p50_ms_by_batch
     return VariantEntry(
         name=m.model_name,
@@ -384,6 +396,8 @@ def _entry(
             agreement_with_fp32=agree,
             kl_vs_fp32=max(0.0, mean_kl(ref.eval_logits, m.eval_logits)),
             top1_drop_points=drop,
+            top1_ci95=top1_ci,
+            agreement_ci95=wilson_interval(hits, n),
         ),
         latency=LatencyReport(
             device=f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -396,6 +410,8 @@ def _entry(
         layer_precision=m.variant.layer_plan,
         build_notes=notes,
         serve_on_cpu_for_speed=m.variant.served_on_cpu_for_speed,
+        on_pareto_front=verdict is None or verdict.on_front,
+        not_served_reason=None if verdict is None else verdict.reason,
     )
 
 
@@ -405,12 +421,15 @@ def write_repository(
     source: Source,
     measurements: Measurements,
     dropped: Sequence[Dropped],
+    serving: Serving | None = None,
 ) -> Manifest:
-    """Write the repository at ``cfg.output`` (atomic) and the analysis report at ``cfg.report_dir``; the notes
-    of dropped variants go into the reference's notes."""
+    """Write the repository at ``cfg.output`` (atomic) and the reports at ``cfg.report_dir`` (analysis, and with
+    ``serving`` the cascades and the drift study); the notes of dropped variants go into the reference's notes.
+    ``serving``: the front verdicts and the calibrated cascades (:func:`~tcsched.build_tools.serving.decide_serving`)."""
     from tcsched.build_tools import analysis as an
 
     ref = measurements.variants[measurements.reference]
+    verdicts = serving.plan.verdicts if serving is not None else {}
     cfg.report_dir.mkdir(parents=True, exist_ok=True)
     with atomic_directory(cfg.output) as tmp:
         entries = []
@@ -418,7 +437,7 @@ def write_repository(
             notes = list(m.variant.notes)
             if m is ref:
                 notes += [f"{d.name} dropped: " + " ".join(d.notes) for d in dropped]
-            entries.append(_entry(tmp, m, ref, measurements, cfg, notes))
+            entries.append(_entry(tmp, m, ref, measurements, cfg, notes, verdicts.get(m.model_name)))
         repo_mod.write_pipeline(tmp, ctx.labels, cfg.serving)
         manifest = Manifest(
             source_model=source.description,
@@ -429,12 +448,15 @@ def write_repository(
             reference_variant=measurements.reference,
             variants=entries,
             input_statistics=input_statistics(ctx.calib),
+            cascades=serving.plan.cascades if serving is not None else [],
         )
         manifest.write(tmp / MANIFEST_FILENAME)
         ctx.report.write(tmp / ANALYSIS_FILENAME)
         (tmp / "README.md").write_text(repo_mod.REPOSITORY_README)
     ctx.report.write(cfg.report_dir / ANALYSIS_FILENAME)
     an.plot(ctx.report, cfg.report_dir / "analysis.png")
+    if serving is not None:
+        write_serving_reports(serving, measurements, cfg.report_dir)
     return manifest
 
 
@@ -458,7 +480,7 @@ def build(cfg: BuildConfig, console: Console | None = None, source: Source | Non
 
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
-        step = progress.add_task("build", total=4 + len(recipes) + 1)
+        step = progress.add_task("build", total=4 + len(recipes) + 2)
         if source is None:
             progress.update(step, description="export ONNX (torchvision MobileNetV2, IMAGENET1K_V1)")
             source = export_source(cfg, work)
@@ -468,9 +490,14 @@ def build(cfg: BuildConfig, console: Console | None = None, source: Source | Non
         progress.update(step, description="measure accuracy (evaluation split) and latency (interleaved)")
         measurements = measure(ctx, outcome.built, _eval_description(cfg, splits, ctx))
         progress.advance(step)
+        # every variant is built and measured here: which to serve (the accuracy-latency front) and the
+        # confidence cascades calibrated on them are chosen before the manifest entries are written
+        progress.update(step, description="serving plan: accuracy-latency front, cascades, drift-check study")
+        serving = decide_serving(
+            measurements, splits.eval, input_statistics(ctx.calib), cfg.threads, progress
+        )
+        progress.advance(step)
 
-    # every variant is built and measured here: steps that choose among them (which to serve, calibrated
-    # combinations) read `measurements` before the manifest entries are written
-    manifest = write_repository(cfg, ctx, source, measurements, outcome.dropped)
+    manifest = write_repository(cfg, ctx, source, measurements, outcome.dropped, serving)
     console.print(f"[green]built {cfg.output} in {time.perf_counter() - t_start:.0f} s[/green]")
     return manifest

@@ -443,6 +443,14 @@ def run(
                 except Exception as e:  # noqa: BLE001
                     results.append(e)
         _print_results(paths, results)
+        ok = [r for r in results if not isinstance(r, Exception)]
+        cascaded = [r for r in ok if (r.decision or {}).get("cascade")]
+        if cascaded:
+            label = cascaded[0].decision["cascade"]
+            console.print(
+                f"confidence cascade {label} (target agreement {cascaded[0].decision['target_agreement']:g}): "
+                f"{sum(r.escalated for r in cascaded)} of {len(cascaded)} images escalated"
+            )
         console.print("stopping tritonserver ...")
     console.print("[green]done[/green]")
     if any(isinstance(r, Exception) for r in results):
@@ -462,7 +470,8 @@ def evaluate(
     reference: bool = typer.Option(True, help="also run torchvision eager (fp32) on the same images"),
     limit: int = typer.Option(None, help="at most this many images"),
     evaluation_split: bool = typer.Option(
-        False, help="only the evaluation split that `tcsched build --data-dir DATA_DIR` makes (images it never "
+        False,
+        help="only the evaluation split that `tcsched build --data-dir DATA_DIR` makes (images it never "
         "calibrated or chose anything on)",
     ),
     concurrency: int = typer.Option(4),

@@ -1,0 +1,122 @@
+"""Strategy decision, last step of the build: what the scheduler may serve, and how.
+
+From the measured variants (``tcsched.build_tools.build.Measurements``): the accuracy-latency Pareto front
+(variants off it are kept in the repository but never chosen by the scheduler), the confidence cascades of front
+variants calibrated per target agreement (``tcsched.build_tools.cascade``), and the drift-check study on
+corrupted evaluation images (``tcsched.build_tools.drift_study``). Writes ``cascade.{md,json,png}`` and
+``drift_study.{md,json}`` into the build's report folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tcsched.build_tools.cascade import ServingPlan, cascade_table, plan_serving, plot_cascades
+from tcsched.build_tools.drift_study import DriftStudy, drift_study
+from tcsched.data import ImageItem
+from tcsched.imaging import decode_image, preprocess_pil
+from tcsched.jsonio import atomic_write_json, atomic_write_text
+from tcsched.ort_runtime import OrtClassifier
+
+DRIFT_IMAGES = 96  # evaluation images the drift study corrupts (x 8 versions: ~15 s on 2 cores)
+DEFAULT_TARGET = (
+    0.99  # the scheduler's default_min_agreement (tcsched.settings): the study's cascade threshold
+)
+
+
+@dataclass
+class Serving:
+    plan: ServingPlan
+    drift: DriftStudy | None
+
+
+def decide_serving(
+    measurements, eval_items: Sequence[ImageItem], input_statistics, threads: int, progress=None
+) -> Serving:
+    """The Pareto front and the cascades from ``measurements``, then the drift study on ``eval_items``.
+
+    Args:
+        measurements: ``tcsched.build_tools.build.Measurements`` (logits on the selection views and the
+            evaluation split, latency profiles, the reference's name).
+        input_statistics: the calibration images' :class:`tcsched.manifest.InputStatistics` (the drift rule's).
+    """
+    m = measurements
+    servable = m.served_on_cpu_for_speed()
+    front_candidates = [n for n, ok in servable.items() if ok]
+    select = {n: m.variants[n].selection_logits for n in front_candidates}
+    plan = plan_serving(
+        servable,
+        m.reference,
+        select,
+        m.select_groups,
+        m.eval_logits(),
+        m.p50_ms_by_batch(),
+        "selection split, 4 label-preserving views of each image",
+        m.eval_description,
+        select_labels=m.select_labels,
+    )
+    drift = None
+    int8 = next((v for v in m.variants.values() if v.variant.precision == "int8"), None)
+    if int8 is not None and eval_items:
+        threshold = None
+        for c in plan.cascades:
+            if c.stages == [int8.model_name, m.reference]:
+                op = next((o for o in c.operating_points if o.target_agreement == DEFAULT_TARGET), None)
+                threshold = op.thresholds[0] if op is not None else None
+        fp32 = OrtClassifier(m.variants[m.reference].variant.path, threads=threads)
+        q = OrtClassifier(int8.variant.path, threads=threads)
+        images = [decode_image(it.read_bytes()) for it in eval_items[:DRIFT_IMAGES]]
+        task = progress.add_task("drift-check study (corruptions)", total=8) if progress is not None else None
+        drift = drift_study(
+            images,
+            preprocess_pil,
+            lambda x: fp32.predict(x, batch_size=16),
+            lambda x: q.predict(x, batch_size=16),
+            input_statistics,
+            cascade_threshold=threshold,
+            on_step=(lambda i: progress.update(task, completed=i)) if task is not None else None,
+        )
+    return Serving(plan, drift)
+
+
+def write_serving_reports(serving: Serving, measurements, report_dir: Path) -> None:
+    """``cascade.md`` (table), ``cascade.json`` (the profiles), ``cascade.png`` (agreement vs cost), and the
+    drift study's ``drift_study.md`` / ``.json``."""
+    m = measurements
+    report_dir.mkdir(parents=True, exist_ok=True)
+    p50 = m.p50_ms_by_batch()
+    ref_top1 = m.variants[m.reference].eval_logits.argmax(1)
+    single = {n: float(np.mean(v.eval_logits.argmax(1) == ref_top1)) for n, v in m.variants.items()}
+    verdicts = "\n".join(
+        f"- {n}: " + ("on the front" if v.on_front else v.reason or "off the front")
+        for n, v in serving.plan.verdicts.items()
+    )
+    atomic_write_text(
+        report_dir / "cascade.md",
+        "# Confidence cascades\n\n"
+        + cascade_table(serving.plan, p50, m.reference)
+        + "\n\nExpected ms: bare-runtime p50 of each stage at the binomial number of rows reaching it.\n\n"
+        + "## Accuracy-latency front\n\n"
+        + verdicts
+        + "\n",
+    )
+    atomic_write_json(
+        report_dir / "cascade.json",
+        {
+            "cascades": [c.model_dump() for c in serving.plan.cascades],
+            "front": {
+                n: {"on_front": v.on_front, "reason": v.reason} for n, v in serving.plan.verdicts.items()
+            },
+        },
+    )
+    if serving.plan.cascades:
+        plot_cascades(serving.plan, single, p50, m.reference, report_dir / "cascade.png")
+    if serving.drift is not None:
+        atomic_write_text(
+            report_dir / "drift_study.md", "# Drift check under corruptions\n\n" + serving.drift.markdown()
+        )
+        atomic_write_json(report_dir / "drift_study.json", serving.drift.as_dict())

@@ -1,0 +1,108 @@
+"""The confidence cascade in the real tritonserver: per-row escalation by BLS, min_agreement, bad values refused."""
+
+import json
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from tcsched.confidence import confidence_margin
+from tcsched.data import default_photos, list_images
+from tcsched.manifest import Manifest
+from tcsched.settings import DEFAULTS
+from tests.conftest import SHARED
+
+pytestmark = pytest.mark.integration
+
+
+def _images(n=24) -> list[bytes]:
+    items = list_images(SHARED) if (SHARED / "labels.csv").is_file() else default_photos()
+    step = max(1, len(items) // n)
+    return [it.read_bytes() for it in items[::step][:n]]
+
+
+def _infer(client, img: bytes, **params):
+    inp = httpclient.InferInput("IMAGE", [1, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[img]], dtype=np.object_))
+    out = [httpclient.InferRequestedOutput(n) for n in ("LOGITS", "VARIANT", "DECISION")]
+    r = client.infer("classifier", [inp], outputs=out, parameters=params)
+    return (
+        r.as_numpy("LOGITS").reshape(1, -1),
+        r.as_numpy("VARIANT").reshape(-1)[0].decode(),
+        json.loads(r.as_numpy("DECISION").reshape(-1)[0]),
+    )
+
+
+def _escalations(server, cascade: str) -> float:
+    time.sleep(3 * DEFAULTS.metrics_flush_interval_ms / 1e3)
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("tcsched_escalations_total{") and f'cascade="{cascade}"' in line
+    )
+
+
+@pytest.fixture(scope="module")
+def manifest(built_repo) -> Manifest:
+    m = Manifest.read(built_repo / "manifest.json")
+    assert m.cascades, "the build calibrated no cascade"
+    return m
+
+
+def test_low_margin_rows_escalate_and_high_margin_rows_do_not(server, manifest):
+    c = manifest.cascades[0]
+    first, last = c.stages[0], c.stages[-1]
+    before = _escalations(server, c.label)
+    seen = {True: 0, False: 0}
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        for img in _images():
+            logits, variant, d = _infer(client, img, min_agreement=0.99)
+            assert d["cascade"] == c.label and d["target_agreement"] == 0.99, d
+            fast, _, _ = _infer(client, img, variant=first)
+            margin = float(confidence_margin(fast)[0])
+            assert d["confidence_margin"] == pytest.approx(margin, abs=1e-4)
+            assert d["escalated"] == (margin < d["threshold"])
+            if d["escalated"]:  # the row carries the next stage's logits
+                slow, _, _ = _infer(client, img, variant=last)
+                assert variant == last and np.allclose(logits, slow, atol=1e-4)
+            else:
+                assert variant == first and np.allclose(logits, fast, atol=1e-4)
+            seen[d["escalated"]] += 1
+    assert seen[True] >= 1 and seen[False] >= 1, seen
+    assert _escalations(server, c.label) == before + seen[True]
+
+
+def test_min_agreement_chooses_the_operating_point(server, manifest):
+    img = _images(4)[1]
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        _, _, d99 = _infer(client, img, min_agreement=0.99)
+        _, _, d995 = _infer(client, img, min_agreement=0.995)
+        _, variant, d1 = _infer(client, img, min_agreement=1.0)
+        _, _, default = _infer(client, img)  # the config's default_min_agreement (0.99)
+    assert d995["threshold"] >= d99["threshold"] and d995["target_agreement"] == 0.995
+    assert variant == manifest.reference_variant and d1["cascade"] is None  # only fp32 agrees with itself
+    assert default["target_agreement"] == DEFAULTS.default_min_agreement == 0.99
+
+
+@pytest.mark.parametrize("value", [1.5, 0, -0.1, "abc", "nan"])
+def test_bad_min_agreement_is_a_client_error_on_both_protocols(server, value):
+    img = _images(2)[0]
+    with (
+        httpclient.InferenceServerClient(server.http_url) as client,
+        pytest.raises(InferenceServerException) as e,
+    ):
+        _infer(client, img, min_agreement=value)
+    assert "min_agreement" in str(e.value) and "400" in str(e.value.status())
+    inp = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[img]], dtype=np.object_))
+    with (
+        grpcclient.InferenceServerClient(server.grpc_url) as client,
+        pytest.raises(InferenceServerException) as e,
+    ):
+        client.infer("classifier", [inp], parameters={"min_agreement": value})
+    assert "min_agreement" in str(e.value) and e.value.status() == "StatusCode.INVALID_ARGUMENT"
