@@ -56,7 +56,8 @@ class AccuracyReport(_Model):
         "no labels, the disagreement with fp32 (100 * (1 - agreement)), a conservative stand-in"
     )
     top1_ci95: tuple[float, float] | None = Field(
-        default=None, description="Wilson 95% interval of top1 over n_images (tcsched.metrics.wilson_interval)"
+        default=None,
+        description="Wilson 95% interval of top1 over n_images (tcsched.metrics.wilson_interval)",
     )
     agreement_ci95: tuple[float, float] | None = Field(
         default=None, description="Wilson 95% interval of agreement_with_fp32 over n_images"
@@ -165,7 +166,9 @@ class OperatingPoint(_Model):
 
     target_agreement: float = Field(gt=0, le=1)
     thresholds: list[float] = Field(description="one per stage but the last, in [0, 1]")
-    agreement: float = Field(ge=0, le=1, description="measured top-1 agreement with fp32 on the calibration set")
+    agreement: float = Field(
+        ge=0, le=1, description="measured top-1 agreement with fp32 on the calibration set"
+    )
     agreement_ci95: tuple[float, float] = Field(
         description="95% interval of agreement: bootstrap over images (the views of an image move together)"
     )
@@ -176,7 +179,9 @@ class OperatingPoint(_Model):
         description="expected ms of one batch through the cascade: first stage + each later stage at the "
         "binomial number of rows reaching it, from the variants' bare-runtime p50"
     )
-    top1_drop_points: float | None = Field(default=None, description="fp32 top-1 minus the cascade's, if labeled")
+    top1_drop_points: float | None = Field(
+        default=None, description="fp32 top-1 minus the cascade's, if labeled"
+    )
     met: bool = Field(description="agreement >= target_agreement on the calibration set")
     evaluation: CascadeCheck | None = None
 

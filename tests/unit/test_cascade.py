@@ -46,7 +46,12 @@ def test_calibration_reaches_each_target_at_the_lowest_escalation():
     fast, ref = synthetic()
     groups = np.arange(len(ref))
     prof = calibrate_cascade(
-        [StageData("m_int8", fast), StageData("m_fp32", ref)], ref, groups, P50, "synthetic", targets=(0.97, 0.99)
+        [StageData("m_int8", fast), StageData("m_fp32", ref)],
+        ref,
+        groups,
+        P50,
+        "synthetic",
+        targets=(0.97, 0.99),
     )
     assert prof.label == "int8>fp32" and [op.target_agreement for op in prof.operating_points] == [0.97, 0.99]
     base = float(np.mean(fast.argmax(1) == ref.argmax(1)))
@@ -57,7 +62,9 @@ def test_calibration_reaches_each_target_at_the_lowest_escalation():
         assert op.agreement_ci95[0] <= op.agreement <= op.agreement_ci95[1]
         esc = confidence_margin(fast) < op.thresholds[0]
         served_ok = np.where(esc, True, fast.argmax(1) == ref.argmax(1))
-        assert served_ok.mean() == pytest.approx(op.agreement) and esc.mean() == pytest.approx(op.escalation_rate)
+        assert served_ok.mean() == pytest.approx(op.agreement) and esc.mean() == pytest.approx(
+            op.escalation_rate
+        )
         # one row fewer escalated (the most confident of those escalated) would miss the target: the lowest rate
         m = confidence_margin(fast)
         keep = np.argmax(np.where(esc, m, -1))
@@ -105,7 +112,11 @@ def test_three_stage_chain_and_candidate_chains():
         targets=(0.98,),
     )
     op = prof.operating_points[0]
-    assert op.met and len(op.thresholds) == 2 and op.reach_rates[0] == 1.0 >= op.reach_rates[1] >= op.reach_rates[2]
+    assert (
+        op.met
+        and len(op.thresholds) == 2
+        and op.reach_rates[0] == 1.0 >= op.reach_rates[1] >= op.reach_rates[2]
+    )
 
 
 def test_expected_batch_ms_is_binomial():
@@ -118,7 +129,12 @@ def test_pareto_front_drops_slower_and_not_more_accurate():
     rng = np.random.default_rng(0)
     n = 400
     a_int8 = rng.random(n) < 0.96
-    agree = {"m_fp32": np.ones(n, bool), "m_int8": a_int8, "m_mixed": a_int8.copy(), "m_better": np.ones(n, bool)}
+    agree = {
+        "m_fp32": np.ones(n, bool),
+        "m_int8": a_int8,
+        "m_mixed": a_int8.copy(),
+        "m_better": np.ones(n, bool),
+    }
     p50 = {**P50, "m_mixed": {1: 4.0, 8: 18.0}, "m_better": {1: 4.5, 8: 20.0}}
     v = pareto_front(agree, p50, "m_fp32")
     assert v["m_fp32"].on_front and v["m_int8"].on_front
@@ -159,7 +175,9 @@ def test_policy_picks_the_cascade_and_respects_min_agreement_and_budgets():
     roomy = p.rank(RequestOptions(min_agreement=0.99, latency_budget_ms=100.0))[0]
     assert roomy.chain == ("m_fp32",) and roomy.escalation_budget_ms == pytest.approx(70.0)
     tight = p.rank(RequestOptions(min_agreement=0.99, latency_budget_ms=5.5), batch_size=1)[0]
-    assert tight.cascade == "int8>fp32"  # 5 ms fp32 > 0.7 x 5.5 ms; the cascade's expectation fits or degrades
+    assert (
+        tight.cascade == "int8>fp32"
+    )  # 5 ms fp32 > 0.7 x 5.5 ms; the cascade's expectation fits or degrades
 
 
 @pytest.mark.parametrize("value", [0, -0.5, 1.5, "x", "nan", True])
