@@ -154,6 +154,19 @@ def _thresholds_for(
     return (best[2], True) if best is not None else (fallback[2], False)
 
 
+def _check(thresholds: Sequence[float], logits: Sequence[np.ndarray], ref: np.ndarray, name: str) -> CascadeCheck:
+    """The thresholds applied to other rows (one per image): agreement with Wilson 95% interval, escalation."""
+    stage = served_stage([confidence_margin(x) for x in logits[:-1]], thresholds)
+    ok = np.choose(stage, [x.argmax(1) == ref.argmax(1) for x in logits])
+    return CascadeCheck(
+        dataset=name,
+        n_images=len(ok),
+        agreement=float(ok.mean()),
+        agreement_ci95=wilson_interval(int(ok.sum()), len(ok), _Z95),
+        escalation_rate=float(np.mean(stage >= 1)),
+    )
+
+
 def calibrate_cascade(
     stages: Sequence[StageData],
     reference: np.ndarray,
@@ -207,18 +220,7 @@ def calibrate_cascade(
         if labels is not None:
             served_top1 = np.choose(stage, [s.logits.argmax(1) for s in stages])
             drop = 100.0 * (float(np.mean(ref_top1 == labels)) - float(np.mean(served_top1 == labels)))
-        check = None
-        if evaluation is not None:
-            ev_logits, ev_ref, ev_name = evaluation
-            ev_stage = served_stage([confidence_margin(x) for x in ev_logits[:-1]], ts)
-            ev_ok = np.choose(ev_stage, [x.argmax(1) == ev_ref.argmax(1) for x in ev_logits])
-            check = CascadeCheck(
-                dataset=ev_name,
-                n_images=len(ev_ok),
-                agreement=float(ev_ok.mean()),
-                agreement_ci95=wilson_interval(int(ev_ok.sum()), len(ev_ok), _Z95),
-                escalation_rate=float(np.mean(ev_stage >= 1)),
-            )
+        check = None if evaluation is None else _check(ts, *evaluation)
         points.append(
             OperatingPoint(
                 target_agreement=target,

@@ -118,6 +118,29 @@ class EvalResult:
         return t
 
 
+def _row(name: str, res: list, labels: np.ndarray, eager_top1: np.ndarray | None, compute_ms: float):
+    """(EvalRow, served top-1 of every image or None when some failed) of one configuration's results."""
+    keep = np.array([not isinstance(r, Exception) for r in res])
+    ok = [r for r in res if not isinstance(r, Exception)]
+    top5 = np.array([[p.index for p in r.topk] for r in ok]).reshape(-1, 5)
+    used: dict[str, int] = {}
+    for r in ok:
+        used[r.variant] = used.get(r.variant, 0) + 1
+    row = row_from_topk(
+        name,
+        labels[keep],
+        top5,
+        None if eager_top1 is None else eager_top1[keep],
+        len(res) - len(ok),
+        variants_used=used,
+        mean_latency_ms=float(np.mean([r.latency_ms for r in ok])) if ok else None,
+        compute_ms_per_image=compute_ms / max(1, len(ok)),
+    )
+    if any((r.decision or {}).get("cascade") for r in ok):
+        row.escalation_rate = float(np.mean([r.escalated for r in ok]))
+    return row, (top5[:, 0] if len(ok) == len(res) else None)
+
+
 def run_eval(
     items: Sequence[ImageItem],
     url: str,
@@ -163,30 +186,12 @@ def run_eval(
                     on_done=lambda task=task: progress.advance(task),
                 )
                 after = compute_ns(client, variant_names)
-                keep = np.array([not isinstance(r, Exception) for r in res])
-                ok = [r for r in res if not isinstance(r, Exception)]
-                top5 = np.array([[p.index for p in r.topk] for r in ok]).reshape(-1, 5)
-                used: dict[str, int] = {}
-                for r in ok:
-                    used[r.variant] = used.get(r.variant, 0) + 1
-                ms = sum(after[n][0] - before[n][0] for n in variant_names) / 1e6 / max(1, len(ok))
-                row = row_from_topk(
-                    f"served: {name}",
-                    labels[keep],
-                    top5,
-                    None if eager_top1 is None else eager_top1[keep],
-                    len(res) - len(ok),
-                    variants_used=used,
-                    mean_latency_ms=float(np.mean([r.latency_ms for r in ok])) if ok else None,
-                    compute_ms_per_image=ms,
-                )
-                cascaded = [r for r in ok if (r.decision or {}).get("cascade")]
-                if cascaded:
-                    row.escalation_rate = float(np.mean([r.escalated for r in ok]))
-                if len(ok) == len(items):
-                    top1s[len(rows)] = top5[:, 0]
+                ms = sum(after[n][0] - before[n][0] for n in variant_names) / 1e6
+                row, top1 = _row(f"served: {name}", res, labels, eager_top1, ms)
+                if top1 is not None:
+                    top1s[len(rows)] = top1
                     if params.get("variant") in (ref_name, "fp32"):
-                        served_ref_top1, ref_compute = top5[:, 0], ms
+                        served_ref_top1, ref_compute = top1, row.compute_ms_per_image
                 rows.append(row)
     finally:
         client.close()

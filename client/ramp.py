@@ -23,11 +23,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tcsched.confidence import confidence_margin
+from tcsched.client.agreement import Probe, measured_agreement, probe_images, served_accuracy
 from tcsched.manifest import Manifest
-from tcsched.names import DECISION, ENSEMBLE, LOGITS, VARIANT
+from tcsched.names import DECISION, ENSEMBLE, VARIANT
 
-MARGIN_MATCH = 2e-4  # a DECISION's margin (5 decimals) matches a probed image's within this
+__all__ = ["Probe", "RampPoint", "pool_runs", "probe_images", "run_ramp", "served_accuracy"]
 
 
 @dataclass
@@ -47,100 +47,6 @@ class RampPoint:
     unidentified: int = (
         0  # cascade rows whose margin matched no probed image (counted at their variant's mean)
     )
-
-
-@dataclass
-class Probe:
-    """Every ramp image classified once by each variant: ``top1[variant][i]``, and the confidence margin of each
-    cascade's first stage on image ``i`` (``margin[variant][i]``, for the variants that start a cascade)."""
-
-    top1: dict[str, list[int]]
-    margin: dict[str, list[float]]
-    reference: str
-
-    def agreement(self, variant: str) -> float:
-        ref, got = self.top1[self.reference], self.top1[variant]
-        return sum(a == b for a, b in zip(ref, got, strict=True)) / len(ref)
-
-    def image_of(self, first_stage: str, margin: float) -> int | None:
-        ms = self.margin.get(first_stage)
-        if not ms:
-            return None
-        i = min(range(len(ms)), key=lambda k: abs(ms[k] - margin))
-        return i if abs(ms[i] - margin) <= MARGIN_MATCH else None
-
-
-def probe_images(grpc_url: str, images: Sequence[bytes], manifest: Manifest) -> Probe:
-    """Classify each image with each variant forced (raw LOGITS over gRPC): top-1s and first-stage margins."""
-    import numpy as np
-    import tritonclient.grpc as tc
-
-    from tcsched.names import IMAGE
-
-    firsts = {c.stages[0] for c in manifest.cascades}
-    top1: dict[str, list[int]] = {}
-    margin: dict[str, list[float]] = {}
-    with tc.InferenceServerClient(grpc_url) as client:
-        for v in manifest.variants:
-            top1[v.name], ms = [], []
-            for img in images:
-                inp = tc.InferInput(IMAGE, [1, 1], "BYTES")
-                inp.set_data_from_numpy(np.array([[img]], dtype=np.object_))
-                r = client.infer(
-                    ENSEMBLE, [inp], outputs=[tc.InferRequestedOutput(LOGITS)], parameters={"variant": v.name}
-                )
-                logits = r.as_numpy(LOGITS).reshape(1, -1)
-                top1[v.name].append(int(logits.argmax()))
-                ms.append(float(confidence_margin(logits)[0]))
-            if v.name in firsts:
-                margin[v.name] = ms
-    return Probe(top1, margin, manifest.reference_variant)
-
-
-def measured_agreement(
-    records: Sequence, probe: Probe, manifest: Manifest
-) -> tuple[float | None, float | None, int]:
-    """(served agreement with fp32, share escalated, rows not identified) over profiled requests' outputs."""
-    import json as _json
-
-    by_first = {c.label: c.stages[0] for c in manifest.cascades}
-    agree, escalated, cascaded, unknown = [], 0, 0, 0
-    for r in records:
-        v = r.outputs.get(VARIANT)
-        if v is None:
-            continue
-        d = _json.loads(r.outputs[DECISION]) if DECISION in r.outputs else {}
-        i = None
-        if d.get("cascade") and d.get("confidence_margin") is not None:
-            cascaded += 1
-            escalated += bool(d.get("escalated"))
-            i = probe.image_of(by_first.get(d["cascade"], ""), d["confidence_margin"])
-            unknown += i is None
-        if v not in probe.top1:
-            continue
-        agree.append(
-            probe.agreement(v) if i is None else float(probe.top1[v][i] == probe.top1[probe.reference][i])
-        )
-    return (
-        sum(agree) / len(agree) if agree else None,
-        escalated / cascaded if cascaded else None,
-        unknown,
-    )
-
-
-def served_accuracy(manifest: Manifest, counts: dict[str, int]) -> tuple[float | None, float | None]:
-    """(agreement with fp32, top-1) of the variants that served, weighted by their request counts."""
-    n = sum(counts.values())
-    if n == 0:
-        return None, None
-    agree = sum(manifest.variant(v).accuracy.agreement_with_fp32 * c for v, c in counts.items()) / n
-    tops = [manifest.variant(v).accuracy.top1 for v in counts]
-    top1 = (
-        None
-        if any(t is None for t in tops)
-        else sum(manifest.variant(v).accuracy.top1 * c for v, c in counts.items()) / n
-    )
-    return agree, top1
 
 
 def pool_runs(
@@ -245,18 +151,9 @@ def run_ramp(
         ValueError: bad budget or concurrency, unknown variant, no manifest (before any load is sent).
     """
     from tcsched.client.bench import make_input_data, pick_images, ramp_targets
-    from tcsched.client.perf_analyzer import run_perf_analyzer
     from tcsched.server import TritonServer
 
-    if not (math.isfinite(latency_budget_ms) and latency_budget_ms > 0):
-        raise ValueError(f"latency_budget_ms must be > 0, got {latency_budget_ms}")
-    if request_rates is not None:
-        if not request_rates or min(request_rates) <= 0:
-            raise ValueError(f"request rates must be > 0 req/s, got {list(request_rates)}")
-    elif not concurrency or min(concurrency) < 1:
-        raise ValueError(f"concurrency levels must be >= 1, got {list(concurrency)}")
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    _validate(latency_budget_ms, concurrency, request_rates, rounds)
     mode = "request_rate" if request_rates is not None else "concurrency"
     levels = list(request_rates) if request_rates is not None else list(concurrency)
     manifest = Manifest.read(Path(repo) / "manifest.json")
@@ -277,60 +174,108 @@ def run_ramp(
         grpc_url = url or server.grpc_url
         metrics_url = metrics_url or (server.metrics_url if server is not None else None)
         probe = probe_images(grpc_url, [it.read_bytes() for it in items], manifest)
-        for t in targets:  # warm-up: every path loaded and its sessions initialised
-            run_perf_analyzer(
-                t.model,
-                grpc_url,
-                input_data=data.ensemble_json,
-                concurrency=1,
-                request_parameters=t.request_parameters,
-                measurement_interval_ms=500,
-                max_trials=3,
-                stability_percentage=100,
-            )
+        _warm_up(targets, grpc_url, data.ensemble_json)
         rng = random.Random(seed)
         for c in levels:
-            runs: dict[str, list] = {t.name: [] for t in targets}
-            for _ in range(rounds):
-                order = list(targets)
-                rng.shuffle(order)
-                for t in order:
-                    if metrics_url:
-                        wait_idle(metrics_url)
-                    runs[t.name].append(
-                        run_perf_analyzer(
-                            t.model,
-                            grpc_url,
-                            input_data=data.ensemble_json,
-                            **(
-                                {"request_rate": float(c)}
-                                if mode == "request_rate"
-                                else {"concurrency": int(c)}
-                            ),
-                            request_parameters=t.request_parameters,
-                            measurement_interval_ms=measurement_interval_ms,
-                            stability_percentage=25.0,
-                            max_trials=5,
-                            profile_export=True,
-                            string_outputs=(VARIANT, DECISION),
-                            target=t.name,
-                        )
-                    )
+            runs = _run_level(
+                targets,
+                c,
+                mode,
+                rounds,
+                rng,
+                grpc_url,
+                data.ensemble_json,
+                metrics_url,
+                measurement_interval_ms,
+            )
             for t in targets:
                 point = pool_runs(t.name, c, runs[t.name], manifest, latency_budget_ms, probe)
                 points.append(point)
-                log(
-                    f"{'rate' if mode == 'request_rate' else 'c'}={c:<4g} {t.name:<42} "
-                    f"{point.throughput_img_s:7.1f} img/s  p99 {point.p99_ms or 0:7.1f} ms  within "
-                    f"{latency_budget_ms:g} ms: {0 if point.within_budget is None else point.within_budget:6.1%}  "
-                    f"agreement {0 if point.served_agreement is None else point.served_agreement:6.1%}  "
-                    f"escalated {'-' if point.escalated is None else f'{point.escalated:.1%}'}  "
-                    f"served {point.served_by}"
-                )
+                log(_point_line(point, mode, latency_budget_ms))
     write_ramp_report(
         points, manifest, latency_budget_ms, output, time.perf_counter() - t0, mode, min_agreement
     )
     return points
+
+
+def _warm_up(targets, grpc_url: str, input_data) -> None:
+    """One short run per target, so that every path is loaded and its sessions initialised."""
+    from tcsched.client.perf_analyzer import run_perf_analyzer
+
+    for t in targets:
+        run_perf_analyzer(
+            t.model,
+            grpc_url,
+            input_data=input_data,
+            concurrency=1,
+            request_parameters=t.request_parameters,
+            measurement_interval_ms=500,
+            max_trials=3,
+            stability_percentage=100,
+        )
+
+
+def _validate(latency_budget_ms: float, concurrency, request_rates, rounds: int) -> None:
+    if not (math.isfinite(latency_budget_ms) and latency_budget_ms > 0):
+        raise ValueError(f"latency_budget_ms must be > 0, got {latency_budget_ms}")
+    if request_rates is not None:
+        if not request_rates or min(request_rates) <= 0:
+            raise ValueError(f"request rates must be > 0 req/s, got {list(request_rates)}")
+    elif not concurrency or min(concurrency) < 1:
+        raise ValueError(f"concurrency levels must be >= 1, got {list(concurrency)}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+
+
+def _run_level(
+    targets,
+    level: float,
+    mode: str,
+    rounds: int,
+    rng: random.Random,
+    grpc_url: str,
+    input_data,
+    metrics_url: str | None,
+    measurement_interval_ms: int,
+) -> dict[str, list]:
+    """Every target at one load level, ``rounds`` times, each round in a fresh random order, each run on empty
+    server queues; returns the runs (``PerfPoint`` with a profile) by target name."""
+    from tcsched.client.perf_analyzer import run_perf_analyzer
+
+    runs: dict[str, list] = {t.name: [] for t in targets}
+    load = {"request_rate": float(level)} if mode == "request_rate" else {"concurrency": int(level)}
+    for _ in range(rounds):
+        order = list(targets)
+        rng.shuffle(order)
+        for t in order:
+            if metrics_url:
+                wait_idle(metrics_url)
+            runs[t.name].append(
+                run_perf_analyzer(
+                    t.model,
+                    grpc_url,
+                    input_data=input_data,
+                    **load,
+                    request_parameters=t.request_parameters,
+                    measurement_interval_ms=measurement_interval_ms,
+                    stability_percentage=25.0,
+                    max_trials=5,
+                    profile_export=True,
+                    string_outputs=(VARIANT, DECISION),
+                    target=t.name,
+                )
+            )
+    return runs
+
+
+def _point_line(point: RampPoint, mode: str, budget_ms: float) -> str:
+    pct = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
+    return (
+        f"{'rate' if mode == 'request_rate' else 'c'}={point.concurrency:<4g} {point.target:<42} "
+        f"{point.throughput_img_s:7.1f} img/s  p99 {point.p99_ms or 0:7.1f} ms  within {budget_ms:g} ms: "
+        f"{pct(point.within_budget)}  agreement {pct(point.served_agreement)}  escalated {pct(point.escalated)}  "
+        f"served {point.served_by}"
+    )
 
 
 def write_ramp_report(
