@@ -92,13 +92,40 @@ def predicted_latency_ms(entry: VariantEntry, batch_size: int) -> float | None:
 
 @dataclass
 class LiveState:
-    """Mutable online state: variants marked unhealthy until a monotonic deadline."""
+    """Mutable online state: variants marked unhealthy until a monotonic deadline, with their last error.
+
+    A request that forces an unhealthy variant is answered at once (:meth:`may_probe` false) instead of waiting on
+    a dead model: a Python-backend stub that died makes each call wait its 1 s message timeout
+    (python_backend r24.10 ``StubLauncher::ReceiveMessageFromStub``). One forced request per
+    ``probe_interval_s`` still goes through, so a recovered variant is noticed.
+    """
 
     cooldown_s: float = DEFAULTS.unhealthy_cooldown_s
+    probe_interval_s: float = 1.0
     unhealthy_until: dict[str, float] = field(default_factory=dict)
+    last_error: dict[str, str] = field(default_factory=dict)
+    next_probe: dict[str, float] = field(default_factory=dict)
 
-    def mark_unhealthy(self, variant: str, now: float | None = None) -> None:
-        self.unhealthy_until[variant] = (time.monotonic() if now is None else now) + self.cooldown_s
+    def mark_unhealthy(self, variant: str, now: float | None = None, error: str = "") -> None:
+        t = time.monotonic() if now is None else now
+        self.unhealthy_until[variant] = t + self.cooldown_s
+        self.next_probe[variant] = t + self.probe_interval_s
+        if error:
+            self.last_error[variant] = error
+
+    def mark_healthy(self, variant: str) -> None:
+        self.unhealthy_until.pop(variant, None)
+        self.next_probe.pop(variant, None)
+
+    def may_probe(self, variant: str, now: float | None = None) -> bool:
+        """True when ``variant`` is healthy, or its next probe is due (which this call then uses up)."""
+        t = time.monotonic() if now is None else now
+        if self.healthy(variant, t):
+            return True
+        if t >= self.next_probe.get(variant, 0.0):
+            self.next_probe[variant] = t + self.probe_interval_s
+            return True
+        return False
 
     def healthy(self, variant: str, now: float | None = None) -> bool:
         return (time.monotonic() if now is None else now) >= self.unhealthy_until.get(variant, 0.0)

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 InferFn = Callable[[str, np.ndarray], np.ndarray]
 
 
+class VariantUnavailable(RuntimeError):
+    """A forced variant failed recently and is cooling down; answered at once (Triton UNAVAILABLE)."""
+
+
 @dataclass
 class Served:
     """The answer to one request: logits float32 [B, classes] and the decision that produced them.
@@ -273,15 +277,26 @@ class SchedulerService:
                 out[i] = e
             return
         attempts = ranked[: 1 if opts.variant is not None else self.max_attempts]
+        state = self.policy.state
+        if opts.variant is not None and not state.may_probe(attempts[0].variant):
+            err = VariantUnavailable(
+                f"variant {attempts[0].variant} failed recently ({state.last_error.get(attempts[0].variant, '')}); "
+                f"it is tried again within {state.probe_interval_s:g} s"
+            )
+            for i in idx:
+                out[i] = err
+            return
         errors: list[str] = []
         for k, decision in enumerate(attempts):
             try:
                 logits, stage, margin, note, ms = self._run(decision, batch, t_group)
             except Exception as e:  # a failing variant must not fail the request while another can serve
                 errors.append(f"{decision.variant}: {e}")
-                self.policy.state.mark_unhealthy(decision.variant)
+                self.policy.state.mark_unhealthy(decision.variant, error=str(e)[:200])
                 log.warning("variant %s failed (%s); marked unhealthy", decision.variant, e)
                 continue
+            if opts.variant is not None:
+                state.mark_healthy(decision.variant)  # a forced probe that succeeded ends the cooldown
             self.events.decision(decision.variant, decision.code, len(idx))
             if k > 0:
                 self.fallbacks += 1
@@ -356,7 +371,7 @@ class SchedulerService:
             try:
                 more, ms = self._call(chain[j + 1], batch[nxt], None)
             except Exception as e:  # noqa: BLE001 - the rows keep the earlier stage's logits
-                self.policy.state.mark_unhealthy(chain[j + 1])
+                self.policy.state.mark_unhealthy(chain[j + 1], error=str(e)[:200])
                 log.warning("escalation to %s failed (%s); marked unhealthy", chain[j + 1], e)
                 note = f"escalation to {chain[j + 1]} failed ({e}); those rows kept {chain[j]}'s logits"
                 break

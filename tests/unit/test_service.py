@@ -142,3 +142,23 @@ def test_upstream_time_reaches_the_policy_and_the_decision():
     out = svc.handle([req(1.0, latency_budget_ms=20.0, accuracy_budget=1.0)])
     assert out[0].decision.variant == "m_int8"  # 16 + 5 > 20; 16 + 3 fits
     assert json.loads(out[0].decision_json())["upstream_ms"] == 16.0
+
+
+def test_forced_dead_variant_fails_fast_and_is_probed_once_a_second(monkeypatch):
+    from tcsched.scheduler.service import VariantUnavailable
+
+    clock = [100.0]
+    monkeypatch.setattr("tcsched.scheduler.policy.time.monotonic", lambda: clock[0])
+    state = LiveState(cooldown_s=30)
+    infer = FakeVariants(failing={"m_int8"})
+    svc = SchedulerService(Policy(make_manifest(SPECS), state), RequestOptions(), infer)
+    first = svc.handle([req(1.0, variant="m_int8")])[0]
+    assert isinstance(first, RuntimeError) and "m_int8 is down" in str(first)
+    calls = len(infer.calls)
+    again = svc.handle([req(1.0, variant="m_int8") for _ in range(5)])
+    assert all(isinstance(r, VariantUnavailable) and "failed recently" in str(r) for r in again)
+    assert len(infer.calls) == calls  # answered without calling the dead variant
+    clock[0] += 1.5  # the probe is due: one request goes through
+    infer.failing.clear()
+    out = svc.handle([req(1.0, variant="m_int8")])[0]
+    assert out.decision.variant == "m_int8" and state.healthy("m_int8")

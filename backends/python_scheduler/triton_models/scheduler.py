@@ -20,7 +20,7 @@ from tcsched import names
 from tcsched.manifest import Manifest
 from tcsched.scheduler.live import UpstreamProbe, gpu_state
 from tcsched.scheduler.policy import RequestError
-from tcsched.scheduler.service import BatchedEvents, MetricsSnapshot, SchedulerService
+from tcsched.scheduler.service import BatchedEvents, MetricsSnapshot, SchedulerService, VariantUnavailable
 from tcsched.settings import SchedulerSettings
 
 
@@ -141,11 +141,12 @@ class TritonPythonModel:
         for result in self.service.handle(work):
             if isinstance(result, Exception):
                 # bad parameters are the client's mistake (HTTP 400 / gRPC INVALID_ARGUMENT)
-                code = (
-                    pb_utils.TritonError.INVALID_ARG
-                    if isinstance(result, RequestError)
-                    else pb_utils.TritonError.INTERNAL
-                )
+                if isinstance(result, RequestError):
+                    code = pb_utils.TritonError.INVALID_ARG
+                elif isinstance(result, VariantUnavailable):
+                    code = getattr(pb_utils.TritonError, "UNAVAILABLE", pb_utils.TritonError.INTERNAL)
+                else:
+                    code = pb_utils.TritonError.INTERNAL
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result), code)))
                 continue
             n = len(result.logits)
