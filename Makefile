@@ -51,17 +51,17 @@ bench: setup
 	$(BIN)/tcsched bench --repo model_repository --output reports/bench $(BENCH_DATA) \
 	  --measurement-interval-ms 1500 --rate-fractions 0.7
 
-# Issue-5 load ramp: the scheduler with a latency budget vs each static variant (reports/ramp/): an open-loop
+# Load ramp: the scheduler with a latency budget and min_agreement 0.99 vs each static variant (reports/ramp/): an open-loop
 # request-rate sweep (perf_analyzer --async) across fp32's capacity on this 2-core machine (~100-120 req/s through
 # the ensemble); `make ramp-closed` runs the closed-loop concurrency sweep instead.
 ramp: setup
 	test -f model_repository/manifest.json || $(BIN)/tcsched build $(DATA_DIR)
-	$(BIN)/tcsched ramp --repo model_repository --output reports/ramp --latency-budget-ms 95 \
+	$(BIN)/tcsched ramp --repo model_repository --output reports/ramp --latency-budget-ms 95 --min-agreement 0.99 \
 	  --request-rates 60,100,110,120,130,140 --rounds 2 --measurement-interval-ms 1500 $(BENCH_DATA)
 
 ramp-closed: setup
 	test -f model_repository/manifest.json || $(BIN)/tcsched build $(DATA_DIR)
-	$(BIN)/tcsched ramp --repo model_repository --output reports/ramp-closed --latency-budget-ms 95 \
+	$(BIN)/tcsched ramp --repo model_repository --output reports/ramp-closed --latency-budget-ms 95 --min-agreement 0.99 \
 	  --concurrency 1,4,8,10,12,14,16 --rounds 2 --measurement-interval-ms 1200 $(BENCH_DATA)
 
 clean:

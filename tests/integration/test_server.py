@@ -219,12 +219,18 @@ def test_eval_command_on_a_few_labeled_images(server, built_repo, imagenet_sampl
     assert r.returncode == 0, r.stdout + r.stderr
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
     m = Manifest.read(built_repo / "manifest.json")
-    assert set(rows) == {"torchvision eager fp32", "served: scheduler (default)"} | {
+    cascades = {f"served: cascade, min_agreement={t}" for t in ("0.99", "0.995")}
+    assert set(rows) == {"torchvision eager fp32", "served: scheduler (default)"} | cascades | {
         f"served: {v.name}" for v in m.variants
     }
     fp32 = rows[f"served: {m.reference_variant}"]
     assert fp32["n_images"] == 12 and fp32["errors"] == 0
     assert fp32["agreement_with_reference"] == 1.0  # the served fp32 is torchvision eager
+    assert fp32["agreement_with_fp32"] == 1.0 and fp32["compute_vs_fp32"] == 1.0
+    for name in cascades:  # a cascade row: escalation share and compute time measured from Triton's statistics
+        row = rows[name]
+        assert row["errors"] == 0 and 0 <= row["escalation_rate"] <= 1 and row["compute_ms_per_image"] > 0
+        assert set(row["variants_used"]) <= {v.name for v in m.variants}
     assert fp32["top1"] == rows["torchvision eager fp32"]["top1"]
     lo, hi = fp32["ci95_top1"]
     assert lo <= fp32["top1"] <= hi
