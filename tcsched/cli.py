@@ -503,12 +503,15 @@ def evaluate(
         contextlib.nullcontext(None) if url else TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0)
     )
     with server_ctx as server:
+        eager = None
+        if reference:
+            from tcsched.build_tools.evaluate import eager_top5 as eager
         result = run_eval(
             items,
             url or server.http_url,
             manifest,
             configs,
-            reference=reference,
+            eager=eager,
             concurrency=concurrency,
             console=console,
         )

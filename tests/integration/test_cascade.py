@@ -66,29 +66,32 @@ def manifest(built_repo) -> Manifest:
 
 
 def test_low_margin_rows_escalate_and_high_margin_rows_do_not(server, manifest):
-    c = manifest.cascades[0]
-    first, last = c.stages[0], c.stages[-1]
     images = _images()
     seen = {True: 0, False: 0}
+    labels = {c.label: c for c in manifest.cascades}
     with httpclient.InferenceServerClient(server.http_url) as client:
         for img in images[:3]:  # warm: the first BLS calls of a fresh stub are slower than the profile
             _infer(client, img, min_agreement=0.99)
-        before = _escalations(server, c.label)
+        before = {label: _escalations(server, label) for label in labels}
+        counted = dict.fromkeys(labels, 0)
         for img in images:
             logits, variant, d = _infer(client, img, min_agreement=0.99)
-            assert d["cascade"] == c.label and d["target_agreement"] == 0.99, d
-            fast = _direct(client, first, manifest, img)
+            assert d["cascade"] in labels and d["target_agreement"] == 0.99, d
+            c = labels[d["cascade"]]
+            fast = _direct(client, c.stages[0], manifest, img)
             margin = float(confidence_margin(fast)[0])
             assert d["confidence_margin"] == pytest.approx(margin, abs=1e-4)
             assert d["escalated"] == (margin < d["threshold"])
-            if d["escalated"]:  # the row carries the next stage's logits
-                slow = _direct(client, last, manifest, img)
-                assert variant == last and np.allclose(logits, slow, atol=1e-4)
+            if d["escalated"]:  # the row carries a later stage's logits
+                assert variant in c.stages[1:]
+                assert np.allclose(logits, _direct(client, variant, manifest, img), atol=1e-4)
+                counted[c.label] += 1
             else:
-                assert variant == first and np.allclose(logits, fast, atol=1e-4)
+                assert variant == c.stages[0] and np.allclose(logits, fast, atol=1e-4)
             seen[d["escalated"]] += 1
     assert seen[True] >= 1 and seen[False] >= 1, seen
-    assert _escalations(server, c.label) == before + seen[True]
+    # every escalation is counted once per stage it reaches: at least once per escalated row
+    assert sum(_escalations(server, label) - before[label] for label in labels) >= sum(counted.values())
 
 
 def test_min_agreement_chooses_the_operating_point(server, manifest):

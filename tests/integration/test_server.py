@@ -55,12 +55,17 @@ def test_request_parameters_are_honoured(server, built_repo):
             )  # emulated precisions (fp16 on CPU) are never picked for speed
             assert r.decision["code"] == "min_latency" and r.decision["variant"] == r.variant
             assert "fastest within accuracy budget" in r.decision["reason"]
-        # a latency budget alone means: the most accurate variant that fits it
+        # a latency budget alone (default min_agreement): the most accurate plan that fits, fp32 alone here
         r = c.classify(img, parameters={"latency_budget_ms": 10_000.0})
+        assert r.decision["code"] == "cascade_max_accuracy:reference" and r.variant == m.reference_variant
+        # with an accuracy budget, one variant per request: the most accurate that fits
+        r = c.classify(img, parameters={"latency_budget_ms": 10_000.0, "accuracy_budget": 1.0})
         assert r.decision["code"] == "max_accuracy" and r.variant in (
             v.name for v in m.variants if v.accuracy.top1_drop_points <= 1.0 and v.serve_on_cpu_for_speed
         )
-        r = c.classify(img, parameters={"latency_budget_ms": 0.001, "objective": "max_accuracy"})
+        r = c.classify(
+            img, parameters={"latency_budget_ms": 0.001, "objective": "max_accuracy", "accuracy_budget": 1.0}
+        )
         assert (
             r.decision["code"] == "degraded_latency"
             and "no variant within latency budget" in r.decision["reason"]
@@ -227,7 +232,9 @@ def test_eval_command_on_a_few_labeled_images(server, built_repo, imagenet_sampl
     assert fp32["n_images"] == 12 and fp32["errors"] == 0
     assert fp32["agreement_with_reference"] == 1.0  # the served fp32 is torchvision eager
     assert fp32["agreement_with_fp32"] == 1.0 and fp32["compute_vs_fp32"] == 1.0
-    for name in cascades:  # a cascade row: escalation share and compute time measured from Triton's statistics
+    for (
+        name
+    ) in cascades:  # a cascade row: escalation share and compute time measured from Triton's statistics
         row = rows[name]
         assert row["errors"] == 0 and 0 <= row["escalation_rate"] <= 1 and row["compute_ms_per_image"] > 0
         assert set(row["variants_used"]) <= {v.name for v in m.variants}
