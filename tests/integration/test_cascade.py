@@ -101,7 +101,9 @@ def test_min_agreement_chooses_the_operating_point(server, manifest):
         _, _, d995 = _infer(client, img, min_agreement=0.995)
         _, variant, d1 = _infer(client, img, min_agreement=1.0)
         _, _, default = _infer(client, img)  # the config's default_min_agreement (0.99)
-    assert d995["threshold"] >= d99["threshold"] and d995["target_agreement"] == 0.995
+    assert d995["target_agreement"] == 0.995
+    if d995["cascade"] == d99["cascade"]:  # on the same chain a higher target escalates more
+        assert d995["threshold"] >= d99["threshold"]
     assert variant == manifest.reference_variant and d1["cascade"] is None  # only fp32 agrees with itself
     assert default["target_agreement"] == DEFAULTS.default_min_agreement == 0.99
 
