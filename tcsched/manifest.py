@@ -111,6 +111,20 @@ class EngineInfo(_Model):
     sparse_layers_chosen: int | None = Field(
         default=None, description="layers for which the builder picked sparse kernels (sparse24 only)"
     )
+    onnx_file: str | None = Field(default=None, description="the ONNX graph this engine was compiled from")
+    layers_file: str | None = Field(default=None, description="the engine inspector's JSON (DETAILED)")
+    int8_layers: int | None = Field(
+        default=None, description="compute layers with INT8 I/O, per the inspector"
+    )
+
+
+class TensorRTGraph(_Model):
+    """The graph TensorRT compiles for a Q/DQ variant (symmetric int8, residual inputs only quantized:
+    ``tcsched.build_tools.tensorrt_graph``), which computes otherwise than ``file``: measured on its own."""
+
+    file: str = Field(description="path of the ONNX graph, relative to the repository root")
+    accuracy: AccuracyReport = Field(description="ONNX Runtime on this graph, same images as the variant's")
+    note: str = ""
 
 
 class VariantEntry(_Model):
@@ -128,6 +142,10 @@ class VariantEntry(_Model):
     )
     build_notes: list[str] = Field(default_factory=list, description="how it was built and why it was kept")
     engine: EngineInfo | None = None
+    tensorrt_graph: TensorRTGraph | None = Field(
+        default=None,
+        description="what a GPU build compiles instead of `file` (Q/DQ variants), and its accuracy",
+    )
     serve_on_cpu_for_speed: bool = Field(
         default=True, description="False where the runtime only emulates this precision (fp16 on CPU)"
     )
