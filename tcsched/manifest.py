@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tcsched.precision import Precision
+
 SCHEMA_VERSION = "1.1"  # 1.1: cascades, accuracy intervals, Pareto-front flags
 MANIFEST_FILENAME = "manifest.json"
 
-Precision = Literal["fp32", "fp16", "int8", "int8_mixed", "sparse24"]
 Runtime = Literal["onnxruntime", "tensorrt"]
 
 
@@ -258,12 +258,10 @@ class Manifest(_Model):
 
     # --- I/O -----------------------------------------------------------------------------------------------
     def write(self, path: str | os.PathLike) -> None:
-        """Write atomically (temp file in the same folder + rename)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            f.write(self.model_dump_json(indent=2))
-        os.replace(tmp, path)
+        """Write atomically (temp file in the same folder + rename), mode 0644."""
+        from tcsched.jsonio import atomic_write_text
+
+        atomic_write_text(path, self.model_dump_json(indent=2))
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> Manifest:

@@ -7,7 +7,8 @@ Used when ``min_agreement`` is set and the manifest has calibrated cascades:
   A cascade's predicted latency = its first stage at B rows + each later stage at its expected rows
   (reach rate x B), weighted by the chance that any row reaches it; each stage's prediction is corrected for
   the live load like a single variant's.
-  ``min_latency``: the candidate with the lowest predicted latency. ``max_accuracy``: every operating point of
+  ``min_latency``: the candidate with the lowest profiled cost (the build's bare-runtime figures: the live
+  corrections are mostly per-call overhead and contention, which slow every plan alike). ``max_accuracy``: every operating point of
   a target >= ``min_agreement`` is a candidate; the one with the highest measured agreement whose predicted
   latency (plus upstream time) fits ``latency_budget_ms`` x ``latency_headroom``, else the cheapest; at run time
   the scheduler then escalates only as many rows (lowest margins first) as the budget left can pay for
@@ -87,15 +88,18 @@ def rank_cascades(
     ref = m.variant(policy.reference)
     lb = opts.latency_budget_ms
     up = max(0.0, upstream_ms)
-    plans: list[tuple[float, float, Decision]] = []  # (agreement, ms, decision)
+    # (agreement, predicted ms under the live load, profiled ms: the compute the plan costs, decision)
+    plans: list[tuple[float, float, float, Decision]] = []
     for c, op in cascade_candidates(policy, opts, now):
         if c is None or op is None:
             ms = policy.predict(ref, batch_size, load, now)
+            cost = policy.predict(ref, batch_size)
             d = Decision(ref.name, "", ms, "", stages=(ref.name,), expected_agreement=1.0)
-            plans.append((1.0, math.inf if ms is None else ms, d))
+            plans.append((1.0, _inf(ms), _inf(cost), d))
             continue
         chain = [m.variant(s) for s in c.stages]
         ms = cascade_ms(policy, chain, op.reach_rates, batch_size, load, now)
+        cost = cascade_ms(policy, chain, op.reach_rates, batch_size, None, now)
         d = Decision(
             chain[0].name,
             "",
@@ -107,7 +111,7 @@ def rank_cascades(
             target_agreement=op.target_agreement,
             expected_agreement=op.agreement,
         )
-        plans.append((op.agreement, math.inf if ms is None else ms, d))
+        plans.append((op.agreement, _inf(ms), _inf(cost), d))
     target = f"agreement >= {opts.min_agreement:g}"
     up_note = f" ({up:.1f} ms already spent upstream)" if up > 0 else ""
 
@@ -115,18 +119,20 @@ def rank_cascades(
         label = d.cascade or "reference"
         return replace(d, reason=reason, code=f"{code}:{label}", escalation_budget_ms=budget)
 
-    cheapest = sorted(plans, key=lambda p: (p[1], -p[0]))
+    # cheapest by the compute it costs (the build's profile): the live corrections are mostly per-call overhead
+    # and contention, which a cascade's extra call would be charged in full although they slow every plan alike
+    cheapest = sorted(plans, key=lambda p: (p[2], -p[0]))
     if opts.resolved_objective == "min_latency" or lb is None:
-        first = [named(cheapest[0][2], f"cheapest plan with {target}", "cascade_min_latency")]
+        first = [named(cheapest[0][3], f"cheapest plan with {target}", "cascade_min_latency")]
     else:
         limit = lb * policy.latency_headroom - up
         # most accurate first; at equal measured agreement the reference (exact by definition) before a
         # cascade (an estimate on the calibration images), then the cheaper
         fits = [
-            p for p in sorted(plans, key=lambda p: (-p[0], p[2].cascade is not None, p[1])) if p[1] <= limit
+            p for p in sorted(plans, key=lambda p: (-p[0], p[3].cascade is not None, p[1])) if p[1] <= limit
         ]
         if fits:
-            d = fits[0][2]
+            d = fits[0][3]
             first = [
                 named(
                     d,
@@ -136,7 +142,7 @@ def rank_cascades(
                 )
             ]
         else:
-            d = cheapest[0][2]
+            d = cheapest[0][3]
             first = [
                 named(
                     d,
@@ -147,8 +153,12 @@ def rank_cascades(
                 )
             ]
     seen = {first[0].chain}
-    for _, _, d in cheapest:
+    for *_, d in cheapest:
         if d.chain not in seen:
             first.append(named(d, "fallback", "fallback"))
             seen.add(d.chain)
     return first
+
+
+def _inf(ms: float | None) -> float:
+    return math.inf if ms is None else ms
