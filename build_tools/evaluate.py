@@ -7,15 +7,21 @@ preprocessing bug in the served pipeline shows up as a gap.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from tcsched.data import ImageItem
 
 
-def eager_top5(items: Sequence[ImageItem], batch_size: int = 32, weights=None) -> np.ndarray:
-    """Top-5 class indices [N, 5] of torchvision MobileNetV2 in eager PyTorch (fp32, CPU)."""
+def eager_top5(
+    items: Sequence[ImageItem],
+    batch_size: int = 32,
+    weights=None,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Top-5 class indices [N, 5] of torchvision MobileNetV2 in eager PyTorch (fp32, CPU); ``on_batch(n)`` is
+    called after each batch of ``n`` images (progress)."""
     import torch
     import torchvision
     from PIL import Image
@@ -32,4 +38,6 @@ def eager_top5(items: Sequence[ImageItem], batch_size: int = 32, weights=None) -
                 with open(it.path, "rb") as f:
                     xs.append(tf(Image.open(f).convert("RGB")))
             out.append(model(torch.stack(xs)).topk(5, dim=1).indices.numpy())
+            if on_batch is not None:
+                on_batch(len(xs))
     return np.concatenate(out)

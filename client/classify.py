@@ -56,8 +56,69 @@ def parse_class_entry(entry: bytes | str) -> Prediction:
     return Prediction(int(index), label, float(score))
 
 
+#: Triton's default ports (tritonserver --http-port / --grpc-port)
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
+_SCHEMES = {"http": ("http://",), "grpc": ("grpc://", "http://")}
+
+
+class ServerUnavailable(ConnectionError):
+    """No ready ensemble at the address: the server is unreachable, or up without a ready ``classifier``."""
+
+
+def server_address(url: str | None, protocol: Protocol = "http") -> str:
+    """``host:port`` for tritonclient from what a user types: ``host:port``, ``host`` (Triton's default port
+    of ``protocol``: :data:`DEFAULT_PORTS`), ``[::1]:8000``, with or without ``http://`` (``grpc://`` for
+    gRPC) and a trailing ``/``; ``None``: ``127.0.0.1`` on the default port.
+
+    Raises:
+        ValueError: another scheme (``https://``: tritonclient needs its ssl options, not set here), a path, or a
+            port that is not a number in 1..65535; the message shows the expected form.
+    """
+    if protocol not in DEFAULT_PORTS:
+        raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+    default = DEFAULT_PORTS[protocol]
+    if url is None or not url.strip():
+        return f"127.0.0.1:{default}"
+    text = url.strip()
+    expected = f"expected host:port, e.g. 127.0.0.1:{default} ({protocol})"
+    for scheme in _SCHEMES[protocol]:
+        if text.lower().startswith(scheme):
+            text = text[len(scheme) :]
+            break
+    else:
+        if "://" in text:
+            raise ValueError(f"unsupported scheme in {url!r} for {protocol}: {expected}")
+    text = text.rstrip("/")
+    if not text or "/" in text:
+        raise ValueError(f"{url!r} is not a server address: {expected}")
+    if text.startswith("["):  # [IPv6]:port
+        host, _, rest = text.partition("]")
+        host += "]"
+        port = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{url!r} is not a server address: {expected}")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    elif ":" in text:
+        raise ValueError(f"{url!r}: write an IPv6 address in brackets, [::1]:{default}")
+    else:
+        host, port = text, ""
+    if not host:
+        raise ValueError(f"{url!r} has no host: {expected}")
+    if port == "":
+        return f"{host}:{default}"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} of {url!r} is not a number in 1..65535: {expected}")
+    return f"{host}:{int(port)}"
+
+
 class ClassifierClient:
-    """A tritonclient connection to the ensemble. ``url`` is ``host:port`` (8000 HTTP, 8001 gRPC by default)."""
+    """A tritonclient connection to the ensemble. ``url``: see :func:`server_address` (``host:port``; 8000 HTTP,
+    8001 gRPC by default).
+
+    Raises (constructor):
+        ValueError: a bad ``protocol`` or ``url``.
+    """
 
     def __init__(
         self,
@@ -67,8 +128,7 @@ class ClassifierClient:
         timeout_s: float = 60.0,
         concurrency: int = 1,
     ):
-        if protocol not in ("http", "grpc"):
-            raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+        url = server_address(url, protocol)  # checked before tritonclient sees it
         self.url = url
         self.protocol = protocol
         self.model = model
@@ -99,6 +159,28 @@ class ClassifierClient:
             return bool(self._client.is_model_ready(self.model))
         except Exception:  # noqa: BLE001 - not ready is the answer for any connection failure
             return False
+
+    def check_ready(self) -> None:
+        """Raise unless the server answers and its ensemble is ready.
+
+        Raises:
+            ServerUnavailable: the message says which: nothing answers at the address (over this protocol), or
+                the server is up without a ready model ``self.model``.
+        """
+        where = f"{self.url} ({self.protocol})"
+        try:
+            live = self._client.is_server_live()
+        except Exception as e:  # noqa: BLE001 - refused, timed out, not a Triton endpoint of this protocol
+            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            raise ServerUnavailable(
+                f"no Triton server answers at {where}: {reason}; start one with `tcsched serve` "
+                f"(HTTP on port {DEFAULT_PORTS['http']}, gRPC on {DEFAULT_PORTS['grpc']} by default)"
+            ) from None
+        if not live or not self.ready():
+            raise ServerUnavailable(
+                f"the server at {where} has no ready model {self.model!r}; serve a tcsched repository "
+                "(`tcsched serve --repo R`)"
+            )
 
     def classify(
         self, image: bytes, top_k: int = 5, parameters: Mapping[str, object] | None = None

@@ -120,7 +120,7 @@ class EvalResult:
 
 def _row(name: str, res: list, labels: np.ndarray, eager_top1: np.ndarray | None, compute_ms: float):
     """(EvalRow, served top-1 of every image or None when some failed) of one configuration's results."""
-    keep = np.array([not isinstance(r, Exception) for r in res])
+    keep = np.array([not isinstance(r, Exception) for r in res], dtype=bool)  # bool even when empty
     ok = [r for r in res if not isinstance(r, Exception)]
     top5 = np.array([[p.index for p in r.topk] for r in ok]).reshape(-1, 5)
     used: dict[str, int] = {}

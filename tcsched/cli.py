@@ -6,6 +6,7 @@ import json
 import signal
 import sys
 import threading
+from enum import Enum
 from pathlib import Path
 from typing import get_args
 
@@ -17,10 +18,121 @@ from rich.table import Table
 from tcsched.build_tools.config import BuildConfig
 from tcsched.precision import PRECISIONS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(width=None if sys.stdout.isatty() else 140)
 # Errors go to stderr whole: never wrapped or cut to the terminal's width, so they can be grepped and logged.
 err_console = Console(stderr=True, soft_wrap=True)
+#: set to 1 to see the traceback of an unexpected error instead of its one-line summary
+DEBUG_ENV = "TCSCHED_DEBUG"
+
+
+class CliError(Exception):
+    """A mistake of the user's or of the environment, reported as one line on stderr (exit code ``code``)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def _error_line(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+class _App(typer.Typer):
+    """The typer app, run so that every error ends in one line on stderr and a non-zero exit code.
+
+    Usage errors (unknown option, bad value: click's ``UsageError``) exit 2; :class:`CliError` and the errors of
+    the environment (a missing file, an unreachable server, a refused start) exit 1; Ctrl-C exits 130. Any other
+    exception is a bug: one line naming its type, the traceback with ``TCSCHED_DEBUG=1``.
+    """
+
+    def __call__(self, *args, **kwargs):
+        import os
+
+        from tcsched.client.perf_analyzer import PerfAnalyzerError
+        from tcsched.server import ServerError
+
+        kwargs.setdefault("prog_name", "tcsched")
+        try:
+            rc = typer.main.get_command(self).main(*args, standalone_mode=False, **kwargs)
+        except _CLICK_ERROR as e:  # usage errors (exit 2), and `tcsched` alone: its help
+            if type(e).__name__ == "NoArgsIsHelpError":
+                e.show()
+            else:
+                ctx = getattr(e, "ctx", None)
+                cmd = ctx.command_path if ctx is not None else "tcsched"
+                text = " ".join(e.format_message().split())
+                hint = ""
+                if "No such option" in text and cmd.endswith(" serve"):
+                    hint = " (tritonserver options go after --: `tcsched serve -- --log-info=true`)"
+                _error_line(f"{cmd}: {text}{hint} (see `{cmd} --help`)")
+            rc = e.exit_code
+        except (typer.Abort, KeyboardInterrupt):
+            _error_line("interrupted")
+            rc = 130
+        except typer.Exit as e:
+            rc = e.exit_code
+        except CliError as e:
+            _error_line(str(e))
+            rc = e.code
+        except (ServerError, PerfAnalyzerError) as e:
+            _error_line(str(e))  # their message holds the tail of the tool's log, on the following lines
+            rc = 1
+        except (FileNotFoundError, NotADirectoryError, PermissionError, ConnectionError, ValueError) as e:
+            _error_line(" ".join(str(e).split()) or type(e).__name__)
+            rc = 1
+        except Exception as e:
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            msg = " ".join(str(e).split())[:500]
+            _error_line(f"unexpected {type(e).__name__}: {msg} (rerun with {DEBUG_ENV}=1 for the traceback)")
+            rc = 1
+        sys.exit(rc if isinstance(rc, int) else 0)
+
+
+# click's ClickException (usage errors and the like): typer >= 0.2x vendors click, so found through typer's own
+# BadParameter rather than imported from click
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+app = _App(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from tcsched import __version__
+
+        print(f"tcsched {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
+    """The ``tcsched`` command line: build, serve, classify, eval, run (the main job end to end)."""
+
+
+class _ModelControl(str, Enum):
+    explicit = "explicit"
+    poll = "poll"
+    none = "none"
+
+
+class _LogFormat(str, Enum):
+    default = "default"
+    ISO8601 = "ISO8601"
+
+
+class _Protocol(str, Enum):
+    http = "http"
+    grpc = "grpc"
+
+
+class _Objective(str, Enum):
+    min_latency = "min_latency"
+    max_accuracy = "max_accuracy"
+
 
 REPO_OPT = typer.Option(Path("model_repository"), "--repo", "-r", help="model repository folder")
 
@@ -107,20 +219,28 @@ def build(
     cuda_graphs: bool = typer.Option(
         False, "--cuda-graphs/--no-cuda-graphs", help="--target gpu: CUDA graphs"
     ),
+    min_images: int = typer.Option(
+        0,
+        min=0,
+        help="refuse to build when the selection or the evaluation set has fewer images than this (the "
+        "accuracy figures and the scheduler's choices rest on them; the container's build uses 200)",
+    ),
 ):
     """Export MobileNetV2, analyse it, build the precision variants, measure them, write the repository (atomic)."""
     from tcsched.build_tools.build import build as run_build
 
     cfg = _build_config(ctx.params)
+    _check_image_counts(cfg, min_images)
     if target not in ("cpu", "gpu"):
         raise typer.BadParameter(f"--target must be 'cpu' or 'gpu', got {target!r}")
-    if target == "gpu":  # fail before the long CPU build when there is no GPU/TensorRT
-        from tcsched.build_tools.tensorrt_engine import gpu_identity
+    if target == "gpu":  # fail before the long CPU build: every missing piece of the GPU stack, named
+        from tcsched.build_tools.tensorrt_engine import check_gpu_dependencies, gpu_identity
 
         try:
+            check_gpu_dependencies()
             gpu_identity()
         except (ImportError, RuntimeError) as e:
-            raise typer.BadParameter(f"--target gpu needs TensorRT and a CUDA GPU: {e}") from None
+            raise typer.BadParameter(f"--target gpu: {e}") from None
     _print_manifest(run_build(cfg, console))
     if target == "gpu":
         _build_gpu_repository(output, gpu_output or output.with_name(f"{output.name}_gpu"), cuda_graphs)
@@ -167,6 +287,36 @@ def _build_config(p: dict) -> BuildConfig:
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     return cfg
+
+
+#: below this many evaluation images `tcsched build` warns: one disagreement moves agreement by > 1 point
+FEW_IMAGES = 100
+
+
+def _check_image_counts(cfg: BuildConfig, min_images: int) -> None:
+    """Refuse (``min_images``) or warn (under :data:`FEW_IMAGES`) when the build would measure and choose on
+    few images. The sets are the build's own (:func:`tcsched.build_tools.build.make_splits`).
+
+    Raises:
+        CliError: fewer than ``min_images`` selection or evaluation images.
+    """
+    from tcsched.build_tools.build import make_splits
+
+    splits = make_splits(cfg)
+    n_sel, n_eval = len(splits.select), len(splits.eval)
+    n = min(n_sel, n_eval)
+    if n < min_images:
+        raise CliError(
+            f"the build would choose on {n_sel} selection and measure on {n_eval} evaluation images ({splits.description}); "
+            f"--min-images asks for {min_images}: give --data-dir a labeled folder of at least {4 * min_images} images "
+            "(split 25/25/50) or --calib-dir and --eval-dir"
+        )
+    if n < FEW_IMAGES:
+        console.print(
+            f"[yellow]accuracy figures from {n_eval} evaluation and {n_sel} selection images: one disagreement "
+            f"moves agreement by {100 / max(1, n):.1f} points (--data-dir with a labeled set; --min-images to "
+            "refuse)[/yellow]"
+        )
 
 
 def _build_gpu_repository(cpu_repo: Path, gpu_repo: Path, cuda_graphs: bool) -> None:
@@ -232,12 +382,33 @@ def serve(
     watchdog: bool = typer.Option(
         True,
         "--watchdog/--no-watchdog",
-        help="reload a model whose Python stub process died (within seconds)",
+        help="reload a model whose Python stub process died (within seconds; needs explicit model control)",
+    ),
+    model_control_mode: _ModelControl = typer.Option(
+        "explicit",
+        help="tritonserver's --model-control-mode. explicit (default): every model loaded at start, and "
+        "loads/unloads through the repository API (Model Analyzer's remote mode needs it, with --open-api "
+        "model-repository or the admin key); poll/none switch the stub watchdog off",
+    ),
+    log_format: _LogFormat = typer.Option(None, help="tritonserver's --log-format"),
+    tritonserver_args: list[str] = typer.Argument(
+        None,
+        metavar="[-- TRITONSERVER_OPTION...]",
+        help="further tritonserver options after --, e.g. `-- --log-info=true --buffer-manager-thread-count=2`",
+        show_default=False,
     ),
 ):
-    """Start the embedded tritonserver on REPO and wait; Ctrl-C or SIGTERM stops it cleanly."""
+    """Start the embedded tritonserver on REPO and wait; Ctrl-C or SIGTERM stops it cleanly.
+
+    tritonserver options after ``--`` are passed through; those tcsched sets itself (repository, addresses,
+    ports, backend folder, the admin API restriction, the shared-memory prefix) are refused with the tcsched
+    option to use instead."""
     from tcsched.server import ADMIN_HEADER, ServerError, TritonServer
 
+    extra = _tritonserver_passthrough(tritonserver_args or [])
+    extra.append(f"--model-control-mode={model_control_mode.value}")
+    if log_format:
+        extra.append(f"--log-format={log_format.value}")
     try:
         server = TritonServer(
             repo,
@@ -249,6 +420,7 @@ def serve(
             admin_key=admin_key or None,
             open_apis=open_api or (),
             watchdog=watchdog,
+            extra_args=extra,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
@@ -258,7 +430,7 @@ def serve(
     try:
         server.start()
     except (ServerError, FileNotFoundError, ValueError) as e:
-        err_console.print(f"[red]{escape(str(e))}[/red]")
+        _error_line(str(e))
         raise typer.Exit(1) from None
     console.print(f"tritonserver ready (log: {server.log_file})")
     console.print(f"  HTTP     http://{server.http_url}   (tritonclient.http, perf_analyzer -i http)")
@@ -271,12 +443,23 @@ def serve(
         console.print(f"  admin APIs {', '.join(server.restricted_apis)}: header '{ADMIN_HEADER}' = {whose}")
     if server.open_apis:
         console.print(f"  [yellow]open to every client: {', '.join(server.open_apis)} (--open-api)[/yellow]")
-    console.print(f"  stub watchdog: {'on' if watchdog else 'off (--no-watchdog)'}")
+    if server.watchdog_active:
+        console.print("  stub watchdog: on")
+    else:
+        why = (
+            "--no-watchdog"
+            if not watchdog
+            else f"it needs explicit model control, not {model_control_mode.value}"
+        )
+        console.print(f"  stub watchdog: off ({why})")
+    console.print(f"  model control: {server.model_control_mode}")
+    if extra[:-1]:
+        console.print(f"  tritonserver options passed through: {' '.join(extra)}")
     seen = 0
     try:
         while not stop.wait(1.0):
             if not server.alive():
-                err_console.print(f"[red]tritonserver exited:[/red]\n{server.log_tail()}")
+                _error_line(f"tritonserver exited (log: {server.log_file}):\n{server.log_tail()}")
                 raise typer.Exit(1)
             for r in server.recoveries[seen:]:
                 if r.error is None and r.recovered_at is None:
@@ -291,6 +474,55 @@ def serve(
     finally:
         console.print("stopping tritonserver ...")
         server.stop()
+
+
+#: tritonserver options that tcsched sets itself, with the tcsched option to use instead
+_MANAGED_TRITONSERVER_OPTIONS = {
+    "--model-repository": "--repo",
+    "--model-store": "--repo",
+    "--http-port": "--http-port",
+    "--grpc-port": "--grpc-port",
+    "--metrics-port": "--metrics-port",
+    "--http-address": "--host",
+    "--grpc-address": "--host",
+    "--metrics-address": "--host",
+    "--backend-directory": "(none: tcsched assembles the Python backend folder)",
+    "--http-restricted-api": "--open-api and --admin-key",
+    "--grpc-restricted-protocol": "--open-api and --admin-key",
+    "--model-control-mode": "--model-control-mode",
+    "--log-verbose": "--log-verbose",
+    "--log-format": "--log-format",
+}
+
+
+def _tritonserver_passthrough(args: list[str]) -> list[str]:
+    """The tritonserver options given after ``--``, checked: each is ``--name[=value]``, and none of those tcsched
+    manages (:data:`_MANAGED_TRITONSERVER_OPTIONS`; ``--backend-config=python,shm-region-prefix-name=...`` too,
+    which ``stop()`` relies on to remove this server's shared-memory regions).
+
+    Raises:
+        typer.BadParameter: an argument that is not an option, or a managed one (the message names its
+            replacement).
+    """
+    out = []
+    for a in args:
+        if not a.startswith("--"):
+            raise typer.BadParameter(
+                f"tritonserver options after -- are --name=value, got {a!r}", param_hint="TRITONSERVER_OPTION"
+            )
+        name = a.split("=", 1)[0]
+        if name in _MANAGED_TRITONSERVER_OPTIONS:
+            raise typer.BadParameter(
+                f"{name} is set by tcsched serve: use {_MANAGED_TRITONSERVER_OPTIONS[name]}",
+                param_hint="TRITONSERVER_OPTION",
+            )
+        if name == "--backend-config" and "shm-region-prefix-name" in a:
+            raise typer.BadParameter(
+                "the Python backend's shm-region-prefix-name is set by tcsched serve (stop() removes its regions)",
+                param_hint="TRITONSERVER_OPTION",
+            )
+        out.append(a)
+    return out
 
 
 def _classify_table(paths, results) -> Table:
@@ -335,65 +567,168 @@ def _print_results(paths, results) -> None:
     console.print(_classify_table(paths, results))
     for p, r in zip(paths, results, strict=True):
         if isinstance(r, Exception):
-            err_console.print(f"error: {p}: {r}", markup=False, highlight=False)
+            _error_line(f"{p}: {' '.join(str(r).split())}")
+
+
+def _image_files(paths: list[Path]) -> list[Path]:
+    """The image files named by ``paths``: files as given, a folder as its images (suffixes of
+    :data:`tcsched.data.IMAGE_SUFFIXES`, sorted, not recursive).
+
+    Raises:
+        typer.BadParameter: a path that does not exist, or a folder without images (the message lists them).
+    """
+    from tcsched.data import IMAGE_SUFFIXES
+
+    out: list[Path] = []
+    missing, empty = [], []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                empty.append(str(p))
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            missing.append(str(p))
+    if missing:
+        raise typer.BadParameter(f"no such file or folder: {', '.join(missing)}", param_hint="IMAGES")
+    if empty:
+        raise typer.BadParameter(
+            f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder(s): {', '.join(empty)}",
+            param_hint="IMAGES",
+        )
+    return out
+
+
+def _server_address(url: str | None, protocol: str) -> str:
+    """``--url`` as tritonclient wants it (``host:port``); see :func:`tcsched.client.classify.server_address`.
+
+    Raises:
+        typer.BadParameter: a URL that is not ``[http://]host[:port]``.
+    """
+    from tcsched.client.classify import server_address
+
+    try:
+        return server_address(url, protocol)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--url") from None
+
+
+def _connect(url: str, protocol: str):
+    """A :class:`~tcsched.client.classify.ClassifierClient` to a server whose ensemble is ready.
+
+    Raises:
+        CliError: tritonclient is missing (the client extra), or the server is unreachable or not ready.
+    """
+    try:
+        from tcsched.client.classify import ClassifierClient, ServerUnavailable
+    except ImportError as e:  # the [client] extra
+        raise CliError(f"{e}: install the client with `pip install 'tcsched[client]'`") from None
+    client = ClassifierClient(url, protocol)  # type: ignore[arg-type]
+    try:
+        client.check_ready()
+    except ServerUnavailable as e:
+        client.close()
+        raise CliError(str(e)) from None
+    return client
+
+
+def _progress(what: str, console_: Console):
+    """A progress bar with counts, elapsed time and ETA, on ``console_`` (transient on a terminal; rich draws
+    nothing when the console is not one)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn(what),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console_,
+        transient=True,
+    )
+
+
+def _positive(value: float | None, name: str) -> float | None:
+    """A typer callback: ``value`` must be > 0 when given."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"must be > 0, got {value:g}", param_hint=name)
+    return value
+
+
+def _classification_json(path: Path, r) -> dict:
+    """One image's ``tcsched classify --json`` object: every column of the table and the whole DECISION."""
+    if isinstance(r, Exception):
+        return {"image": str(path), "error": str(r)}
+    d = r.decision or {}
+    return {
+        "image": str(path),
+        "topk": [x.__dict__ for x in r.topk],
+        "variant": r.variant,
+        "reason": d.get("reason"),
+        "cascade": _cascade_text(d) if d.get("cascade") else None,
+        "escalated": r.escalated,
+        "latency_ms": r.latency_ms,
+        "decision": r.decision,
+    }
 
 
 @app.command()
 def classify(
-    images: list[Path] = typer.Argument(..., help="JPEG/PNG files"),
-    url: str = typer.Option("127.0.0.1:8000", help="host:port of the server (8001 for gRPC)"),
-    protocol: str = typer.Option("http", help="http | grpc"),
-    top_k: int = typer.Option(5),
+    images: list[Path] = typer.Argument(..., help="JPEG/PNG files, or folders of them"),
+    url: str = typer.Option(
+        None, help="host:port of the server (default 127.0.0.1:8000 for HTTP, 127.0.0.1:8001 for gRPC)"
+    ),
+    protocol: _Protocol = typer.Option(_Protocol.http),
+    top_k: int = typer.Option(5, min=1, max=1000, help="classes per image (Triton's class_count)"),
     variant: str = typer.Option(None, help="force a variant (model name or precision, e.g. int8)"),
     min_agreement: float = typer.Option(
-        None, help="target top-1 agreement with fp32 (fraction, e.g. 0.99): served by a confidence cascade"
+        None,
+        min=0,
+        max=1,
+        callback=lambda v: _positive(v, "--min-agreement"),
+        help="target top-1 agreement with fp32 (fraction, e.g. 0.99): served by a confidence cascade",
     ),
     accuracy_budget: float = typer.Option(
-        None, help="max top-1 drop vs fp32, points (one variant per request)"
+        None, min=0, help="max top-1 drop vs fp32, points (one variant per request)"
     ),
-    latency_budget_ms: float = typer.Option(None, help="latency target, ms"),
-    objective: str = typer.Option(None, help="min_latency | max_accuracy"),
+    latency_budget_ms: float = typer.Option(
+        None, callback=lambda v: _positive(v, "--latency-budget-ms"), help="latency target, ms"
+    ),
+    objective: _Objective = typer.Option(None),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table (everything it shows)"),
 ):
     """Classify images through a running server with tritonclient."""
-    from tcsched.client.classify import ClassifierClient
-
-    missing = [str(p) for p in images if not p.is_file()]
-    if missing:
-        raise typer.BadParameter(f"no such file(s): {', '.join(missing)}")
-    with ClassifierClient(url, protocol) as client:  # type: ignore[arg-type]
-        if not client.ready():
-            err_console.print(
-                f"[red]no ready 'classifier' model at {url} ({protocol}); start it with `tcsched serve`[/red]"
-            )
-            raise typer.Exit(1)
-        params = _params(variant, accuracy_budget, latency_budget_ms, objective, min_agreement)
-        results = []
-        for p in images:
+    paths = _image_files(images)
+    address = _server_address(url, protocol.value)
+    params = _params(
+        variant, accuracy_budget, latency_budget_ms, objective.value if objective else None, min_agreement
+    )
+    results = []
+    with _connect(address, protocol.value) as client, _progress("classify", err_console) as progress:
+        task = progress.add_task("classify", total=len(paths))
+        for p in paths:
             try:
                 results.append(client.classify(p.read_bytes(), top_k, params))
             except Exception as e:  # noqa: BLE001 - shown per image
                 results.append(e)
+            progress.advance(task)
     if as_json:
-        print(
-            json.dumps(
-                [
-                    {"image": str(p), "error": str(r)}
-                    if isinstance(r, Exception)
-                    else {
-                        "image": str(p),
-                        "variant": r.variant,
-                        "latency_ms": r.latency_ms,
-                        "topk": [x.__dict__ for x in r.topk],
-                        "decision": r.decision,
-                    }
-                    for p, r in zip(images, results, strict=True)
-                ],
-                indent=2,
-            )
-        )
+        print(json.dumps([_classification_json(p, r) for p, r in zip(paths, results, strict=True)], indent=2))
+        for p, r in zip(paths, results, strict=True):
+            if isinstance(r, Exception):
+                _error_line(f"{p}: {' '.join(str(r).split())}")
     else:
-        _print_results(images, results)
+        _print_results(paths, results)
     if any(isinstance(r, Exception) for r in results):
         raise typer.Exit(2)
 
@@ -408,9 +743,9 @@ def run(
     data_dir: Path = typer.Option(
         None, help="labeled images for the build (split calibration/selection/evaluation)"
     ),
-    protocol: str = typer.Option("http"),
-    variant: str = typer.Option(None),
-    accuracy_budget: float = typer.Option(None),
+    protocol: _Protocol = typer.Option(_Protocol.http),
+    variant: str = typer.Option(None, help="force a variant (model name or precision, e.g. int8)"),
+    accuracy_budget: float = typer.Option(None, min=0, help="max top-1 drop vs fp32, points"),
 ):
     """The main job: build (if needed), start tritonserver, classify real photos, stop the server."""
     from tcsched.client.classify import ClassifierClient
@@ -426,9 +761,12 @@ def run(
     else:
         console.print(f"using the existing repository {repo} (--rebuild to rebuild)")
         _print_manifest(Manifest.read(repo / "manifest.json"))
-    paths = images or [
-        default_photo(n) for n in ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left")
-    ]
+    paths = (
+        _image_files(images)
+        if images
+        else [default_photo(n) for n in ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left")]
+    )
+    protocol = protocol.value
     with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0) as server:
         url = server.http_url if protocol == "http" else server.grpc_url
         console.print(
@@ -457,58 +795,128 @@ def run(
         raise typer.Exit(2)
 
 
+def _eval_configs(manifest, repo: Path, variants: str | None, scheduler: bool, min_agreement: str | None):
+    """``tcsched eval``'s configurations: (name, request parameters) of each forced variant, the scheduler's
+    default and each cascade target.
+
+    Raises:
+        typer.BadParameter: a variant the repository does not have, or a target that is not a fraction.
+    """
+    names = []
+    for v in _csv(variants):
+        try:
+            names.append(manifest.variant(v).name)
+        except KeyError as e:
+            raise typer.BadParameter(
+                f"{e.args[0]} (in {repo / 'manifest.json'})", param_hint="--variants"
+            ) from None
+    names = names or [v.name for v in manifest.variants]
+    configs: list[tuple[str, dict]] = [(n, {"variant": n}) for n in names]
+    configs += [("scheduler (default)", {})] if scheduler else []
+    for t in _csv(min_agreement):
+        try:
+            target = float(t)
+        except ValueError:
+            target = float("nan")
+        if not 0 < target <= 1:
+            raise typer.BadParameter(
+                f"targets are fractions in (0, 1], comma-separated (e.g. 0.99,0.995), got {t!r}",
+                param_hint="--min-agreement",
+            )
+        configs.append((f"cascade, min_agreement={t}", {"min_agreement": target}))
+    return configs
+
+
+def _eager_reference(items) -> object:
+    """torchvision eager top-5 [N, 5] of ``items``, with a progress bar (counts, ETA).
+
+    Raises:
+        CliError: torch/torchvision are not installed (the build extra).
+    """
+    try:
+        from tcsched.build_tools.evaluate import eager_top5
+    except ImportError as e:
+        raise CliError(
+            f"the eager reference needs torch ({e}): `pip install 'tcsched[build]'` or --no-reference"
+        ) from None
+    try:
+        import torchvision  # noqa: F401
+    except ImportError as e:
+        raise CliError(
+            f"the eager reference needs torchvision ({e}): `pip install 'tcsched[build]'` or --no-reference"
+        ) from None
+    with _progress("reference: torchvision eager", console) as progress:
+        task = progress.add_task("eager", total=len(items))
+        return eager_top5(items, on_batch=lambda n: progress.advance(task, n))
+
+
 @app.command("eval")
 def evaluate(
     data_dir: Path = typer.Argument(..., help="labeled images: labels.csv (file,class_index) or ImageFolder"),
     repo: Path = REPO_OPT,
-    url: str = typer.Option(None, help="a running server (host:port, HTTP); default: start one on REPO"),
+    url: str = typer.Option(
+        None, help="a running server (host:port, HTTP) serving REPO; default: start one on REPO"
+    ),
     variants: str = typer.Option(None, help="comma-separated variants to force (default: every variant)"),
     scheduler: bool = typer.Option(True, help="also evaluate the scheduler's own choice (no variant forced)"),
     min_agreement: str = typer.Option(
         "0.99,0.995", help="comma-separated targets: one cascade configuration each ('' for none)"
     ),
     reference: bool = typer.Option(True, help="also run torchvision eager (fp32) on the same images"),
-    limit: int = typer.Option(None, help="at most this many images"),
+    limit: int = typer.Option(None, min=1, help="at most this many images"),
     evaluation_split: bool = typer.Option(
         False,
         help="only the evaluation split that `tcsched build --data-dir DATA_DIR` makes (images it never "
         "calibrated or chose anything on)",
     ),
-    concurrency: int = typer.Option(4),
+    concurrency: int = typer.Option(4, min=1),
     output: Path = typer.Option(Path("reports/eval.json"), help="JSON results"),
 ):
     """Top-1/top-5 through the served ensemble, per variant and cascade target, vs torchvision eager, with 95%
     intervals; agreement with the served fp32, escalation rate and compute time per image (Triton statistics)."""
     import contextlib
 
-    from tcsched.client.evaluation import run_eval
     from tcsched.data import SPLIT_FRACTIONS, list_images, split
     from tcsched.manifest import Manifest
     from tcsched.server import TritonServer
 
-    items = list_images(data_dir)
+    try:
+        items = list_images(data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="DATA_DIR") from None
     if any(it.label is None for it in items):
         raise typer.BadParameter(
-            f"{data_dir} has unlabeled images; expected labels.csv or an ImageFolder layout"
+            f"{data_dir} has unlabeled images; expected labels.csv or an ImageFolder layout",
+            param_hint="DATA_DIR",
         )
     if evaluation_split:
         items = split(items, list(SPLIT_FRACTIONS))[2]
     items = items[:limit] if limit else items
+    if not (repo / "manifest.json").is_file():
+        served = f" (the repository the server at {url} serves)" if url else ""
+        raise typer.BadParameter(
+            f"no manifest.json in {repo}: pass --repo, the tcsched model repository{served}",
+            param_hint="--repo",
+        )
     manifest = Manifest.read(repo / "manifest.json")
-    names = [v.strip() for v in variants.split(",")] if variants else [v.name for v in manifest.variants]
-    configs = [(n, {"variant": n}) for n in names] + ([("scheduler (default)", {})] if scheduler else [])
-    for t in (x.strip() for x in (min_agreement or "").split(",") if x.strip()):
-        configs.append((f"cascade, min_agreement={t}", {"min_agreement": float(t)}))
+    configs = _eval_configs(manifest, repo, variants, scheduler, min_agreement)
+    address = None
+    if url:
+        address = _server_address(url, "http")
+        _connect(address, "http").close()  # fail now, in one line, when nothing serves there
+    from tcsched.client.evaluation import run_eval
+
+    eager = None
+    if reference:
+        top = _eager_reference(items)
+        eager = lambda _items: top  # noqa: E731 - computed above, with its own progress bar
     server_ctx = (
         contextlib.nullcontext(None) if url else TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0)
     )
     with server_ctx as server:
-        eager = None
-        if reference:
-            from tcsched.build_tools.evaluate import eager_top5 as eager
         result = run_eval(
             items,
-            url or server.http_url,
+            address or server.http_url,
             manifest,
             configs,
             eager=eager,
@@ -520,7 +928,59 @@ def evaluate(
     output.write_text(json.dumps({"data_dir": str(data_dir), **result.as_dict()}, indent=2))
     console.print(f"wrote {output}")
     if any(r.errors for r in result.rows):
+        failed = sum(r.errors for r in result.rows)
+        _error_line(f"{failed} request(s) failed; see the errors column and {output}")
         raise typer.Exit(2)
+
+
+@app.command(
+    "perf-analyzer",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+def perf_analyzer(
+    args: list[str] = typer.Argument(
+        None,
+        metavar="PERF_ANALYZER_ARGS...",
+        help="perf_analyzer's own arguments (`tcsched perf-analyzer --help`)",
+    ),
+):
+    """Run the perf_analyzer of the tritonclient wheel with its libraries found (libcudart.so.12 of
+    nvidia-cuda-runtime-cu12 on LD_LIBRARY_PATH); every argument is perf_analyzer's, its exit code is returned."""
+    import os
+
+    from tcsched.client.perf_analyzer import find_perf_analyzer, perf_analyzer_env
+
+    try:
+        binary, env = find_perf_analyzer(), perf_analyzer_env()
+    except FileNotFoundError as e:
+        raise CliError(f"{e} (or `pip install 'tcsched[client]'`)") from None
+    sys.stdout.flush()
+    os.execve(binary, [str(binary), *(args or [])], env)
+
+
+@app.command("perf-data")
+def perf_data(
+    images: list[Path] = typer.Argument(..., help="JPEG/PNG files, or folders of them"),
+    output: Path = typer.Option(..., "--output", "-o", help="the --input-data JSON file to write"),
+    input_name: str = typer.Option(
+        None, help="the BYTES input (default: the classifier ensemble's IMAGE, from tcsched.names)"
+    ),
+    limit: int = typer.Option(None, min=1, help="at most this many images"),
+):
+    """Write a perf_analyzer --input-data file for the ensemble's BYTES input: one image per step (round
+    robin), each element base64 of Triton's raw BYTES encoding (a 4-byte little-endian length, then the file)."""
+    from tcsched.client.perf_analyzer import write_bytes_input_data
+    from tcsched.names import ENSEMBLE, IMAGE
+
+    paths = _image_files(images)[:limit]
+    write_bytes_input_data(output, input_name or IMAGE, [p.read_bytes() for p in paths])
+    size = sum(p.stat().st_size for p in paths)
+    print(f"wrote {output}: {len(paths)} images ({size / 1e6:.1f} MB) for input {input_name or IMAGE}")
+    print(
+        f"  tcsched perf-analyzer -m {ENSEMBLE} -u 127.0.0.1:8001 -i grpc --input-data {output} "
+        f"--shape {input_name or IMAGE}:1 --concurrency-range 1:4"
+    )
 
 
 # --- subcommands defined in their own modules: one import + one registration line each ---------------------------

@@ -265,12 +265,27 @@ class TritonServer:
             raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
         return {ADMIN_HEADER if protocol == "http" else GRPC_ADMIN_HEADER: str(self.admin_key)}
 
+    @property
+    def model_control_mode(self) -> str:
+        """tritonserver's ``--model-control-mode``: ``explicit`` unless ``extra_args`` sets another (its last
+        occurrence wins, as in tritonserver's own option parsing)."""
+        modes = [a.split("=", 1)[1] for a in self.extra_args if a.startswith("--model-control-mode=")]
+        return modes[-1] if modes else "explicit"
+
+    @property
+    def watchdog_active(self) -> bool:
+        """The stub watchdog runs: asked for, and the model control mode is ``explicit`` (it reloads a model
+        through the repository API, which tritonserver serves only in that mode)."""
+        return self.watchdog and self.model_control_mode == "explicit"
+
     def command(self) -> list[str]:
         root = pytriton_root()
         given = [a.split("=", 1)[0] for a in self.extra_args]
         # explicit model control: the watchdog reloads a model through the (restricted) repository API
         control = [] if "--model-control-mode" in given else ["--model-control-mode=explicit"]
-        load = [] if "--load-model" in given else ["--load-model=*"]
+        # --load-model is for explicit mode only (tritonserver 2.51 refuses it in the others)
+        explicit = self.model_control_mode == "explicit"
+        load = [] if "--load-model" in given or not explicit else ["--load-model=*"]
         restricted = []
         if self.restricted_apis:
             rule = f"{','.join(self.restricted_apis)}:{ADMIN_HEADER}={self.admin_key}"
@@ -361,7 +376,12 @@ class TritonServer:
                     f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}"
                 )
             if self.ready():
-                if self.watchdog:
+                if self.watchdog and not self.watchdog_active:
+                    log.warning(
+                        "stub watchdog off: it needs --model-control-mode=explicit, got %s",
+                        self.model_control_mode,
+                    )
+                if self.watchdog_active:
                     self._watch_stop.clear()
                     self._learn_stubs()
                     self._watch_thread = threading.Thread(

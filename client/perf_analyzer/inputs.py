@@ -1,4 +1,5 @@
-"""perf_analyzer ``--input-data`` files: JSON with base64 content, one step per request (round robin)."""
+"""perf_analyzer ``--input-data`` files: JSON with base64 content, one step per request (round robin); written
+atomically."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from tcsched.jsonio import atomic_write_text
 
 
 def _b64(data: bytes) -> str:
@@ -30,9 +33,7 @@ def write_tensor_input_data(path: str | os.PathLike, input_name: str, tensors: S
         if str(t.dtype) != "float32":
             raise ValueError(f"tensor input data must be float32, got {t.dtype}")
         steps.append({input_name: {"b64": _b64(t.tobytes(order="C")), "shape": list(t.shape)}})
-    path = Path(path)
-    path.write_text(json.dumps({"data": steps}))
-    return path
+    return atomic_write_text(path, json.dumps({"data": steps}))
 
 
 def write_bytes_input_data(path: str | os.PathLike, input_name: str, blobs: Sequence[bytes]) -> Path:
@@ -52,6 +53,4 @@ def write_bytes_input_data(path: str | os.PathLike, input_name: str, blobs: Sequ
         if not b:
             raise ValueError("empty element in BYTES input data")
         steps.append({input_name: {"b64": _b64(len(b).to_bytes(4, "little") + bytes(b)), "shape": [1]}})
-    path = Path(path)
-    path.write_text(json.dumps({"data": steps}))
-    return path
+    return atomic_write_text(path, json.dumps({"data": steps}))
