@@ -42,6 +42,7 @@ from tcsched.build_tools.latency import measure_latency
 from tcsched.build_tools.quantize import parse_calib_method
 from tcsched.build_tools.recipes import REGISTRY, BuildContext, BuiltVariant, Dropped, Recipe
 from tcsched.build_tools.serving import Serving, decide_serving, write_serving_reports
+from tcsched.build_tools.tensorrt_graph import TENSORRT_GRAPH_FILENAME, write_tensorrt_form
 from tcsched.data import SPLIT_FRACTIONS, ImageItem, default_photos, list_images, split
 from tcsched.fsutil import atomic_directory, check_replaceable_output, clean_stale_temporaries
 from tcsched.imaging import preprocess_bytes
@@ -51,6 +52,7 @@ from tcsched.manifest import (
     InputStatistics,
     LatencyReport,
     Manifest,
+    TensorRTGraph,
     TensorSpec,
     VariantEntry,
 )
@@ -362,6 +364,40 @@ def measure(ctx: BuildContext, built: dict[str, BuiltVariant], eval_description:
 # -------------------------------------------------------------------------------------------------- repository
 
 
+def _accuracy(logits: np.ndarray, ref_logits: np.ndarray, measurements: Measurements) -> AccuracyReport:
+    """Accuracy of evaluation-split ``logits`` [N, classes] against the labels and the reference's logits."""
+    y = measurements.eval_labels
+    top1 = topk_accuracy(logits, y, 1) if y is not None else None
+    agree = top1_agreement(ref_logits, logits)
+    drop = 100.0 * (topk_accuracy(ref_logits, y, 1) - top1) if y is not None else 100.0 * (1.0 - agree)
+    n = len(logits)
+    return AccuracyReport(
+        dataset=measurements.eval_description,
+        n_images=n,
+        top1=top1,
+        top5=topk_accuracy(logits, y, 5) if y is not None else None,
+        agreement_with_fp32=agree,
+        kl_vs_fp32=max(0.0, mean_kl(ref_logits, logits)),
+        top1_drop_points=drop,
+        top1_ci95=wilson_interval(int(round(top1 * n)), n) if top1 is not None else None,
+        agreement_ci95=wilson_interval(int(round(agree * n)), n),
+    )
+
+
+def _tensorrt_graph(
+    tmp: Path, m: Measured, ref: Measured, measurements: Measurements, ctx: BuildContext
+) -> TensorRTGraph | None:
+    """The graph a GPU build compiles for a Q/DQ variant (:mod:`tcsched.build_tools.tensorrt_graph`), written
+    beside the variant's model and measured like it, on the evaluation split; None for graphs without Q/DQ."""
+    dest = tmp / m.model_name / "1" / TENSORRT_GRAPH_FILENAME
+    form = write_tensorrt_form(m.variant.path, dest)
+    if form is None:
+        return None
+    logits = OrtClassifier(dest, threads=ctx.cfg.threads).predict(ctx.eval_images, batch_size=PREDICT_BATCH)
+    accuracy = _accuracy(logits, ref.eval_logits, measurements)
+    return TensorRTGraph(file=str(dest.relative_to(tmp)), accuracy=accuracy, note=form.note)
+
+
 def _entry(
     tmp: Path,
     m: Measured,
@@ -375,30 +411,13 @@ def _entry(
     on the accuracy-latency front (:func:`tcsched.build_tools.cascade.pareto_front`)."""
     classes = ref.eval_logits.shape[1]
     dst = repo_mod.write_variant(tmp, m.model_name, m.variant.path, cfg.serving, classes=classes)
-    y = measurements.eval_labels
-    top1 = topk_accuracy(m.eval_logits, y, 1) if y is not None else None
-    agree = top1_agreement(ref.eval_logits, m.eval_logits)
-    drop = 100.0 * (topk_accuracy(ref.eval_logits, y, 1) - top1) if y is not None else 100.0 * (1.0 - agree)
-    n = len(m.eval_logits)
-    hits = int(round(agree * n))
-    top1_ci = wilson_interval(int(round(top1 * n)), n) if top1 is not None else None
     p50, ref_p50 = m.p50_ms_by_batch, ref.p50_ms_by_batch
     return VariantEntry(
         name=m.model_name,
         precision=m.variant.precision,
         file=str(dst.relative_to(tmp)),
         size_bytes=dst.stat().st_size,
-        accuracy=AccuracyReport(
-            dataset=measurements.eval_description,
-            n_images=len(m.eval_logits),
-            top1=top1,
-            top5=topk_accuracy(m.eval_logits, y, 5) if y is not None else None,
-            agreement_with_fp32=agree,
-            kl_vs_fp32=max(0.0, mean_kl(ref.eval_logits, m.eval_logits)),
-            top1_drop_points=drop,
-            top1_ci95=top1_ci,
-            agreement_ci95=wilson_interval(hits, n),
-        ),
+        accuracy=_accuracy(m.eval_logits, ref.eval_logits, measurements),
         latency=LatencyReport(
             device=f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             runtime="onnxruntime",
@@ -437,7 +456,9 @@ def write_repository(
             notes = list(m.variant.notes)
             if m is ref:
                 notes += [f"{d.name} dropped: " + " ".join(d.notes) for d in dropped]
-            entries.append(_entry(tmp, m, ref, measurements, cfg, notes, verdicts.get(m.model_name)))
+            entry = _entry(tmp, m, ref, measurements, cfg, notes, verdicts.get(m.model_name))
+            entry.tensorrt_graph = _tensorrt_graph(tmp, m, ref, measurements, ctx)
+            entries.append(entry)
         repo_mod.write_pipeline(tmp, ctx.labels, cfg.serving)
         manifest = Manifest(
             source_model=source.description,

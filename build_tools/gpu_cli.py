@@ -34,10 +34,16 @@ def engines(
     ),
 ):
     """Build a TensorRT engine per variant on this GPU, profile it, write a tensorrt_plan repository."""
+    from tcsched.build_tools import tensorrt_engine as te
     from tcsched.build_tools.gpu_repository import check_engine_compatibility, convert_to_gpu_repository
     from tcsched.manifest import MANIFEST_FILENAME, Manifest
 
     console = Console()
+    try:  # before any work: name every missing piece of the GPU stack at once
+        te.check_gpu_dependencies()
+    except RuntimeError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
     if if_missing and (output / MANIFEST_FILENAME).is_file():
         try:
             existing = Manifest.read(output / MANIFEST_FILENAME)

@@ -5,13 +5,19 @@ writes a second one beside it::
 
     <gpu_repo>/manifest.json                     target "gpu"; every variant runtime "tensorrt" + EngineInfo
     <gpu_repo>/classifier, preprocess, scheduler copied unchanged (same ensemble, same scheduler)
-    <gpu_repo>/<variant>/config.pbtxt            platform "tensorrt_plan", KIND_GPU, dynamic batching
-    <gpu_repo>/<variant>/1/model.plan            the engine (compiled from <cpu_repo>/<variant>/1/model.onnx)
+    <gpu_repo>/<variant>/config.pbtxt            platform "tensorrt_plan", KIND_GPU, dynamic batching, warmup,
+                                                 CUDA graphs for every batch size (optional)
+    <gpu_repo>/<variant>/1/model.plan            the engine
+    <gpu_repo>/<variant>/1/model.tensorrt.onnx   the ONNX graph the engine was compiled from
+    <gpu_repo>/<variant>/1/engine_layers.json    the engine inspector's layers (formats, tactics, sparsity)
     <gpu_repo>/<variant>/1/builder.log           TensorRT's builder log of that engine
 
-The ONNX graphs compiled are exactly those of the CPU repository, the ones the CPU build and tests check
-numerically; the accuracy figures in the manifest are carried over from them (ONNX Runtime on CPU), the
-latency figures are re-measured on this GPU (:func:`tcsched.build_tools.tensorrt_engine.profile_engine`).
+The graph compiled is the CPU variant's ONNX graph where it has no Q/DQ (fp32, fp16, sparse24), and for Q/DQ
+variants the TensorRT form that ``tcsched build`` wrote and measured (``VariantEntry.tensorrt_graph``,
+:mod:`tcsched.build_tools.tensorrt_graph`). The accuracy figures in the GPU manifest are those of the graph
+compiled (ONNX Runtime on the CPU, on the build's evaluation split); the latency figures are measured on this GPU
+(:func:`tcsched.build_tools.tensorrt_engine.profile_engine`: p50/p99 of one inference including the host<->device
+copies).
 
 Configs are ``model_config_pb2.ModelConfig`` messages rendered with protobuf ``text_format`` (as in
 :mod:`tcsched.build_tools.repository`), so they are valid against Triton's ``model_config.proto`` (2.51.0).
@@ -29,7 +35,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,18 +46,77 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tcsched import engine_compat
 from tcsched.build_tools import repository as repo_mod
 from tcsched.build_tools import tensorrt_engine as te
+from tcsched.build_tools.tensorrt_graph import TENSORRT_GRAPH_FILENAME, has_qdq
 from tcsched.engine_compat import same_tensorrt_version as same_tensorrt_version  # re-exported
 from tcsched.fsutil import atomic_directory, clean_stale_temporaries
-from tcsched.manifest import MANIFEST_FILENAME, EngineInfo, LatencyReport, Manifest, VariantEntry
+from tcsched.manifest import (
+    MANIFEST_FILENAME,
+    AccuracyReport,
+    EngineInfo,
+    LatencyReport,
+    Manifest,
+    VariantEntry,
+)
 
 PLAN_FILENAME = "model.plan"
 BUILDER_LOG_FILENAME = "builder.log"
+LAYERS_FILENAME = "engine_layers.json"
 DEFAULT_LATENCY_REPEATS = 50
 _CC = re.compile(r"^\d+\.\d+$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 # ONNX TensorProto element type -> Triton data type, for the engine I/O types (strongly typed: the graph's)
 _ONNX_TO_TRITON = {1: mc.TYPE_FP32, 10: mc.TYPE_FP16, 16: mc.TYPE_BF16}
+
+
+def _validate_config_args(
+    name: str,
+    max_batch_size: int,
+    instance_count: int,
+    max_queue_delay_microseconds: int,
+    cc_filenames: dict[str, str] | None,
+) -> None:
+    if not isinstance(name, str) or not _MODEL_NAME.match(name):
+        raise ValueError(f"model name must be letters, digits, '_', '-', '.', got {name!r}")
+    if not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
+    if not isinstance(instance_count, int) or instance_count < 1:
+        raise ValueError(f"instance_count must be an int >= 1, got {instance_count!r}")
+    if max_queue_delay_microseconds < 0:
+        raise ValueError(f"max_queue_delay_microseconds must be >= 0, got {max_queue_delay_microseconds}")
+    for cc, fname in (cc_filenames or {}).items():
+        if not isinstance(cc, str) or not _CC.match(cc):
+            raise ValueError(f"cc_filenames keys must be compute capabilities like '9.0', got {cc!r}")
+        if not isinstance(fname, str) or not fname or Path(fname).name != fname:
+            raise ValueError(f"cc_filenames[{cc!r}] must be a file name in the version folder, got {fname!r}")
+
+
+def _add_cuda_graphs(cfg: mc.ModelConfig, input_name: str, chw: Sequence[int]) -> None:
+    """``graphs: true`` and one ``graph_spec`` per batch size 1..max_batch_size.
+
+    Without ``graph_spec``, tensorrt_backend r24.10 (src/instance_state.cc, ``InitializeGraphSpecs``) captures
+    graphs only for {1} + ``preferred_batch_size`` + {max_batch_size} when dynamic batching is on, and runs every
+    other batch size without a graph; a spec names the batch size and each input's shape without the batch
+    dimension (model_config.proto ``ModelOptimizationPolicy.Cuda.GraphSpec``), and ``ValidateGraphSpec`` wants
+    1 <= batch_size <= max_batch_size. No ``graph_lower_bound``: each graph serves its exact batch size only.
+    """
+    cuda = cfg.optimization.cuda
+    cuda.graphs = True
+    for b in range(1, cfg.max_batch_size + 1):
+        spec = cuda.graph_spec.add(batch_size=b)
+        spec.input[input_name].dim.extend(int(d) for d in chw)
+
+
+def _add_warmup(cfg: mc.ModelConfig, input_name: str, input_dtype: int, chw: Sequence[int]) -> None:
+    """``model_warmup`` at batch 1 and max_batch_size (zero data): Triton runs them when it loads the model, so
+    the first requests do not pay for lazily loaded kernels and allocations (model_config.proto
+    ``ModelWarmup``; the backend reports the model ready only after them)."""
+    for b in sorted({1, cfg.max_batch_size}):
+        w = cfg.model_warmup.add(name=f"zeros_batch_{b}", batch_size=b, count=1)
+        inp = w.inputs[input_name]
+        inp.data_type = input_dtype
+        inp.dims.extend(int(d) for d in chw)
+        inp.zero_data = True
 
 
 def tensorrt_variant_config(
@@ -74,26 +140,15 @@ def tensorrt_variant_config(
     batching (``max_queue_delay_microseconds``), input ``input_name`` [3, 224, 224] and output ``output_name``
     [classes] (batch dimension excluded; FP32 unless the engine's graph says otherwise),
     ``default_model_filename: "model.plan"``, ``cc_model_filenames`` as given (compute capability such as
-    ``"9.0"`` -> engine file name in the version folder), and with ``cuda_graphs``
-    ``optimization { cuda { graphs: true } }`` (Triton's TensorRT backend then captures CUDA graphs).
+    ``"9.0"`` -> engine file name in the version folder), ``model_warmup`` at batch 1 and ``max_batch_size``,
+    and with ``cuda_graphs`` ``optimization { cuda { graphs: true graph_spec {...} } }`` for every batch size
+    1..``max_batch_size`` (:func:`_add_cuda_graphs`).
 
     Raises:
         ValueError: bad model name, ``max_batch_size`` < 1, ``instance_count`` < 1, negative queue delay, a
             ``cc_filenames`` key not of the form ``"<major>.<minor>"`` or a value that is not a bare file name.
     """
-    if not isinstance(name, str) or not _MODEL_NAME.match(name):
-        raise ValueError(f"model name must be letters, digits, '_', '-', '.', got {name!r}")
-    if not isinstance(max_batch_size, int) or max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
-    if not isinstance(instance_count, int) or instance_count < 1:
-        raise ValueError(f"instance_count must be an int >= 1, got {instance_count!r}")
-    if max_queue_delay_microseconds < 0:
-        raise ValueError(f"max_queue_delay_microseconds must be >= 0, got {max_queue_delay_microseconds}")
-    for cc, fname in (cc_filenames or {}).items():
-        if not isinstance(cc, str) or not _CC.match(cc):
-            raise ValueError(f"cc_filenames keys must be compute capabilities like '9.0', got {cc!r}")
-        if not isinstance(fname, str) or not fname or Path(fname).name != fname:
-            raise ValueError(f"cc_filenames[{cc!r}] must be a file name in the version folder, got {fname!r}")
+    _validate_config_args(name, max_batch_size, instance_count, max_queue_delay_microseconds, cc_filenames)
     cfg = mc.ModelConfig(
         name=name,
         platform="tensorrt_plan",
@@ -108,8 +163,9 @@ def tensorrt_variant_config(
     )
     for cc, fname in sorted((cc_filenames or {}).items()):
         cfg.cc_model_filenames[cc] = fname
+    _add_warmup(cfg, input_name, input_dtype, chw)
     if cuda_graphs:
-        cfg.optimization.cuda.graphs = True
+        _add_cuda_graphs(cfg, input_name, chw)
     return cfg
 
 
@@ -119,34 +175,35 @@ def default_timing_cache_path(compute_capability: str, tensorrt_version: str) ->
 
 
 def sparse_keep_decision(
-    sparse_layers_chosen: int, sparse_p50_ms: dict[int, float], fp16_p50_ms: dict[int, float] | None
+    sparse_layers_chosen: int | None, sparse_p50_ms: dict[int, float], fp16_p50_ms: dict[int, float] | None
 ) -> tuple[bool, str]:
     """Keep-if-pays for ``sparse24``: ``(keep, reason)``.
 
-    Kept only if the builder picked sparse kernels for at least one layer AND the engine's p50 is lower than
-    the fp16 engine's at every batch size both were profiled at (the scheduler may use either at any batch
-    size, so a sparse engine that is slower anywhere is dropped).
+    Kept only if the engine's p50 is lower than the fp16 engine's at every batch size both were profiled at (the
+    scheduler may use either at any batch size, so a sparse engine that is slower anywhere is dropped) AND the
+    engine inspector shows sparse kernels on at least one layer. ``sparse_layers_chosen`` ``None`` means the
+    inspector does not say (:func:`~tcsched.build_tools.tensorrt_engine.sparse_layers`): then latency alone
+    decides, and the reason says that the kernel choice is unknown.
     """
     if fp16_p50_ms is None:
         return False, "sparse24 dropped: no fp16 variant to compare it with"
-    if sparse_layers_chosen < 1:
+    if sparse_layers_chosen == 0:
         return False, (
-            "sparse24 dropped: the builder picked no sparse kernel for any layer (dense tactics timed faster), "
-            "so it is the fp16 engine at best"
+            "sparse24 dropped: the engine inspector shows no layer with sparse weights (dense tactics timed "
+            "faster), so it is the fp16 engine at best"
         )
     common = sorted(set(sparse_p50_ms) & set(fp16_p50_ms))
     if not common:
         return False, "sparse24 dropped: no batch size profiled for both sparse24 and fp16"
     pairs = ", ".join(f"b{b}: {sparse_p50_ms[b]:.3f} vs {fp16_p50_ms[b]:.3f} ms" for b in common)
-    if all(sparse_p50_ms[b] < fp16_p50_ms[b] for b in common):
-        return (
-            True,
-            f"sparse24 kept: sparse kernels on {sparse_layers_chosen} layers, faster than fp16 ({pairs})",
-        )
-    return False, (
-        f"sparse24 dropped: sparse kernels on {sparse_layers_chosen} layers but not faster than fp16 "
-        f"at every batch size ({pairs})"
+    kernels = (
+        "sparse kernels unknown (the engine inspector has no sparsity field)"
+        if sparse_layers_chosen is None
+        else f"sparse kernels on {sparse_layers_chosen} layers"
     )
+    if all(sparse_p50_ms[b] < fp16_p50_ms[b] for b in common):
+        return True, f"sparse24 kept: {kernels}, faster than fp16 ({pairs})"
+    return False, f"sparse24 dropped: {kernels} but not faster than fp16 at every batch size ({pairs})"
 
 
 def _onnx_io_types(onnx_path: Path, input_name: str, output_name: str) -> tuple[int, int]:
@@ -175,31 +232,40 @@ def _queue_delay(cpu_repo: Path, name: str) -> int:
     return repo_mod.ServingOptions().max_queue_delay_microseconds
 
 
-def tensorrt_source(onnx_path: Path, dest: Path) -> tuple[Path, str | None]:
-    """The graph TensorRT compiles for a variant: the ONNX file itself, or, where its Q/DQ are in ONNX Runtime's
-    asymmetric uint8 form, the same graph re-expressed as symmetric int8 (``quantize.to_symmetric_int8``) at
-    ``dest``. Returns (path, note or None).
+@dataclass(frozen=True)
+class EngineSource:
+    """The ONNX graph an engine is compiled from, and the accuracy measured on that very graph."""
+
+    path: Path
+    accuracy: AccuracyReport | None
+    note: str | None
+
+
+def engine_source(cpu_repo: Path, v: VariantEntry) -> EngineSource:
+    """What TensorRT compiles for variant ``v`` of ``cpu_repo``: its ``tensorrt_graph`` (the build's TensorRT
+    form of a Q/DQ graph, with that graph's accuracy) if it has one, else its own ONNX graph (no Q/DQ: the
+    graph the CPU figures are of).
 
     Raises:
-        ValueError: the graph still has Q/DQ that TensorRT rejects after the conversion.
+        ValueError: a Q/DQ variant without ``tensorrt_graph`` (a repository of an older build: its figures are
+            the uint8 graph's, not those of anything TensorRT can compile), or a missing file.
     """
     import onnx
 
-    from tcsched.build_tools.quantize import to_symmetric_int8
-
-    if not te.tensorrt_qdq_problems(onnx_path):
-        return onnx_path, None
-    model, n = to_symmetric_int8(onnx.load(str(onnx_path)))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(dest))
-    problems = te.tensorrt_qdq_problems(dest)
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ValueError(f"TensorRT cannot compile {onnx_path}: {'; '.join(problems[:3])}{more}")
-    return dest, (
-        f"TensorRT compiled {dest.name}: the ONNX graph with its {n} uint8 Q/DQ ranges re-expressed as symmetric "
-        "int8 (zero point 0) and int32 biases folded to float, as TensorRT requires"
-    )
+    if v.tensorrt_graph is not None:
+        path = cpu_repo / v.tensorrt_graph.file
+        if not path.is_file():
+            raise ValueError(
+                f"variant {v.name}: its TensorRT graph {path} is missing; rebuild with `tcsched build`"
+            )
+        return EngineSource(path, v.tensorrt_graph.accuracy, v.tensorrt_graph.note or None)
+    path = cpu_repo / v.file
+    if has_qdq(onnx.load(str(path), load_external_data=False)):
+        raise ValueError(
+            f"variant {v.name}: a Q/DQ graph without a measured TensorRT form in the manifest (tensorrt_graph); "
+            "rebuild the CPU repository with `tcsched build`, which writes and measures it"
+        )
+    return EngineSource(path, v.accuracy, None)
 
 
 def _validate_cpu_repository(cpu_repo: Path, gpu_repo: Path) -> Manifest:
@@ -226,6 +292,212 @@ def _validate_cpu_repository(cpu_repo: Path, gpu_repo: Path) -> Manifest:
     return m
 
 
+# ------------------------------------------------------------------------------------- the conversion's steps
+@dataclass(frozen=True)
+class _Target:
+    """Where and for what the conversion builds: the GPU's identity, the timing cache, the profile's batch
+    sizes, the builder's workspace."""
+
+    gpu_name: str
+    cc: str
+    trt_version: str
+    cache: Path
+    max_batch_size: int
+    batch_sizes: list[int]
+    workspace_bytes: int
+
+
+def _copy_pipeline(cpu_repo: Path, tmp: Path) -> None:
+    """The ensemble, preprocess and scheduler models (and the repository README), unchanged."""
+    for d in (repo_mod.PREPROCESS, repo_mod.SCHEDULER, repo_mod.ENSEMBLE):
+        shutil.copytree(cpu_repo / d, tmp / d, ignore=shutil.ignore_patterns("__pycache__"))
+    if (cpu_repo / "README.md").is_file():
+        shutil.copyfile(cpu_repo / "README.md", tmp / "README.md")
+
+
+def _build_engines(
+    variants: Iterable[VariantEntry],
+    sources: dict[str, EngineSource],
+    tmp: Path,
+    t: _Target,
+    console: Console,
+) -> dict[str, te.EngineBuildResult]:
+    """One engine per variant into ``tmp/<variant>/1/``, beside a copy of the graph it is compiled from."""
+    built = {}
+    for v in variants:
+        folder = tmp / v.name / "1"
+        folder.mkdir(parents=True, exist_ok=True)
+        onnx_copy = folder / TENSORRT_GRAPH_FILENAME
+        shutil.copyfile(sources[v.name].path, onnx_copy)
+        sparse = v.precision == "sparse24"
+        with console.status(f"TensorRT build {v.name}{' (SPARSE_WEIGHTS)' if sparse else ''}"):
+            res = te.build_engine(
+                onnx_copy,
+                folder / PLAN_FILENAME,
+                max_batch_size=t.max_batch_size,
+                sparse=sparse,
+                timing_cache_path=t.cache,
+                log_path=folder / BUILDER_LOG_FILENAME,
+                layers_path=folder / LAYERS_FILENAME,
+                workspace_bytes=t.workspace_bytes,
+            )
+        built[v.name] = res
+        extra = f", sparse kernels on {res.sparse_layers_chosen} layers" if sparse else ""
+        console.print(
+            f"  {v.name}: {res.size_bytes / 1e6:.1f} MB in {res.build_seconds:.0f} s, "
+            f"{res.int8_layers} INT8 layers{extra}"
+        )
+    return built
+
+
+def _profile_engines(
+    built: dict[str, te.EngineBuildResult], t: _Target, repeats: int, console: Console
+) -> dict[str, dict[int, te.EngineLatency]]:
+    out = {}
+    for name, res in built.items():
+        with console.status(f"profile {name} at batch {t.batch_sizes}"):
+            out[name] = te.profile_engine(res.plan_path, t.batch_sizes, repeats)
+    return out
+
+
+def _keep_if_pays(
+    src: Manifest,
+    built: dict[str, te.EngineBuildResult],
+    p50: dict[str, dict[int, float]],
+    tmp: Path,
+    console: Console,
+) -> tuple[list[VariantEntry], dict[str, list[str]]]:
+    """The variants kept (``sparse24`` only if it pays, :func:`sparse_keep_decision`; a dropped one's folder is
+    removed) and the notes per variant (a drop is noted on fp16, or on the reference without fp16)."""
+    fp16 = next((v for v in src.variants if v.precision == "fp16"), None)
+    note_target = fp16.name if fp16 is not None else src.reference_variant
+    notes: dict[str, list[str]] = {}
+    kept = []
+    for v in src.variants:
+        if v.precision == "sparse24":
+            keep, reason = sparse_keep_decision(
+                built[v.name].sparse_layers_chosen, p50[v.name], p50[fp16.name] if fp16 else None
+            )
+            console.print(f"  {'[green]' if keep else '[yellow]'}{v.name}: {reason}")
+            if not keep:
+                notes.setdefault(note_target, []).append(f"{v.name}: {reason}")
+                shutil.rmtree(tmp / v.name)
+                continue
+            notes.setdefault(v.name, []).append(reason)
+        kept.append(v)
+    return kept, notes
+
+
+def _variant_config(cpu_repo: Path, src: Manifest, v: VariantEntry, source: Path, cc: str, cuda_graphs: bool):
+    in_t, out_t = _onnx_io_types(source, src.input.name, src.output.name)
+    return tensorrt_variant_config(
+        v.name,
+        src.max_batch_size,
+        cuda_graphs,
+        {cc: PLAN_FILENAME},
+        max_queue_delay_microseconds=_queue_delay(cpu_repo, v.name),
+        input_name=src.input.name,
+        output_name=src.output.name,
+        chw=src.input.shape,
+        classes=src.output.shape[0],
+        input_dtype=in_t,
+        output_dtype=out_t,
+    )
+
+
+def _latency_report(lat: dict[int, te.EngineLatency], ref: dict[int, te.EngineLatency], t: _Target) -> dict:
+    return LatencyReport(
+        device=f"gpu: {t.gpu_name} (compute capability {t.cc}); input and output host<->device copies included",
+        runtime="tensorrt",
+        p50_ms_by_batch={b: x.p50_ms for b, x in lat.items()},
+        p99_ms_by_batch={b: x.p99_ms for b, x in lat.items()},
+        ratio_to_fp32_by_batch={b: x.p50_ms / ref[b].p50_ms for b, x in lat.items() if b in ref},
+    ).model_dump()
+
+
+def _engine_info(res: te.EngineBuildResult, tmp: Path, t: _Target, sparse: bool) -> dict:
+    return EngineInfo(
+        plan_file=str(res.plan_path.relative_to(tmp)),
+        tensorrt_version=res.tensorrt_version,
+        compute_capability=t.cc,
+        gpu_name=t.gpu_name,
+        builder_log_file=str(res.log_path.relative_to(tmp)),
+        build_seconds=round(res.build_seconds, 3),
+        sparse_layers_chosen=res.sparse_layers_chosen if sparse else None,
+        onnx_file=str(res.plan_path.with_name(TENSORRT_GRAPH_FILENAME).relative_to(tmp)),
+        layers_file=str(res.layers_path.relative_to(tmp)),
+        int8_layers=res.int8_layers,
+    ).model_dump()
+
+
+def _gpu_notes(
+    v: VariantEntry, source: EngineSource, res: te.EngineBuildResult, lat, t: _Target
+) -> list[str]:
+    compute = ", ".join(f"b{b}: {x.compute_p50_ms:.3f}" for b, x in sorted(lat.items()))
+    return [
+        *v.build_notes,
+        *([source.note] if source.note else []),
+        f"TensorRT {t.trt_version} engine for {t.gpu_name} (compute capability {t.cc}): strongly typed network "
+        f"(precisions from the graph's Q/DQ and Cast nodes), TF32 off, profile batch 1..{t.max_batch_size}, "
+        f"built in {res.build_seconds:.0f} s, {res.int8_layers} layers with INT8 I/O (engine inspector); "
+        f"accuracy figures are ONNX Runtime's on the graph compiled ({TENSORRT_GRAPH_FILENAME})",
+        f"latency: one inference with the input and output copies; the engine alone p50 ms {compute}",
+    ]
+
+
+def _gpu_entry(
+    v: VariantEntry,
+    source: EngineSource,
+    res: te.EngineBuildResult,
+    lat: dict[int, te.EngineLatency],
+    ref: dict[int, te.EngineLatency],
+    tmp: Path,
+    t: _Target,
+    extra_notes: list[str],
+) -> VariantEntry:
+    """The GPU manifest entry of ``v``: the engine, the graph compiled and its accuracy, the GPU latency."""
+    return VariantEntry.model_validate(
+        v.model_dump(exclude={"tensorrt_graph"})
+        | {
+            "runtime": "tensorrt",
+            "file": str(res.plan_path.relative_to(tmp)),
+            "size_bytes": res.size_bytes,
+            "accuracy": source.accuracy.model_dump() if source.accuracy is not None else None,
+            "latency": _latency_report(lat, ref, t),
+            "engine": _engine_info(res, tmp, t, v.precision == "sparse24"),
+            "build_notes": [*_gpu_notes(v, source, res, lat, t), *extra_notes],
+        }
+    )
+
+
+def _gpu_manifest(src: Manifest, entries: list[VariantEntry]) -> Manifest:
+    """The GPU manifest: the CPU one with the GPU entries, ``target: "gpu"``, and no cascades (their thresholds
+    and expected latencies were calibrated on ONNX Runtime's graphs and CPU latencies; a note says so)."""
+    ref = next(e for e in entries if e.name == src.reference_variant)
+    if src.cascades:
+        ref.build_notes.append(
+            f"{len(src.cascades)} confidence cascades of the CPU build not carried over: calibrated on the CPU "
+            "graphs' logits and latencies, not on these engines"
+        )
+    return Manifest.model_validate(
+        src.model_dump()
+        | {
+            "variants": [e.model_dump() for e in entries],
+            "target": "gpu",
+            "cascades": [],
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
+
+
+def _target(src: Manifest, identity, timing_cache, workspace_bytes: int) -> _Target:
+    gpu_name, cc, trt_version = identity()
+    cache = Path(timing_cache) if timing_cache is not None else default_timing_cache_path(cc, trt_version)
+    mbs = src.max_batch_size
+    measured = {b for v in src.variants if v.latency for b in v.latency.p50_ms_by_batch if 1 <= b <= mbs}
+    return _Target(gpu_name, cc, trt_version, cache, mbs, sorted({1, mbs} | measured), workspace_bytes)
+
+
 def convert_to_gpu_repository(
     cpu_repo: str | os.PathLike,
     gpu_repo: str | os.PathLike,
@@ -239,175 +511,62 @@ def convert_to_gpu_repository(
 ) -> Manifest:
     """Compile every variant of the CPU repository into a TensorRT engine and write the GPU repository.
 
-    Steps: check the inputs; identify this GPU (name, compute capability, TensorRT version); build every
-    engine (``sparse24`` with ``SPARSE_WEIGHTS``) sharing one timing cache; profile each engine's p50 latency
-    (ms) at batch 1, the max batch size and every batch size the CPU build measured; apply keep-if-pays to
-    ``sparse24`` (:func:`sparse_keep_decision`: a dropped variant's folder is removed and the reason goes into
-    the build notes of the fp16 variant, or of the reference variant if there is no fp16); write configs,
-    the unchanged pipeline (preprocess, scheduler, classifier + labels) and the manifest (``target: "gpu"``).
-    Everything is written into a temporary folder swapped in at the end (atomic).
+    Steps: check the inputs and pick each variant's graph (:func:`engine_source`); identify this GPU; build every
+    engine (``sparse24`` with ``SPARSE_WEIGHTS``) sharing one timing cache; profile each engine at batch 1, the
+    max batch size and every batch size the CPU build measured; keep-if-pays for ``sparse24``; write configs,
+    the unchanged pipeline and the manifest (``target: "gpu"``). Everything is written into a temporary folder
+    swapped in at the end (atomic).
 
     Args:
         cpu_repo: repository written by ``tcsched build`` (``target: "cpu"``, ONNX variants).
         gpu_repo: repository to (re)write; must differ from ``cpu_repo``.
-        cuda_graphs: emit ``optimization { cuda { graphs: true } }`` in every variant config.
-        timing_cache: timing cache file shared by all builds (default
-            :func:`default_timing_cache_path` for this GPU and TensorRT, under ``.tcsched/``).
+        cuda_graphs: CUDA graphs for every batch size in every variant config (:func:`_add_cuda_graphs`).
+        timing_cache: timing cache file shared by all builds (default :func:`default_timing_cache_path`).
         console: rich console for progress (default: a new one).
         latency_repeats: timed runs per (engine, batch size), >= 1.
         workspace_bytes: builder workspace limit per engine, bytes.
         identity: ``() -> (gpu_name, compute_capability, tensorrt_version)``; default
             :func:`tcsched.build_tools.tensorrt_engine.gpu_identity` (tests pass a fake).
 
-    Returns:
-        The manifest written to ``<gpu_repo>/manifest.json``.
-
     Raises:
         ValueError: ``cpu_repo`` is not a CPU tcsched repository (no manifest, target not cpu, a variant's
-            ONNX file missing, another input name/shape), a variant has Q/DQ nodes TensorRT rejects
-            (:func:`~tcsched.build_tools.tensorrt_engine.tensorrt_qdq_problems`: asymmetric or uint8),
+            ONNX file missing, another input name/shape), a Q/DQ variant has no measured TensorRT graph,
             ``gpu_repo`` equals ``cpu_repo``, or ``latency_repeats`` < 1.
-        ImportError / RuntimeError: no ``tensorrt``, no CUDA GPU, or a build failed (the previous
+        ImportError / RuntimeError: no ``tensorrt`` or cuda-python, no CUDA GPU, or a build failed (the previous
             ``gpu_repo`` is then left as it was).
     """
     cpu_repo, gpu_repo = Path(cpu_repo), Path(gpu_repo)
     if not isinstance(latency_repeats, int) or latency_repeats < 1:
         raise ValueError(f"latency_repeats must be an int >= 1, got {latency_repeats!r}")
     src = _validate_cpu_repository(cpu_repo, gpu_repo)
+    sources = {v.name: engine_source(cpu_repo, v) for v in src.variants}
     console = console or Console()
-    gpu_name, cc, trt_version = (identity or te.gpu_identity)()
-    cache = Path(timing_cache) if timing_cache is not None else default_timing_cache_path(cc, trt_version)
-    mbs = src.max_batch_size
-    batch_sizes = sorted(
-        {1, mbs} | {b for v in src.variants if v.latency for b in v.latency.p50_ms_by_batch if 1 <= b <= mbs}
-    )
+    t = _target(src, identity or te.gpu_identity, timing_cache, workspace_bytes)
     console.print(
-        f"compiling {len(src.variants)} variants for {gpu_name} (compute capability {cc}), TensorRT {trt_version}"
+        f"compiling {len(src.variants)} variants for {t.gpu_name} (compute capability {t.cc}), "
+        f"TensorRT {t.trt_version}"
     )
     clean_stale_temporaries(gpu_repo)
     t_start = time.perf_counter()
     with atomic_directory(gpu_repo) as tmp:
-        for d in (repo_mod.PREPROCESS, repo_mod.SCHEDULER, repo_mod.ENSEMBLE):
-            shutil.copytree(cpu_repo / d, tmp / d, ignore=shutil.ignore_patterns("__pycache__"))
-        if (cpu_repo / "README.md").is_file():
-            shutil.copyfile(cpu_repo / "README.md", tmp / "README.md")
-
-        built: dict[str, te.EngineBuildResult] = {}
-        trt_notes: dict[str, str] = {}
-        for v in src.variants:
-            sparse = v.precision == "sparse24"
-            source, trt_note = tensorrt_source(cpu_repo / v.file, tmp / v.name / "1" / "model.tensorrt.onnx")
-            if trt_note:
-                trt_notes[v.name] = trt_note
-            with console.status(f"TensorRT build {v.name}{' (SPARSE_WEIGHTS)' if sparse else ''}"):
-                res = te.build_engine(
-                    source,
-                    tmp / v.name / "1" / PLAN_FILENAME,
-                    max_batch_size=mbs,
-                    sparse=sparse,
-                    timing_cache_path=cache,
-                    log_path=tmp / v.name / "1" / BUILDER_LOG_FILENAME,
-                    workspace_bytes=workspace_bytes,
-                )
-            built[v.name] = res
-            extra = f", sparse kernels on {res.sparse_layers_chosen} layers" if sparse else ""
-            console.print(f"  {v.name}: {res.size_bytes / 1e6:.1f} MB in {res.build_seconds:.0f} s{extra}")
-
-        p50: dict[str, dict[int, float]] = {}
-        for v in src.variants:
-            with console.status(f"profile {v.name} at batch {batch_sizes}"):
-                p50[v.name] = {
-                    int(b): float(t)
-                    for b, t in te.profile_engine(
-                        built[v.name].plan_path, batch_sizes, latency_repeats
-                    ).items()
-                }
-
-        fp16 = next((v for v in src.variants if v.precision == "fp16"), None)
-        note_target = fp16.name if fp16 is not None else src.reference_variant
-        extra_notes: dict[str, list[str]] = {}
-        kept = []
-        for v in src.variants:
-            if v.precision == "sparse24":
-                keep, reason = sparse_keep_decision(
-                    built[v.name].sparse_layers_chosen, p50[v.name], p50[fp16.name] if fp16 else None
-                )
-                console.print(f"  {'[green]' if keep else '[yellow]'}{v.name}: {reason}")
-                if not keep:
-                    extra_notes.setdefault(note_target, []).append(f"{v.name}: {reason}")
-                    shutil.rmtree(tmp / v.name)
-                    continue
-                extra_notes.setdefault(v.name, []).append(reason)
-            kept.append(v)
-
-        ref = p50[src.reference_variant]
+        _copy_pipeline(cpu_repo, tmp)
+        built = _build_engines(src.variants, sources, tmp, t, console)
+        lat = _profile_engines(built, t, latency_repeats, console)
+        p50 = {n: {b: x.p50_ms for b, x in by_b.items()} for n, by_b in lat.items()}
+        kept, extra_notes = _keep_if_pays(src, built, p50, tmp, console)
         entries = []
         for v in kept:
-            res = built[v.name]
-            in_t, out_t = _onnx_io_types(cpu_repo / v.file, src.input.name, src.output.name)
-            cfg = tensorrt_variant_config(
-                v.name,
-                mbs,
-                cuda_graphs,
-                {cc: PLAN_FILENAME},
-                max_queue_delay_microseconds=_queue_delay(cpu_repo, v.name),
-                input_name=src.input.name,
-                output_name=src.output.name,
-                chw=src.input.shape,
-                classes=src.output.shape[0],
-                input_dtype=in_t,
-                output_dtype=out_t,
-            )
+            cfg = _variant_config(cpu_repo, src, v, sources[v.name].path, t.cc, cuda_graphs)
             (tmp / v.name / "config.pbtxt").write_text(repo_mod.render(cfg))
-            notes = [
-                *v.build_notes,
-                f"TensorRT {trt_version} engine for {gpu_name} (compute capability {cc}): strongly typed network "
-                f"(precisions from the graph's Q/DQ and Cast nodes), profile batch 1..{mbs}, built in "
-                f"{res.build_seconds:.0f} s; accuracy figures are ONNX Runtime's on the same ONNX graph",
-                *extra_notes.get(v.name, []),
-                *([trt_notes[v.name]] if v.name in trt_notes else []),
-            ]
-            entries.append(
-                VariantEntry.model_validate(
-                    v.model_dump()
-                    | {
-                        "runtime": "tensorrt",
-                        "file": str(res.plan_path.relative_to(tmp)),
-                        "size_bytes": res.size_bytes,
-                        "latency": LatencyReport(
-                            device=f"gpu: {gpu_name} (compute capability {cc})",
-                            runtime="tensorrt",
-                            p50_ms_by_batch=p50[v.name],
-                            ratio_to_fp32_by_batch={
-                                b: t / ref[b] for b, t in p50[v.name].items() if ref.get(b)
-                            },
-                        ).model_dump(),
-                        "engine": EngineInfo(
-                            plan_file=str(res.plan_path.relative_to(tmp)),
-                            tensorrt_version=res.tensorrt_version,
-                            compute_capability=cc,
-                            gpu_name=gpu_name,
-                            builder_log_file=str(res.log_path.relative_to(tmp)),
-                            build_seconds=round(res.build_seconds, 3),
-                            sparse_layers_chosen=res.sparse_layers_chosen
-                            if v.precision == "sparse24"
-                            else None,
-                        ).model_dump(),
-                        "build_notes": notes,
-                    }
-                )
+            ref = lat[src.reference_variant]
+            entry = _gpu_entry(
+                v, sources[v.name], built[v.name], lat[v.name], ref, tmp, t, extra_notes.get(v.name, [])
             )
-        manifest = Manifest.model_validate(
-            src.model_dump()
-            | {
-                "variants": [e.model_dump() for e in entries],
-                "target": "gpu",
-                "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-        )
+            entries.append(entry)
+        manifest = _gpu_manifest(src, entries)
         manifest.write(tmp / MANIFEST_FILENAME)
     console.print(
-        f"[green]wrote {gpu_repo} in {time.perf_counter() - t_start:.0f} s (timing cache {cache})[/green]"
+        f"[green]wrote {gpu_repo} in {time.perf_counter() - t_start:.0f} s (timing cache {t.cache})[/green]"
     )
     return manifest
 

@@ -1,13 +1,23 @@
-"""TensorRT engines from the variants' ONNX graphs: build, identify the GPU, profile.
+"""TensorRT engines from the variants' ONNX graphs: check the GPU stack, build, inspect, run, profile.
 
 Every engine is a **strongly typed** network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``): the precision
 of each layer comes from the ONNX graph itself (Q/DQ pairs -> INT8, Cast nodes -> FP16), never from the
-``BuilderFlag.FP16``/``BuilderFlag.INT8`` flags or an INT8 calibrator. Those flags and calibrators are
-deprecated in TensorRT 10 and gone in 11; strong typing works on both. ``BuilderFlag.SPARSE_WEIGHTS`` (still
-present in 10 and 11) lets the builder try 2:4 sparse kernels for ``sparse24`` graphs.
+``BuilderFlag.FP16``/``BuilderFlag.INT8`` flags or an INT8 calibrator (deprecated in TensorRT 10.13, gone in 11.1:
+include/NvInfer.h ``enum class BuilderFlag``). ``BuilderFlag.TF32`` is cleared: it is on by default in 10.5, 10.13
+and 11.1 ("Enabled by default", same header) and would let float32 layers (the fp32 reference, int8_mixed's
+float layers) compute with 10-bit mantissas. ``BuilderFlag.SPARSE_WEIGHTS`` (value 7 in all three) lets the
+builder try 2:4 sparse kernels for ``sparse24`` graphs.
 
-``tensorrt``, ``pynvml`` and ``torch`` are imported inside the functions: importing this module needs none of
-them (the CPU build and every CPU test run without a GPU).
+What the builder chose is read from the engine itself, never from its log: the engine inspector
+(``ICudaEngine.create_engine_inspector().get_engine_information(LayerInformationFormat.JSON)``, present with
+these signatures in python/src/infer/pyCore.cpp of 10.5, 10.13 and 11.1) with ``ProfilingVerbosity.DETAILED``
+lists every fused layer with its I/O formats (``"Format/Datatype": "... Int8 ..."``), its tactic and, for
+convolutions, ``"HasSparseWeights"`` (``"ConvHasSparseWeights"`` when fused with an activation/pool); see the
+engine JSONs of tools/experimental/trt-engine-explorer/examples in NVIDIA/TensorRT v10.13.3.
+
+Engines run through cuda-python's CUDA runtime API (:func:`tcsched.engine_compat.cuda_runtime`), as TensorRT's
+own Python samples do (samples/python/common_runtime.py): no torch. ``tensorrt`` and cuda-python are imported
+inside the functions, so importing this module needs neither (the CPU build and every CPU test run without a GPU).
 
 Engine files are valid only on the GPU architecture (compute capability) and the TensorRT version that built
 them; :func:`gpu_identity` names both and the manifest records them (:class:`tcsched.manifest.EngineInfo`).
@@ -15,12 +25,19 @@ them; :func:`gpu_identity` names both and the manifest records them (:class:`tcs
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import re
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+
+from tcsched.engine_compat import cuda_check, cuda_runtime
 
 # re-exported: the identity is defined beside the compatibility check that the server runs
 from tcsched.engine_compat import gpu_identity as gpu_identity
@@ -29,64 +46,49 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 CHW = (3, 224, 224)
 DEFAULT_WORKSPACE_BYTES = 2 << 30  # 2 GiB: ample for MobileNetV2's tactics, small beside any datacenter GPU
-
-# TensorRT's builder reports 2:4 sparsity at INFO level, one line each (wording unchanged from TensorRT 8 to 10;
-# see e.g. NVIDIA/TensorRT issues #1403 and #4056):
-#   (Sparsity) Layers eligible for sparse math: Conv_0, Conv_3 + Relu_4
-#   (Sparsity) TRT inference plan picked sparse implementation for layers: Conv_3 + Relu_4
-_PICKED_SPARSE = re.compile(r"picked sparse implementation for layers:(?P<layers>.*)$")
-_ELIGIBLE_SPARSE = re.compile(r"Layers eligible for sparse math:(?P<layers>.*)$")
+# cudaMemcpyKind (CUDA runtime API, driver_types.h): 1 host->device, 2 device->host
+_H2D, _D2H = 1, 2
 
 
-@dataclass(frozen=True)
-class EngineBuildResult:
-    """What :func:`build_engine` produced.
+# --------------------------------------------------------------------------------------------- the GPU stack
+def missing_gpu_dependencies(device: int = 0) -> list[str]:
+    """What this machine lacks to build and run TensorRT engines, one line each (empty: nothing).
 
-    ``build_seconds``: wall-clock seconds of parse + build + serialise. ``sparse_layers_chosen``: number of
-    (fused) layers for which the builder picked a sparse kernel, counted from the builder log (0 when
-    ``sparse=False``). ``sparse_layers_eligible``: layers whose weights the builder found 2:4 sparse.
+    Checked without building anything: the ``tensorrt`` Python package (and the libnvinfer it loads), cuda-python
+    (:func:`~tcsched.engine_compat.cuda_runtime`), a CUDA driver and GPU ``device`` (``cudaGetDeviceCount``).
     """
+    missing = []
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as e:  # also raised when libnvinfer cannot be loaded
+        missing.append(f"tensorrt: {e} (pip install tensorrt-cu12==<the TensorRT of your Triton server>)")
+    try:
+        rt = cuda_runtime()
+    except ImportError as e:
+        missing.append(f"cuda-python: {e}")
+        return missing
+    try:
+        count = cuda_check(rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    except RuntimeError as e:
+        missing.append(f"CUDA GPU: {e} (no NVIDIA driver or GPU visible; run the container with --gpus)")
+        return missing
+    if device >= count:
+        missing.append(f"CUDA GPU: device {device} requested, {count} visible (CUDA_VISIBLE_DEVICES)")
+    return missing
 
-    plan_path: Path
-    log_path: Path
-    tensorrt_version: str
-    build_seconds: float
-    size_bytes: int
-    sparse_layers_chosen: int
-    sparse_layers_eligible: int
 
-
-def _layer_names(log_text: str, pattern: re.Pattern[str]) -> set[str]:
-    names: set[str] = set()
-    for line in log_text.splitlines():
-        m = pattern.search(line)
-        if m:
-            names.update(n.strip() for n in m.group("layers").split(",") if n.strip())
-    return names
-
-
-def count_sparse_layers(log_text: str) -> int:
-    """Number of distinct layers for which TensorRT picked a sparse (2:4) kernel, from a builder log.
-
-    Parses the INFO lines ``(Sparsity) TRT inference plan picked sparse implementation for layers: A, B + C``
-    (comma-separated, fused layers joined by `` + `` count as one). Layer names seen on several such lines (a
-    log holding more than one build) are counted once. A log without such a line gives 0.
+def check_gpu_dependencies(device: int = 0) -> None:
+    """Refuse to start GPU work on a machine that cannot finish it (:func:`missing_gpu_dependencies`).
 
     Raises:
-        TypeError: ``log_text`` is not a ``str``.
+        RuntimeError: something is missing; the message lists every missing piece.
     """
-    if not isinstance(log_text, str):
-        raise TypeError(f"log_text must be the builder log as str, got {type(log_text).__name__}")
-    return len(_layer_names(log_text, _PICKED_SPARSE))
+    missing = missing_gpu_dependencies(device)
+    if missing:
+        raise RuntimeError("TensorRT engines cannot be built here: " + "; ".join(missing))
 
 
-def count_sparse_eligible_layers(log_text: str) -> int:
-    """Number of distinct layers TensorRT found eligible for sparse math (``Layers eligible for sparse math:``)."""
-    if not isinstance(log_text, str):
-        raise TypeError(f"log_text must be the builder log as str, got {type(log_text).__name__}")
-    return len(_layer_names(log_text, _ELIGIBLE_SPARSE))
-
-
+# ------------------------------------------------------------------------------------------------ Q/DQ checks
 # ONNX TensorProto element types TensorRT's Q/DQ accept: INT8, INT4, and the FP8/FP4 types (symmetric only)
 _TRT_QDQ_TYPES = {
     3: "INT8",
@@ -99,14 +101,23 @@ _TRT_QDQ_TYPES = {
 }
 
 
+def _constants(graph) -> dict:
+    consts = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value":
+                    consts[node.output[0]] = a.t
+    return consts
+
+
 def tensorrt_qdq_problems(onnx_path: str | os.PathLike) -> list[str]:
     """Q/DQ nodes of an ONNX graph that TensorRT's parser rejects, one message each (empty: none).
 
     TensorRT quantizes symmetrically only: every ``QuantizeLinear``/``DequantizeLinear`` zero point must be
     all zeros, of a signed type (INT8, INT4, FP8). ONNX Runtime's default static quantization (uint8
-    activations, asymmetric) violates both; quantize with ``activation_type=QuantType.QInt8``,
-    ``weight_type=QuantType.QInt8`` and ``extra_options={"ActivationSymmetric": True, "WeightSymmetric": True}``
-    for TensorRT. Runs on CPU (onnx only), so a bad variant is refused before any GPU work.
+    activations, asymmetric) violates both; :mod:`tcsched.build_tools.tensorrt_graph` re-expresses such graphs.
+    Runs on CPU (onnx only), so a bad variant is refused before any GPU work.
 
     Raises:
         ValueError: ``onnx_path`` does not exist.
@@ -118,12 +129,7 @@ def tensorrt_qdq_problems(onnx_path: str | os.PathLike) -> list[str]:
     from onnx import numpy_helper
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    consts = {t.name: t for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output:
-            for a in node.attribute:
-                if a.name == "value":
-                    consts[node.output[0]] = a.t
+    consts = _constants(graph)
     problems = []
     for node in graph.node:
         if (
@@ -135,13 +141,92 @@ def tensorrt_qdq_problems(onnx_path: str | os.PathLike) -> list[str]:
         zp = consts.get(node.input[2])
         if zp is None:
             problems.append(f"{node.op_type} {node.name!r}: zero point {node.input[2]!r} is not a constant")
-            continue
-        if zp.data_type not in _TRT_QDQ_TYPES:
+        elif zp.data_type not in _TRT_QDQ_TYPES:
             kind = onnx.TensorProto.DataType.Name(zp.data_type)
             problems.append(f"{node.op_type} {node.name!r}: {kind} zero point (TensorRT: INT8/INT4/FP8 only)")
         elif zp.data_type in (3, 22) and numpy_helper.to_array(zp).any():
             problems.append(f"{node.op_type} {node.name!r}: non-zero zero point (TensorRT: symmetric only)")
     return problems
+
+
+# ------------------------------------------------------------------------------------------ engine inspector
+# "Int8" in a layer's I/O "Format/Datatype" (e.g. "Thirty-two wide channel vectorized row major Int8 format"),
+# not "UInt8" (trex/activations.py, v10.13.3, lists both spellings)
+_INT8_FORMAT = re.compile(r"(?<![a-z])int8(?![a-z0-9])", re.IGNORECASE)
+
+
+def engine_layers(info_json: str) -> list[dict]:
+    """The layers of ``IEngineInspector.get_engine_information(LayerInformationFormat.JSON)``: ``{"Layers": [...]}``.
+
+    Raises:
+        ValueError: not that JSON, or its layers are bare names (the engine was built without
+            ``ProfilingVerbosity.DETAILED``, so formats, tactics and sparsity are not recorded).
+    """
+    try:
+        data = json.loads(info_json)
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"engine information is not JSON: {e}") from None
+    layers = data.get("Layers") if isinstance(data, dict) else None
+    if not isinstance(layers, list) or not layers:
+        raise ValueError("engine information has no 'Layers' list")
+    if not all(isinstance(layer, dict) for layer in layers):
+        raise ValueError("engine information holds layer names only: build with ProfilingVerbosity.DETAILED")
+    return layers
+
+
+def _formats(layer: dict) -> list[str]:
+    return [
+        str(t.get("Format/Datatype", ""))
+        for key in ("Inputs", "Outputs")
+        for t in layer.get(key, [])
+        if isinstance(t, dict)
+    ]
+
+
+def int8_layers(layers: Sequence[dict]) -> list[str]:
+    """Names of the compute layers with an INT8 input or output (``Reformat`` layers, TensorRT's stand-alone
+    Q/DQ and layout converters, do not count)."""
+    return [
+        str(layer.get("Name", "?"))
+        for layer in layers
+        if layer.get("LayerType") != "Reformat" and any(_INT8_FORMAT.search(f) for f in _formats(layer))
+    ]
+
+
+def sparse_layers(layers: Sequence[dict]) -> list[str] | None:
+    """Names of the layers that run 2:4 sparse kernels: a true ``*HasSparseWeights`` field or a tactic name with
+    ``sparse`` in it. ``None`` when no layer carries either field, i.e. the inspector does not say (another
+    TensorRT's format): the caller must then not read "no sparse kernel" into it."""
+    told = False
+    names = []
+    for layer in layers:
+        flags = [v for k, v in layer.items() if k.endswith("HasSparseWeights")]
+        tactic = layer.get("TacticName")
+        told = told or bool(flags) or isinstance(tactic, str)
+        if any(bool(v) for v in flags) or (isinstance(tactic, str) and "sparse" in tactic.lower()):
+            names.append(str(layer.get("Name", "?")))
+    return names if told else None
+
+
+# ---------------------------------------------------------------------------------------------------- build
+@dataclass(frozen=True)
+class EngineBuildResult:
+    """What :func:`build_engine` produced.
+
+    ``build_seconds``: wall-clock seconds of parse + build + serialise + inspection. ``layers_path``: the engine
+    inspector's JSON. ``int8_layers``: compute layers with INT8 I/O (:func:`int8_layers`).
+    ``sparse_layers_chosen``: layers running sparse kernels (:func:`sparse_layers`), ``None`` if the
+    inspector does not say.
+    """
+
+    plan_path: Path
+    log_path: Path
+    layers_path: Path
+    tensorrt_version: str
+    build_seconds: float
+    size_bytes: int
+    int8_layers: int
+    sparse_layers_chosen: int | None
 
 
 def _file_logger(trt, path: Path, verbose: bool):
@@ -180,6 +265,58 @@ def _validate_build_args(onnx_path: Path, max_batch_size: int, workspace_bytes: 
         raise ValueError(f"workspace_bytes must be an int >= 1 MiB, got {workspace_bytes!r}")
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _parse_network(trt, builder, logger, onnx_path: Path, log_path: Path):
+    """The strongly typed network of ``onnx_path``, checked to take ``input`` [N, 3, 224, 224]."""
+    # STRONGLY_TYPED is 1 in 10.x and 0 in 11.x, where it is deprecated and ignored (always strongly typed):
+    # the enum member, not a number, keeps both right
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors} (log: {log_path})")
+    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    if INPUT_NAME not in inputs or tuple(inputs[INPUT_NAME].shape)[1:] != CHW:
+        found = {n: tuple(t.shape) for n, t in inputs.items()}
+        raise ValueError(f"{onnx_path}: expected input {INPUT_NAME!r} of shape [N, 3, 224, 224], got {found}")
+    return network, parser
+
+
+def _builder_config(trt, builder, max_batch_size: int, sparse: bool, workspace_bytes: int, cache_path: Path):
+    """Builder config: workspace limit, TF32 off, DETAILED profiling verbosity (the inspector's layer details),
+    ``SPARSE_WEIGHTS`` if ``sparse``, one profile for batch 1..``max_batch_size`` (opt = max: Triton's dynamic
+    batcher fills batches under load), and the timing cache at ``cache_path``."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    config.clear_flag(trt.BuilderFlag.TF32)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if sparse:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(INPUT_NAME, (1, *CHW), (max_batch_size, *CHW), (max_batch_size, *CHW))  # min, opt, max
+    config.add_optimization_profile(profile)
+    cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    # ignore_mismatch=False: a cache written on another GPU / TensorRT is refused; then start afresh
+    if cache is None or not config.set_timing_cache(cache, False):
+        config.set_timing_cache(config.create_timing_cache(b""), False)
+    return config
+
+
+def _inspect(trt, logger, serialized) -> str:
+    """The engine inspector's JSON of a serialised engine (deserialised here, on this GPU)."""
+    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    if engine is None:
+        raise RuntimeError("TensorRT could not deserialise the engine it just built")
+    inspector = engine.create_engine_inspector()
+    return str(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
 def build_engine(
     onnx_path: str | os.PathLike,
     plan_path: str | os.PathLike,
@@ -188,143 +325,121 @@ def build_engine(
     sparse: bool = False,
     timing_cache_path: str | os.PathLike,
     log_path: str | os.PathLike,
+    layers_path: str | os.PathLike | None = None,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
     verbose_log: bool = False,
 ) -> EngineBuildResult:
     """Compile one ONNX variant into a serialised TensorRT engine (``.plan``) for this machine's GPU.
 
-    The network is strongly typed (precisions from the graph's Q/DQ and Cast nodes). The ONNX input
-    ``input`` float32 [N, 3, 224, 224] gets one optimization profile: min N=1, opt N=``max_batch_size``,
-    max N=``max_batch_size`` (Triton's dynamic batcher forms batches up to that size). With ``sparse`` the
-    builder may use 2:4 sparse kernels (``BuilderFlag.SPARSE_WEIGHTS``); it keeps them only where they time
-    faster, and says which in the log (:func:`count_sparse_layers`).
-
-    The timing cache at ``timing_cache_path`` is loaded if present (tactic timings of earlier builds on this
-    GPU and TensorRT) and written back after the build, so the next variant or build skips re-timing. The
-    builder log (INFO, or VERBOSE with ``verbose_log``) is written to ``log_path``.
-
-    Args:
-        onnx_path: the variant's ONNX graph (dynamic batch dimension on ``input``).
-        plan_path: where to write the engine; its folder is created.
-        max_batch_size: largest batch, >= 1.
-        sparse: set ``SPARSE_WEIGHTS`` (for ``sparse24`` variants).
-        timing_cache_path: timing cache file (created if missing).
-        log_path: builder log file (overwritten).
-        workspace_bytes: ``MemoryPoolType.WORKSPACE`` limit, bytes (default 2 GiB).
-        verbose_log: log at VERBOSE instead of INFO (tactic-level detail; tens of MB).
+    The network is strongly typed (precisions from the graph's Q/DQ and Cast nodes), TF32 is off, and the
+    ONNX input ``input`` float32 [N, 3, 224, 224] gets one optimization profile N = 1..``max_batch_size``. With
+    ``sparse`` the builder may use 2:4 sparse kernels (``SPARSE_WEIGHTS``) where they time faster. The timing
+    cache at ``timing_cache_path`` is loaded if present and written back (atomic) after the build. The builder
+    log (INFO, or VERBOSE) goes to ``log_path``; the engine inspector's JSON to ``layers_path`` (default
+    ``engine_layers.json`` beside the plan), and its INT8 and sparse layers are counted.
 
     Raises:
-        ValueError: missing ONNX file, ``max_batch_size`` < 1, workspace < 1 MiB, or the graph has no input
-            ``input`` of shape [N, 3, 224, 224].
+        ValueError: missing ONNX file, ``max_batch_size`` < 1, workspace < 1 MiB, the graph has no input
+            ``input`` of shape [N, 3, 224, 224], or the inspector's output is not DETAILED JSON.
         ImportError: the ``tensorrt`` package is not installed.
         RuntimeError: the ONNX parser or the builder failed (the message holds their errors; see the log).
     """
     onnx_path, plan_path, log_path = Path(onnx_path), Path(plan_path), Path(log_path)
-    timing_cache_path = Path(timing_cache_path)
+    cache_path = Path(timing_cache_path)
+    layers_path = Path(layers_path) if layers_path is not None else plan_path.with_name("engine_layers.json")
     _validate_build_args(onnx_path, max_batch_size, workspace_bytes)
     import tensorrt as trt
 
-    for p in (plan_path, log_path, timing_cache_path):
+    for p in (plan_path, log_path, cache_path, layers_path):
         p.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     logger = _file_logger(trt, log_path, verbose_log)
     try:
         builder = trt.Builder(logger)
-        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors} (log: {log_path})")
-        inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
-        if INPUT_NAME not in inputs or tuple(inputs[INPUT_NAME].shape)[1:] != CHW:
-            found = {n: tuple(t.shape) for n, t in inputs.items()}
-            raise ValueError(
-                f"{onnx_path}: expected input {INPUT_NAME!r} of shape [N, 3, 224, 224], got {found}"
-            )
-
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer names + tactics in the engine
-        if sparse:
-            config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-        profile = builder.create_optimization_profile()
-        profile.set_shape(
-            INPUT_NAME, (1, *CHW), (max_batch_size, *CHW), (max_batch_size, *CHW)
-        )  # min, opt, max
-        config.add_optimization_profile(profile)
-
-        cache_bytes = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
-        cache = config.create_timing_cache(cache_bytes)
-        # ignore_mismatch=False: a cache written on another GPU / TensorRT is refused; then start afresh
-        if cache is None or not config.set_timing_cache(cache, False):
-            config.set_timing_cache(config.create_timing_cache(b""), False)
-
+        network, _parser = _parse_network(
+            trt, builder, logger, onnx_path, log_path
+        )  # the parser owns weights
+        config = _builder_config(trt, builder, max_batch_size, sparse, workspace_bytes, cache_path)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
-            raise RuntimeError(
-                f"TensorRT could not build {onnx_path}: {'; '.join(logger.errors) or 'see log'} (log: {log_path})"
-            )
-        tmp = plan_path.with_name(f".{plan_path.name}.tmp{os.getpid()}")
-        tmp.write_bytes(serialized)
-        os.replace(tmp, plan_path)
+            errors = "; ".join(logger.errors) or "see log"
+            raise RuntimeError(f"TensorRT could not build {onnx_path}: {errors} (log: {log_path})")
+        _write_atomic(plan_path, bytes(serialized))
         # the cache now holds this build's timings too: save it for the next variant / build
-        updated = config.get_timing_cache()
-        ctmp = timing_cache_path.with_name(f".{timing_cache_path.name}.tmp{os.getpid()}")
-        ctmp.write_bytes(updated.serialize())
-        os.replace(ctmp, timing_cache_path)
+        _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+        info = _inspect(trt, logger, serialized)
     finally:
         logger.close()
-    text = log_path.read_text(encoding="utf-8", errors="replace")
+    layers = engine_layers(info)
+    _write_atomic(layers_path, json.dumps({"Layers": layers}, indent=1).encode())
+    sparse_names = sparse_layers(layers)
     return EngineBuildResult(
         plan_path=plan_path,
         log_path=log_path,
+        layers_path=layers_path,
         tensorrt_version=trt.__version__,
         build_seconds=time.perf_counter() - t0,
         size_bytes=plan_path.stat().st_size,
-        sparse_layers_chosen=count_sparse_layers(text) if sparse else 0,
-        sparse_layers_eligible=count_sparse_eligible_layers(text) if sparse else 0,
+        int8_layers=len(int8_layers(layers)),
+        sparse_layers_chosen=None if sparse_names is None else len(sparse_names),
     )
 
 
-def _torch_dtype(trt, torch, dt):
-    table = {
-        trt.DataType.FLOAT: torch.float32,
-        trt.DataType.HALF: torch.float16,
-        trt.DataType.INT8: torch.int8,
-        trt.DataType.INT32: torch.int32,
-        trt.DataType.BOOL: torch.bool,
-    }
-    if hasattr(trt.DataType, "BF16"):
-        table[trt.DataType.BF16] = torch.bfloat16
-    if hasattr(trt.DataType, "INT64"):
-        table[trt.DataType.INT64] = torch.int64
+# ------------------------------------------------------------------------------------------------------ run
+def _numpy_dtype(trt, dt) -> np.dtype:
+    table = {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16}
     if dt not in table:
-        raise RuntimeError(f"engine I/O data type {dt} is not supported by this runner")
-    return table[dt]
+        raise RuntimeError(
+            f"engine I/O data type {dt} is not supported by this runner (float32/float16 only)"
+        )
+    return np.dtype(table[dt])
+
+
+class _Pinned:
+    """One device buffer and one page-locked host buffer of ``nbytes`` each (cudaMalloc / cudaMallocHost)."""
+
+    def __init__(self, rt, nbytes: int) -> None:
+        self._rt, self.nbytes = rt, nbytes
+        self.device = int(cuda_check(rt.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
+        try:
+            self.host = int(cuda_check(rt.cudaMallocHost(nbytes), f"cudaMallocHost({nbytes})"))
+        except RuntimeError:
+            rt.cudaFree(self.device)
+            raise
+
+    def host_array(self, dtype: np.dtype, count: int) -> np.ndarray:
+        """The host buffer's first ``count`` elements as a numpy array (a view: no copy)."""
+        buf = (ctypes.c_uint8 * self.nbytes).from_address(self.host)
+        return np.frombuffer(buf, dtype=dtype, count=count)
+
+    def free(self) -> None:
+        cuda_check(self._rt.cudaFreeHost(self.host), "cudaFreeHost")
+        cuda_check(self._rt.cudaFree(self.device), "cudaFree")
 
 
 class EngineRunner:
-    """Run a serialised engine on CUDA device 0 with torch CUDA tensors as I/O buffers (tests, profiling).
+    """Run a serialised engine on one CUDA device through cuda-python (tests, profiling); no torch.
 
-    One input ``input`` [N, 3, 224, 224] and one output ``logits`` [N, classes], any dtypes the engine
-    declares (a float32 host array is cast to the input's dtype; outputs come back as float32 numpy).
+    One input ``input`` [N, 3, 224, 224] and one output ``logits`` [N, classes] of float32 or float16. The input
+    and output live in device buffers of the profile's largest batch, allocated once and bound to the execution
+    context for the runner's whole life (so TensorRT never writes into freed memory), with page-locked host
+    buffers for the copies. Use as a context manager, or call :meth:`close`.
 
     Raises (constructor):
         ValueError: ``plan_path`` does not exist.
-        ImportError: tensorrt or torch is not installed.
-        RuntimeError: no CUDA GPU, or the engine cannot be deserialised here (other GPU/TensorRT).
+        ImportError: tensorrt or cuda-python is not installed.
+        RuntimeError: no CUDA GPU, or the engine cannot be deserialised here (other GPU/TensorRT), or its I/O
+            is not one ``input`` and one output.
     """
 
-    def __init__(self, plan_path: str | os.PathLike) -> None:
+    def __init__(self, plan_path: str | os.PathLike, device: int = 0) -> None:
         plan_path = Path(plan_path)
         if not plan_path.is_file():
             raise ValueError(f"engine file {plan_path} does not exist")
         import tensorrt as trt
-        import torch
 
-        if not torch.cuda.is_available():
-            raise RuntimeError("no CUDA GPU visible to torch: cannot run a TensorRT engine")
-        self._trt, self._torch = trt, torch
+        self._trt, self._rt = trt, cuda_runtime()
+        cuda_check(self._rt.cudaSetDevice(device), f"cudaSetDevice({device})")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
@@ -334,42 +449,72 @@ class EngineRunner:
                 "TensorRT version? Rebuild it with `tcsched engines`"
             )
         self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if self.inputs != [INPUT_NAME] or len(self.outputs) != 1:
-            raise RuntimeError(
-                f"expected one input {INPUT_NAME!r} and one output, got {self.inputs} -> {self.outputs}"
+        self._check_io()
+        self._allocate()
+
+    def _check_io(self) -> None:
+        trt, engine = self._trt, self.engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if inputs != [INPUT_NAME] or len(outputs) != 1:
+            raise RuntimeError(f"expected one input {INPUT_NAME!r} and one output, got {inputs} -> {outputs}")
+        self.output_name = outputs[0]
+        self.max_batch = int(engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])
+        self.classes = int(engine.get_tensor_shape(self.output_name)[1])
+        self.input_dtype = _numpy_dtype(trt, engine.get_tensor_dtype(INPUT_NAME))
+        self.output_dtype = _numpy_dtype(trt, engine.get_tensor_dtype(self.output_name))
+
+    def _allocate(self) -> None:
+        rt, n = self._rt, self.max_batch
+        self._in = _Pinned(rt, n * int(np.prod(CHW)) * self.input_dtype.itemsize)
+        self._out = _Pinned(rt, n * self.classes * self.output_dtype.itemsize)
+        self.stream = cuda_check(rt.cudaStreamCreate(), "cudaStreamCreate")
+        self._events = tuple(cuda_check(rt.cudaEventCreate(), "cudaEventCreate") for _ in range(2))
+        self._closed = False
+        if not (
+            self.context.set_tensor_address(INPUT_NAME, self._in.device)
+            and self.context.set_tensor_address(self.output_name, self._out.device)
+        ):
+            raise RuntimeError("TensorRT refused the I/O buffer addresses")
+
+    def set_batch(self, batch: int) -> None:
+        """Set the input shape to ``batch`` images and check the output shape TensorRT infers from it.
+
+        Raises:
+            ValueError: ``batch`` outside the engine's profile, 1..``max_batch``.
+            RuntimeError: TensorRT refused the shape (``set_input_shape`` returned False) or inferred another
+                output shape than [batch, classes].
+        """
+        if not isinstance(batch, int) or not 1 <= batch <= self.max_batch:
+            raise ValueError(
+                f"batch must be an int in 1..{self.max_batch} (the engine's profile), got {batch!r}"
             )
-        self.stream = torch.cuda.Stream()
+        if not self.context.set_input_shape(INPUT_NAME, (batch, *CHW)):
+            raise RuntimeError(f"TensorRT refused input shape {(batch, *CHW)} (profile 1..{self.max_batch})")
+        shape = tuple(self.context.get_tensor_shape(self.output_name))
+        if shape != (batch, self.classes):
+            raise RuntimeError(f"output shape {shape} for batch {batch}, expected {(batch, self.classes)}")
 
-    def _bind(self, x):
-        torch = self._torch
-        name_in, name_out = self.inputs[0], self.outputs[0]
-        self.context.set_input_shape(name_in, tuple(x.shape))
-        y = torch.empty(
-            tuple(self.context.get_tensor_shape(name_out)),
-            dtype=_torch_dtype(self._trt, torch, self.engine.get_tensor_dtype(name_out)),
-            device="cuda",
-        )
-        self.context.set_tensor_address(name_in, x.data_ptr())
-        self.context.set_tensor_address(name_out, y.data_ptr())
-        return y
+    def _enqueue(self, batch: int, copies: bool) -> None:
+        """Enqueue on the runner's stream: [input host->device], the engine, [output device->host]."""
+        rt, s = self._rt, self.stream
+        if copies:
+            nbytes = batch * int(np.prod(CHW)) * self.input_dtype.itemsize
+            cuda_check(rt.cudaMemcpyAsync(self._in.device, self._in.host, nbytes, _H2D, s), "copy in")
+        if not self.context.execute_async_v3(int(s)):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        if copies:
+            nbytes = batch * self.classes * self.output_dtype.itemsize
+            cuda_check(rt.cudaMemcpyAsync(self._out.host, self._out.device, nbytes, _D2H, s), "copy out")
 
-    def device_input(self, batch: int):
-        """A random CUDA input tensor of ``batch`` images in the engine's input dtype."""
-        torch = self._torch
-        dt = _torch_dtype(self._trt, torch, self.engine.get_tensor_dtype(self.inputs[0]))
-        return torch.randn((batch, *CHW), device="cuda").to(dt).contiguous()
-
-    def __call__(self, x_host):
-        """Run float32 numpy [N, 3, 224, 224]; return float32 numpy [N, classes].
+    def __call__(self, x_host: np.ndarray) -> np.ndarray:
+        """Run float32 numpy [N, 3, 224, 224] (any N >= 1, in chunks of ``max_batch``); return float32 [N, classes].
 
         Raises:
             ValueError: ``x_host`` is not a numpy array of shape [N, 3, 224, 224] with N >= 1.
+            RuntimeError: as :meth:`set_batch`, or a CUDA/TensorRT call failed.
         """
-        import numpy as np
-
         if (
             not isinstance(x_host, np.ndarray)
             or x_host.ndim != 4
@@ -378,49 +523,86 @@ class EngineRunner:
         ):
             shape = getattr(x_host, "shape", type(x_host).__name__)
             raise ValueError(f"expected a numpy array [N>=1, 3, 224, 224], got {shape}")
-        x_host = np.ascontiguousarray(x_host, dtype=np.float32)
-        torch = self._torch
-        dt = _torch_dtype(self._trt, torch, self.engine.get_tensor_dtype(self.inputs[0]))
-        x = torch.from_numpy(x_host).to(device="cuda", dtype=dt).contiguous()
-        y = self._bind(x)
-        self.stream.wait_stream(torch.cuda.current_stream())  # x and y were made on torch's current stream
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed")
-        self.stream.synchronize()
-        return y.float().cpu().numpy()
+        out = []
+        for i in range(0, len(x_host), self.max_batch):
+            chunk = x_host[i : i + self.max_batch]
+            n = len(chunk)
+            self.set_batch(n)
+            self._in.host_array(self.input_dtype, chunk.size)[:] = chunk.astype(self.input_dtype).ravel()
+            self._enqueue(n, copies=True)
+            cuda_check(self._rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+            y = self._out.host_array(self.output_dtype, n * self.classes)
+            out.append(y.reshape(n, self.classes).astype(np.float32))  # a copy: the buffer is reused
+        return np.concatenate(out)
 
-    def time_ms(self, batch: int, repeats: int, warmup: int = 10) -> list[float]:
-        """GPU time of one ``execute_async_v3`` at ``batch``, milliseconds (CUDA events), ``repeats`` times."""
-        torch = self._torch
-        x = self.device_input(batch)
-        self._bind(x)
-        self.stream.wait_stream(torch.cuda.current_stream())
-        handle = self.stream.cuda_stream
+    def time_ms(self, batch: int, repeats: int, warmup: int = 10, copies: bool = True) -> list[float]:
+        """Milliseconds of one inference at ``batch``, ``repeats`` times (CUDA events on the runner's stream), on
+        random inputs. With ``copies`` (the served path: Triton copies each request in and each response out)
+        the input host->device and output device->host copies are inside the timed span; without, the engine's
+        execution alone.
+
+        Raises:
+            ValueError: ``repeats`` < 1, ``warmup`` < 0, or ``batch`` outside the profile.
+        """
+        if not isinstance(repeats, int) or repeats < 1 or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"repeats must be an int >= 1 and warmup >= 0, got {repeats!r}, {warmup!r}")
+        rt, (start, end) = self._rt, self._events
+        self.set_batch(batch)
+        x = np.random.default_rng(0).normal(size=batch * int(np.prod(CHW)))
+        self._in.host_array(self.input_dtype, x.size)[:] = x.astype(self.input_dtype)
         for _ in range(warmup):
-            self.context.execute_async_v3(handle)
-        self.stream.synchronize()
+            self._enqueue(batch, copies)
+        cuda_check(rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         out = []
         for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(self.stream)
-            self.context.execute_async_v3(handle)
-            end.record(self.stream)
-            end.synchronize()
-            out.append(float(start.elapsed_time(end)))
+            cuda_check(rt.cudaEventRecord(start, self.stream), "cudaEventRecord")
+            self._enqueue(batch, copies)
+            cuda_check(rt.cudaEventRecord(end, self.stream), "cudaEventRecord")
+            cuda_check(rt.cudaEventSynchronize(end), "cudaEventSynchronize")
+            out.append(float(cuda_check(rt.cudaEventElapsedTime(start, end), "cudaEventElapsedTime")))
         return out
+
+    def close(self) -> None:
+        """Free the buffers, events and stream (idempotent)."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        cuda_check(self._rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        for e in self._events:
+            self._rt.cudaEventDestroy(e)
+        self._rt.cudaStreamDestroy(self.stream)
+        self._in.free()
+        self._out.free()
+
+    def __enter__(self) -> EngineRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class EngineLatency:
+    """Latency of one inference at one batch size, milliseconds: p50 and p99 with the host<->device copies (what
+    a served request pays on the GPU), and the p50 of the engine's execution alone."""
+
+    p50_ms: float
+    p99_ms: float
+    compute_p50_ms: float
 
 
 def profile_engine(
     plan_path: str | os.PathLike, batch_sizes: Sequence[int], repeats: int = 50
-) -> dict[int, float]:
-    """Median GPU latency of one inference per batch size, milliseconds: ``{batch: p50_ms}``.
+) -> dict[int, EngineLatency]:
+    """Latency of one inference per batch size: ``{batch: EngineLatency}``.
 
-    Times ``execute_async_v3`` with CUDA events on a private stream after 10 warm-up runs, ``repeats`` times
-    per batch size, on random inputs (latency does not depend on the values). Batch sizes must lie within
-    the engine's optimization profile (1..max_batch_size of the build).
+    Per batch size: 10 warm-up runs, then ``repeats`` timed runs with the input/output copies and ``repeats``
+    without (:meth:`EngineRunner.time_ms`), on random inputs (latency does not depend on the values). Batch
+    sizes must lie within the engine's optimization profile (1..max_batch_size of the build).
 
     Raises:
-        ValueError: empty ``batch_sizes``, a batch size < 1, ``repeats`` < 1, or no such engine file.
+        ValueError: empty ``batch_sizes``, a batch size < 1 or outside the profile, ``repeats`` < 1, or no such
+            engine file.
         ImportError / RuntimeError: as :class:`EngineRunner`.
     """
     sizes = list(batch_sizes)
@@ -428,7 +610,14 @@ def profile_engine(
         raise ValueError(f"batch_sizes must be a non-empty list of ints >= 1, got {sizes}")
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-    runner = EngineRunner(plan_path)
-    import statistics
-
-    return {b: float(statistics.median(runner.time_ms(b, repeats))) for b in sorted(set(sizes))}
+    out = {}
+    with EngineRunner(plan_path) as runner:
+        for b in sorted(set(sizes)):
+            served = runner.time_ms(b, repeats, copies=True)
+            compute = runner.time_ms(b, repeats, copies=False)
+            out[b] = EngineLatency(
+                p50_ms=float(statistics.median(served)),
+                p99_ms=float(np.percentile(served, 99)),
+                compute_p50_ms=float(statistics.median(compute)),
+            )
+    return out

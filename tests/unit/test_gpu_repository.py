@@ -1,20 +1,19 @@
 """The GPU path on a CPU-only machine: configs, compatibility checks, keep-if-pays and the conversion itself.
 
 No test here needs TensorRT or a GPU. Tests named ``*mocked_tensorrt*`` replace TensorRT: either the functions of
-``tensorrt_engine`` (build_engine / profile_engine) or the ``tensorrt`` module itself (a fake recording how the
-builder is driven). What they cannot show (real engines, real kernels, real latency) is in tests/gpu.
+``tensorrt_engine`` (build_engine / profile_engine) or the ``tensorrt`` module itself (a FAKE of releases 10.5.0,
+10.13.3 and 11.1.0 recording how the builder is driven, tests/unit/fake_gpu.py). What they cannot show (real
+engines, real kernels, real latency, Triton's TensorRT backend) is in tests/gpu.
 """
 
 from __future__ import annotations
 
-import enum
+import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -26,15 +25,7 @@ from tcsched.build_tools import tensorrt_engine as te
 from tcsched.manifest import EngineInfo, Manifest
 from tcsched.scheduler.policy import LiveState, Policy, RequestOptions
 from tests.helpers import make_manifest, tiny_classifier
-
-FAKE_ID = ("NVIDIA Fake GPU", "8.9", "10.5.0")
-
-SAMPLE_LOG = """\
-[12:00:01] [I] [MemUsageChange] Init CUDA: CPU +2, GPU +0, now: CPU 20, GPU 500 (MiB)
-[12:00:09] [I] (Sparsity) Layers eligible for sparse math: /features/1/conv/conv.0/Conv, /features/2/conv/conv.0/Conv + /features/2/conv/conv.2/Clip, /classifier/classifier.1/Gemm
-[12:00:09] [I] (Sparsity) TRT inference plan picked sparse implementation for layers: /features/2/conv/conv.0/Conv + /features/2/conv/conv.2/Clip, /classifier/classifier.1/Gemm
-[12:00:10] [I] Total Activation Memory: 7864832
-"""
+from tests.unit.fake_gpu import FAKE_ID, RELEASES, FakeEngines, fake_tensorrt, inspector_json, patch_engines
 
 
 # --- configs ---------------------------------------------------------------------------------------------------
@@ -46,12 +37,42 @@ def test_tensorrt_variant_config_is_valid_model_config_proto():
     assert parsed.platform == "tensorrt_plan" and parsed.backend == ""
     assert parsed.max_batch_size == 8 and parsed.default_model_filename == "model.plan"
     assert dict(parsed.cc_model_filenames) == {"9.0": "model.plan", "8.9": "model.plan"}
-    assert parsed.optimization.cuda.graphs is True
     assert parsed.dynamic_batching.max_queue_delay_microseconds == 2000
     assert [(g_.kind, g_.count) for g_ in parsed.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 1)]
     (inp,), (out,) = parsed.input, parsed.output
     assert (inp.name, inp.data_type, list(inp.dims)) == ("input", mc.TYPE_FP32, [3, 224, 224])
     assert (out.name, out.data_type, list(out.dims)) == ("logits", mc.TYPE_FP32, [1000])
+
+
+def test_cuda_graphs_for_every_batch_size_in_model_config_proto():
+    """Without graph_spec tensorrt_backend r24.10 captures only {1, preferred, max}; with one spec per batch size
+    every batch the dynamic batcher forms runs as a graph. Each spec passes the backend's ValidateGraphSpec rules
+    (1 <= batch_size <= max_batch_size; every input named, its dims >= 0, without the batch dimension)."""
+    cfg = text_format.Parse(r.render(g.tensorrt_variant_config("v", 8, True, None)), mc.ModelConfig())
+    cuda = cfg.optimization.cuda
+    assert cuda.graphs is True
+    assert sorted(s.batch_size for s in cuda.graph_spec) == list(range(1, 9))
+    for spec in cuda.graph_spec:
+        assert 1 <= spec.batch_size <= cfg.max_batch_size
+        assert {k: list(v.dim) for k, v in spec.input.items()} == {"input": [3, 224, 224]}
+        assert not spec.HasField("graph_lower_bound")  # exact batch sizes only
+    cfg4 = g.tensorrt_variant_config("v", 4, True, None, input_name="x", chw=(3, 32, 32))
+    assert [(s.batch_size, list(s.input["x"].dim)) for s in cfg4.optimization.cuda.graph_spec] == [
+        (b, [3, 32, 32]) for b in (1, 2, 3, 4)
+    ]
+
+
+def test_warmup_in_model_config_proto():
+    for graphs in (True, False):
+        cfg = text_format.Parse(r.render(g.tensorrt_variant_config("v", 8, graphs, None)), mc.ModelConfig())
+        assert [w.batch_size for w in cfg.model_warmup] == [1, 8]
+        for w in cfg.model_warmup:
+            assert w.count == 1 and w.name and set(w.inputs) == {"input"}
+            inp = w.inputs["input"]
+            assert inp.data_type == mc.TYPE_FP32 and list(inp.dims) == [3, 224, 224]
+            assert inp.WhichOneof("input_data_type") == "zero_data"
+    cfg = g.tensorrt_variant_config("v", 1, False, None, input_dtype=mc.TYPE_FP16)
+    assert [(w.batch_size, w.inputs["input"].data_type) for w in cfg.model_warmup] == [(1, mc.TYPE_FP16)]
 
 
 def test_tensorrt_variant_config_without_cuda_graphs_or_cc_map():
@@ -77,20 +98,34 @@ def test_tensorrt_variant_config_rejects_bad_input(kwargs, match):
         g.tensorrt_variant_config(**args)
 
 
-# --- builder log -----------------------------------------------------------------------------------------------
-def test_count_sparse_layers_from_builder_log():
-    assert te.count_sparse_layers(SAMPLE_LOG) == 2  # a fused "A + B" layer counts once
-    assert te.count_sparse_eligible_layers(SAMPLE_LOG) == 3
-    assert te.count_sparse_layers(SAMPLE_LOG + SAMPLE_LOG) == 2  # the same layers twice: counted once
-    none_picked = "[I] (Sparsity) TRT inference plan picked sparse implementation for layers:\n"
-    assert te.count_sparse_layers(none_picked) == 0
-    assert te.count_sparse_layers("") == 0
-    with pytest.raises(TypeError):
-        te.count_sparse_layers(b"bytes")  # type: ignore[arg-type]
+# --- the engine inspector ----------------------------------------------------------------------------------------
+def test_int8_and_sparse_layers_from_the_engine_inspector():
+    layers = te.engine_layers(inspector_json(int8=True, sparse=True))
+    assert te.int8_layers(layers) == ["stem + Clip", "proj + Add"]  # the Q/DQ Reformat does not count
+    assert te.sparse_layers(layers) == ["proj + Add"]
+    dense = te.engine_layers(inspector_json(int8=False, sparse=False))
+    assert te.int8_layers(dense) == [] and te.sparse_layers(dense) == []
+    # no sparsity field and no tactic anywhere: the inspector does not say, which is not "no sparse kernel"
+    assert te.sparse_layers(te.engine_layers(inspector_json(int8=True, sparse=None))) is None
+    uint8 = [
+        {
+            "Name": "u",
+            "LayerType": "CaskConvolution",
+            "Inputs": [{"Format/Datatype": "Channel major UInt8 format"}],
+        }
+    ]
+    assert te.int8_layers(uint8) == []
+    with pytest.raises(ValueError, match="DETAILED"):
+        te.engine_layers(json.dumps({"Layers": ["conv1", "conv2"]}))  # LAYER_NAMES_ONLY
+    with pytest.raises(ValueError, match="not JSON"):
+        te.engine_layers("Layers: conv1")
+    with pytest.raises(ValueError, match="no 'Layers'"):
+        te.engine_layers("{}")
 
 
 # --- Q/DQ that TensorRT can parse --------------------------------------------------------------------------------
 def _qdq_graph(path: Path, zp_type: int, zp_value: int) -> Path:
+    import onnx
     from onnx import TensorProto, helper
 
     q = helper.make_node("QuantizeLinear", ["input", "s", "zp"], ["q"], name="q_in")
@@ -123,56 +158,21 @@ def test_tensorrt_qdq_problems(tmp_path):
         te.tensorrt_qdq_problems(tmp_path / "missing.onnx")
 
 
-def test_onnxruntime_uint8_int8_is_made_symmetric_for_tensorrt(tmp_path):
-    """The CPU build's int8 (uint8 asymmetric activations, int32 biases) is re-expressed for TensorRT: symmetric
-    int8 with the same calibrated ranges; ONNX Runtime still runs it and agrees with the uint8 graph."""
-    import onnx
-
-    from tcsched.build_tools.quantize import quantize_int8, to_symmetric_int8
-    from tcsched.ort_runtime import OrtClassifier
-
-    calib = np.random.default_rng(0).normal(size=(16, 3, 32, 32)).astype(np.float32)
-    fp32 = tmp_path / "tiny.onnx"
-    _cpu_repo(tmp_path)
-    q = quantize_int8(fp32, tmp_path / "int8.onnx", calib, method="minmax")
-    assert te.tensorrt_qdq_problems(q), "ONNX Runtime's default int8 has zero points TensorRT rejects"
-    src, note = g.tensorrt_source(q, tmp_path / "trt" / "model.tensorrt.onnx")
-    assert src != q and "symmetric" in note
-    assert te.tensorrt_qdq_problems(src) == []
-    original = onnx.load(str(q))
-    sym, n = to_symmetric_int8(original)
-    assert n > 0
-    before = {i.name: onnx.numpy_helper.to_array(i) for i in original.graph.initializer}
-    after = {i.name: onnx.numpy_helper.to_array(i) for i in sym.graph.initializer}
-    for node in original.graph.node:
-        if node.op_type != "QuantizeLinear":
-            continue
-        s0, z0 = before[node.input[1]].astype(float), before[node.input[2]].astype(float)
-        s1, z1 = after[node.input[1]].astype(float), after[node.input[2]]
-        assert z1.dtype == np.int8 and not z1.any()
-        lo, hi = (0 - z0) * s0, (255 - z0) * s0  # the calibrated uint8 range ...
-        tol = 1e-6 * max(abs(lo), abs(hi))  # the scale is stored as float32
-        assert -128 * s1 <= lo + tol and hi <= 127 * s1 + tol  # ... is inside the symmetric one
-        assert s1 <= 2.01 * s0  # at most one bit of resolution is given up
-    assert not any(
-        i.data_type == onnx.TensorProto.INT32 for i in sym.graph.initializer
-    )  # biases folded to float
-    # same function: the folded ReLU survives (a symmetric range alone would let negatives through)
-    ref, a, b = OrtClassifier(fp32)(calib), OrtClassifier(q)(calib), OrtClassifier(src)(calib)
-    err_u8, err_sym = np.abs(a - ref).max(), np.abs(b - ref).max()
-    assert err_sym < 4 * err_u8 + 1e-3, (err_u8, err_sym)  # at most one bit coarser, not a different function
-    assert g.tensorrt_source(fp32, tmp_path / "unused.onnx") == (fp32, None)  # float graph: compiled as it is
-
-
 # --- keep-if-pays ------------------------------------------------------------------------------------------------
 def test_sparse_keep_decision():
     fp16 = {1: 1.0, 8: 4.0}
     keep, why = g.sparse_keep_decision(3, {1: 0.9, 8: 3.0}, fp16)
-    assert keep and "kept" in why
+    assert keep and "kept" in why and "sparse kernels on 3 layers" in why
     keep, why = g.sparse_keep_decision(3, {1: 1.1, 8: 3.0}, fp16)  # slower at batch 1
     assert not keep and "not faster" in why
     keep, why = g.sparse_keep_decision(0, {1: 0.5, 8: 2.0}, fp16)  # faster, but no sparse kernel: noise
-    assert not keep and "no sparse kernel" in why
+    assert not keep and "no layer with sparse weights" in why
+    keep, why = g.sparse_keep_decision(
+        None, {1: 0.5, 8: 2.0}, fp16
+    )  # inspector silent: latency decides, said so
+    assert keep and "unknown" in why
+    keep, why = g.sparse_keep_decision(None, {1: 1.5, 8: 2.0}, fp16)
+    assert not keep and "unknown" in why
     keep, why = g.sparse_keep_decision(3, {1: 0.5}, None)
     assert not keep and "no fp16" in why
 
@@ -216,18 +216,54 @@ def test_check_engine_compatibility():
         g.check_engine_compatibility(m, identity=lambda: FAKE_ID)
 
 
-# --- import without tensorrt -----------------------------------------------------------------------------------
-def test_modules_import_without_tensorrt():
+# --- import without tensorrt, and the up-front check of the GPU stack ------------------------------------------
+def test_modules_import_without_tensorrt_or_torch():
     code = (
         "import sys\n"
-        "for m in ('tensorrt', 'pynvml'): sys.modules[m] = None  # any import of them raises ImportError\n"
+        "for m in ('tensorrt', 'pynvml', 'torch', 'cuda'): sys.modules[m] = None  # importing them raises\n"
         "import tcsched.build_tools.tensorrt_engine as te, tcsched.build_tools.gpu_repository, tcsched.cli\n"
-        "assert 'torch' not in sys.modules\n"
         "try:\n    te.gpu_identity()\nexcept ImportError:\n    print('ok')\n"
+        "print(te.missing_gpu_dependencies())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    first, missing = out.stdout.strip().splitlines()
+    assert first == "ok" and "tensorrt:" in missing and "cuda-python:" in missing
+
+
+def test_missing_gpu_dependencies_named_mocked_tensorrt(monkeypatch):
+    from tests.unit.fake_gpu import FakeCudaRuntime
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setattr(te, "cuda_runtime", lambda: FakeCudaRuntime(devices=0))
+    (only,) = [m for m in te.missing_gpu_dependencies() if not m.startswith("tensorrt")]
+    assert "device 0 requested, 0 visible" in only
+    with pytest.raises(RuntimeError, match=r"cannot be built here: tensorrt: .*; CUDA GPU: device 0"):
+        te.check_gpu_dependencies()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.5.0", {}))
+    monkeypatch.setattr(te, "cuda_runtime", lambda: FakeCudaRuntime(devices=1))
+    assert te.missing_gpu_dependencies() == []
+    te.check_gpu_dependencies()
+
+
+def test_gpu_commands_refuse_before_any_work_without_the_gpu_stack(tmp_path, monkeypatch):
+    """On this machine (no TensorRT, no CUDA driver) both commands stop at once and name what is missing."""
+    from tcsched import cli
+
+    if not te.missing_gpu_dependencies():
+        pytest.skip("this machine has the whole GPU stack")
+
+    def no_work(*a, **k):
+        raise AssertionError("must fail before any build work")
+
+    monkeypatch.setattr("tcsched.build_tools.build.build", no_work)
+    monkeypatch.setattr(g, "convert_to_gpu_repository", no_work)
+    res = CliRunner().invoke(cli.app, ["build", "--target", "gpu", "--output", str(tmp_path / "repo")])
+    assert res.exit_code == 2 and "tensorrt" in res.output, res.output
+    res = CliRunner().invoke(
+        cli.app, ["engines", "--cpu-repo", str(tmp_path), "--output", str(tmp_path / "g")]
+    )
+    assert res.exit_code == 1 and "cannot be built here" in res.output and "tensorrt" in res.output
 
 
 def test_engine_functions_validate_before_importing_tensorrt(tmp_path):
@@ -245,142 +281,40 @@ def test_engine_functions_validate_before_importing_tensorrt(tmp_path):
         te.gpu_identity(-1)
 
 
-# --- build_engine against a fake tensorrt module ---------------------------------------------------------------
-def _fake_tensorrt(calls: dict) -> types.ModuleType:
-    """The slice of the TensorRT 10/11 Python API that build_engine uses; no FP16/INT8 builder flags (as in 11)."""
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "11.0.0"
-
-    class ILogger:
-        class Severity(enum.IntEnum):
-            INTERNAL_ERROR = 0
-            ERROR = 1
-            WARNING = 2
-            INFO = 3
-            VERBOSE = 4
-
-        def __init__(self):
-            pass
-
-    class NetworkDefinitionCreationFlag(enum.IntEnum):
-        STRONGLY_TYPED = 1
-
-    class BuilderFlag(enum.IntEnum):
-        SPARSE_WEIGHTS = 7
-
-    class MemoryPoolType(enum.IntEnum):
-        WORKSPACE = 0
-
-    class ProfilingVerbosity(enum.IntEnum):
-        LAYER_NAMES_ONLY = 0
-        DETAILED = 1
-
-    class Tensor:
-        name, shape = "input", (-1, 3, 224, 224)
-
-    class Network:
-        num_inputs = 1
-
-        def get_input(self, i):
-            return Tensor()
-
-    class Cache:
-        def __init__(self, data):
-            self.data = bytes(data)
-
-        def serialize(self):
-            return self.data
-
-    class Profile:
-        def set_shape(self, name, lo, opt, hi):
-            calls["profile"] = (name, tuple(lo), tuple(opt), tuple(hi))
-
-    class Config:
-        def __init__(self):
-            self.flags, self.cache = set(), None
-
-        def set_memory_pool_limit(self, pool, size):
-            calls["workspace"] = (pool, size)
-
-        def set_flag(self, flag):
-            self.flags.add(flag)
-
-        def add_optimization_profile(self, p):
-            calls["profiles"] = calls.get("profiles", 0) + 1
-
-        def create_timing_cache(self, data):
-            calls["cache_loaded"] = bytes(data)
-            return Cache(data)
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self):
-            return self.cache
-
-    class Builder:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def create_network(self, flags):
-            calls["network_flags"] = flags
-            return Network()
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            calls["flags"] = set(config.flags)
-            sev = ILogger.Severity
-            self.logger.log(sev.VERBOSE, "tactic timing detail")
-            if BuilderFlag.SPARSE_WEIGHTS in config.flags:
-                for line in SAMPLE_LOG.splitlines()[1:3]:
-                    self.logger.log(sev.INFO, line.split("[I] ", 1)[1])
-            config.cache = Cache(config.cache.data + b"+timings")
-            return b"PLAN"
-
-    class OnnxParser:
-        num_errors = 0
-
-        def __init__(self, network, logger):
-            pass
-
-        def parse_from_file(self, path):
-            calls["parsed"] = path
-            return True
-
-    for obj in (
-        ILogger,
-        NetworkDefinitionCreationFlag,
-        BuilderFlag,
-        MemoryPoolType,
-        ProfilingVerbosity,
-        Builder,
-    ):
-        setattr(trt, obj.__name__, obj)
-    trt.OnnxParser = OnnxParser
-    return trt
+# --- build_engine against FAKE tensorrt modules of three releases ------------------------------------------------
+def test_fake_tensorrt_has_each_releases_flag_values():
+    """NvInfer.h: kSTRONGLY_TYPED is 1 in 10.5 and 10.13, 0 (deprecated, ignored) in 11.1, where 1 is
+    kPREFER_JIT_PYTHON_PLUGINS; kTF32 = 6 and kSPARSE_WEIGHTS = 7 in all three; kFP16/kINT8 gone in 11.1."""
+    for version in ("10.5.0", "10.13.3"):
+        assert RELEASES[version][0]["STRONGLY_TYPED"] == 1
+        assert (RELEASES[version][1]["FP16"], RELEASES[version][1]["INT8"]) == (0, 1)
+    net11, builder11 = RELEASES["11.1.0"]
+    assert net11["STRONGLY_TYPED"] == 0 and net11["PREFER_JIT_PYTHON_PLUGINS"] == 1
+    assert "FP16" not in builder11 and "INT8" not in builder11
+    assert all(RELEASES[v][1]["TF32"] == 6 and RELEASES[v][1]["SPARSE_WEIGHTS"] == 7 for v in RELEASES)
 
 
-def test_build_engine_mocked_tensorrt(tmp_path, monkeypatch):
+@pytest.mark.parametrize("version", sorted(RELEASES))
+def test_build_engine_mocked_tensorrt(tmp_path, monkeypatch, version):
     calls: dict = {}
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(calls))
+    fake = fake_tensorrt(version, calls)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
     onnx_path = tiny_classifier(tmp_path / "m.onnx")
     cache = tmp_path / "cache" / "timing.cache"
     res = te.build_engine(
         onnx_path, tmp_path / "v" / "1" / "model.plan", max_batch_size=8, timing_cache_path=cache,
         log_path=tmp_path / "v" / "1" / "builder.log",
     )  # fmt: skip
-    assert calls["network_flags"] == 1 << 1  # STRONGLY_TYPED, nothing else
-    assert calls["flags"] == set()  # dense: no builder flag at all (never FP16/INT8)
+    strongly_typed = RELEASES[version][0]["STRONGLY_TYPED"]
+    assert calls["network_flags"] == 1 << strongly_typed  # by name: 2 on 10.x, 1 (the ignored bit 0) on 11.1
+    assert calls["flags"] == set()  # TF32 cleared, nothing set (never FP16/INT8)
+    assert calls["verbosity"] == fake.ProfilingVerbosity.DETAILED
     assert calls["profile"] == ("input", (1, 3, 224, 224), (8, 3, 224, 224), (8, 3, 224, 224))
     assert calls["profiles"] == 1 and calls["cache_loaded"] == b""
-    assert res.plan_path.read_bytes() == b"PLAN" and res.tensorrt_version == "11.0.0"
-    assert cache.read_bytes() == b"+timings" and res.sparse_layers_chosen == 0
+    assert res.tensorrt_version == version and json.loads(res.plan_path.read_bytes())["sparse"] is False
+    assert cache.read_bytes() == b"+timings" and res.sparse_layers_chosen == 0 and res.int8_layers == 2
+    assert json.loads(res.layers_path.read_text())["Layers"][1]["Name"] == "stem + Clip"
+    assert res.layers_path == res.plan_path.with_name("engine_layers.json")
     assert "tactic timing detail" not in res.log_path.read_text()  # INFO by default
 
     res = te.build_engine(
@@ -389,10 +323,9 @@ def test_build_engine_mocked_tensorrt(tmp_path, monkeypatch):
     )  # fmt: skip
     assert calls["cache_loaded"] == b"+timings"  # the first build's timings are reused
     assert cache.read_bytes() == b"+timings+timings"
-    assert calls["flags"] == {7}  # SPARSE_WEIGHTS
-    assert res.sparse_layers_chosen == 2 and res.sparse_layers_eligible == 3
-    log = res.log_path.read_text()
-    assert "picked sparse implementation" in log and "tactic timing detail" in log
+    assert calls["flags"] == {fake.BuilderFlag.SPARSE_WEIGHTS}
+    assert res.sparse_layers_chosen == 1  # read from the inspector, not from the log
+    assert "tactic timing detail" in res.log_path.read_text()
 
 
 # --- the whole conversion with build/profile replaced ---------------------------------------------------------
@@ -411,66 +344,45 @@ def _cpu_repo(root: Path) -> Path:
     return repo
 
 
-class _FakeEngines:
-    """Stands in for tensorrt_engine.build_engine / profile_engine; ``gpu_ms[precision]`` = p50 at batch 1."""
-
-    def __init__(self, gpu_ms: dict[str, float], sparse_picked: bool = True, fail: bool = False):
-        self.gpu_ms, self.sparse_picked, self.fail = gpu_ms, sparse_picked, fail
-        self.builds: list[tuple[str, bool, Path]] = []
-
-    def build_engine(
-        self, onnx_path, plan_path, *, max_batch_size, sparse, timing_cache_path, log_path, **kw
-    ):
-        if self.fail:
-            raise RuntimeError("TensorRT could not build: simulated failure")
-        plan_path, log_path = Path(plan_path), Path(log_path)
-        self.builds.append((plan_path.parent.parent.name, sparse, Path(timing_cache_path)))
-        plan_path.parent.mkdir(parents=True, exist_ok=True)
-        plan_path.write_bytes(b"engine " + plan_path.parent.parent.name.encode())
-        log_path.write_text(SAMPLE_LOG if sparse and self.sparse_picked else "[I] built\n")
-        text = log_path.read_text()
-        return te.EngineBuildResult(
-            plan_path=plan_path, log_path=log_path, tensorrt_version=FAKE_ID[2], build_seconds=1.5,
-            size_bytes=plan_path.stat().st_size, sparse_layers_chosen=te.count_sparse_layers(text),
-            sparse_layers_eligible=te.count_sparse_eligible_layers(text),
-        )  # fmt: skip
-
-    def profile_engine(self, plan_path, batch_sizes, repeats=50):
-        precision = Path(plan_path).parent.parent.name.removeprefix("mobilenet_v2_")
-        return {b: self.gpu_ms[precision] * (1 + 0.5 * (b - 1)) for b in batch_sizes}
-
-
-def _patch(monkeypatch, fake: _FakeEngines) -> None:
-    monkeypatch.setattr(te, "build_engine", fake.build_engine)
-    monkeypatch.setattr(te, "profile_engine", fake.profile_engine)
-    monkeypatch.setattr(te, "gpu_identity", lambda device=0: FAKE_ID)
-
-
 def test_convert_repository_mocked_tensorrt(tmp_path, monkeypatch):
     cpu = _cpu_repo(tmp_path)
-    fake = _FakeEngines({"fp32": 1.0, "fp16": 0.6, "int8": 0.4, "sparse24": 0.5})
-    _patch(monkeypatch, fake)
+    fake = FakeEngines({"fp32": 1.0, "fp16": 0.6, "int8": 0.4, "sparse24": 0.5})
+    patch_engines(monkeypatch, fake)
     cache = tmp_path / "timing.cache"
     out = tmp_path / "gpu"
+    src = Manifest.read(cpu / "manifest.json")
     m = g.convert_to_gpu_repository(cpu, out, cuda_graphs=True, timing_cache=cache, latency_repeats=3)
 
     assert Manifest.read(out / "manifest.json") == m
-    assert m.target == "gpu" and m.reference_variant == "mobilenet_v2_fp32"
+    assert m.target == "gpu" and m.reference_variant == "mobilenet_v2_fp32" and m.cascades == []
     assert [v.precision for v in m.variants] == list(PRECISIONS)  # sparse24 paid: kept
-    assert [(n, s) for n, s, _ in fake.builds] == [(f"mobilenet_v2_{p}", p == "sparse24") for p in PRECISIONS]
-    assert {c for _, _, c in fake.builds} == {cache}  # one timing cache for every variant
+    assert [(n, s) for n, s, _, _ in fake.builds] == [
+        (f"mobilenet_v2_{p}", p == "sparse24") for p in PRECISIONS
+    ]
+    assert {c for _, _, c, _ in fake.builds} == {cache}  # one timing cache for every variant
     for v in m.variants:
         assert v.runtime == "tensorrt" and v.file == f"{v.name}/1/model.plan" and (out / v.file).is_file()
         assert v.size_bytes == (out / v.file).stat().st_size
         e = v.engine
         assert (e.compute_capability, e.tensorrt_version, e.gpu_name) == ("8.9", "10.5.0", "NVIDIA Fake GPU")
         assert (out / e.builder_log_file).is_file() and e.build_seconds == 1.5
-        assert e.sparse_layers_chosen == (2 if v.precision == "sparse24" else None)
+        assert e.sparse_layers_chosen == (1 if v.precision == "sparse24" else None)
+        assert e.int8_layers == (2 if v.precision == "int8" else 0)
+        assert te.engine_layers((out / e.layers_file).read_text())
+        # the graph compiled sits beside the engine (a float graph: the CPU variant's own)
+        assert (out / e.onnx_file).read_bytes() == (cpu / src.variant(v.name).file).read_bytes()
+        assert v.accuracy == src.variant(v.name).accuracy  # no Q/DQ: the graph the CPU figures are of
         assert sorted(v.latency.p50_ms_by_batch) == [1, 8] and v.latency.runtime == "tensorrt"
-        assert v.accuracy is not None  # carried over from the ONNX graph's measurement
+        assert (
+            v.latency.p99_ms_by_batch[1] > v.latency.p50_ms_by_batch[1]
+            and "copies included" in v.latency.device
+        )
+        assert any("the engine alone p50 ms b1:" in n for n in v.build_notes)
         cfg = r.parse((out / v.name / "config.pbtxt").read_text())
         assert cfg.name == v.name and cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 8
         assert dict(cfg.cc_model_filenames) == {"8.9": "model.plan"} and cfg.optimization.cuda.graphs
+        assert sorted(s.batch_size for s in cfg.optimization.cuda.graph_spec) == list(range(1, 9))
+        assert [w.batch_size for w in cfg.model_warmup] == [1, 8]
         assert cfg.dynamic_batching.max_queue_delay_microseconds == 1500  # taken over from the CPU config
         assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
         assert (
@@ -478,7 +390,7 @@ def test_convert_repository_mocked_tensorrt(tmp_path, monkeypatch):
             and not (out / v.name / "1" / "model.py").exists()
         )
     assert m.variant("int8").latency.ratio_to_fp32_by_batch[1] == pytest.approx(0.4)
-    assert any("sparse24 kept" in n for n in m.variant("sparse24").build_notes)
+    assert any("sparse24 kept: sparse kernels on 1 layers" in n for n in m.variant("sparse24").build_notes)
     for d in ("preprocess", "scheduler", "classifier"):  # the pipeline, unchanged
         for f in (cpu / d).rglob("*"):
             if f.is_file():
@@ -491,35 +403,61 @@ def test_convert_repository_mocked_tensorrt(tmp_path, monkeypatch):
     )
 
 
+def test_convert_refuses_a_qdq_variant_without_its_measured_tensorrt_graph(tmp_path, monkeypatch):
+    """A Q/DQ graph's CPU figures are the uint8 graph's: without the build's measured TensorRT form there is no
+    figure for what TensorRT compiles, so the conversion refuses before any GPU work."""
+    from tcsched.build_tools.quantize import quantize_int8
+    from tests.unit.residual_graph import residual_classifier
+
+    cpu = _cpu_repo(tmp_path)
+    fp32 = residual_classifier(tmp_path / "res.onnx")
+    calib = np.random.default_rng(0).normal(size=(8, 3, 224, 224)).astype(np.float32)
+    quantize_int8(fp32, cpu / "mobilenet_v2_int8" / "1" / "model.onnx", calib, method="minmax")
+    fake = FakeEngines({"fp32": 1.0, "fp16": 0.6, "int8": 0.4, "sparse24": 0.5})
+    patch_engines(monkeypatch, fake)
+    with pytest.raises(ValueError, match="mobilenet_v2_int8: a Q/DQ graph without a measured TensorRT form"):
+        g.convert_to_gpu_repository(cpu, tmp_path / "gpu", timing_cache=tmp_path / "c")
+    assert fake.builds == [] and not (tmp_path / "gpu").exists()
+
+
 def test_convert_drops_sparse24_that_does_not_pay_mocked_tensorrt(tmp_path, monkeypatch):
     cpu = _cpu_repo(tmp_path)
-    _patch(monkeypatch, _FakeEngines({"fp32": 1.0, "fp16": 0.6, "int8": 0.4, "sparse24": 0.7}))
+    patch_engines(monkeypatch, FakeEngines({"fp32": 1.0, "fp16": 0.6, "int8": 0.4, "sparse24": 0.7}))
     m = g.convert_to_gpu_repository(cpu, tmp_path / "gpu", timing_cache=tmp_path / "c")
     assert "sparse24" not in [v.precision for v in m.variants]
     assert not (tmp_path / "gpu" / "mobilenet_v2_sparse24").exists()
     notes = m.variant("fp16").build_notes
     assert any(
-        n.startswith("mobilenet_v2_sparse24: sparse24 dropped: sparse kernels on 2 layers but not faster")
+        n.startswith("mobilenet_v2_sparse24: sparse24 dropped: sparse kernels on 1 layers but not faster")
         for n in notes
     )
     cfg = r.parse((tmp_path / "gpu" / "mobilenet_v2_fp16" / "config.pbtxt").read_text())
-    assert not cfg.HasField("optimization")  # no --cuda-graphs
+    assert not cfg.HasField("optimization") and len(cfg.model_warmup) == 2  # no --cuda-graphs; warmup always
 
-    # faster, but the builder chose no sparse kernel: dropped too
-    _patch(
+    # faster, but the inspector shows no sparse kernel: dropped too
+    patch_engines(
         monkeypatch,
-        _FakeEngines({"fp32": 1.0, "fp16": 0.6, "int8": 0.4, "sparse24": 0.5}, sparse_picked=False),
+        FakeEngines({"fp32": 1.0, "fp16": 0.6, "int8": 0.4, "sparse24": 0.5}, sparse_picked=False),
     )
     m = g.convert_to_gpu_repository(cpu, tmp_path / "gpu", timing_cache=tmp_path / "c")
     assert "sparse24" not in [v.precision for v in m.variants]
-    assert any("no sparse kernel" in n for n in m.variant("fp16").build_notes)
+    assert any("no layer with sparse weights" in n for n in m.variant("fp16").build_notes)
+
+    # faster, inspector silent about sparsity: kept on latency, and the notes say the kernel choice is unknown
+    patch_engines(
+        monkeypatch,
+        FakeEngines({"fp32": 1.0, "fp16": 0.6, "int8": 0.4, "sparse24": 0.5}, sparse_picked=None),
+    )
+    m = g.convert_to_gpu_repository(cpu, tmp_path / "gpu", timing_cache=tmp_path / "c")
+    assert any("sparse kernels unknown" in n for n in m.variant("sparse24").build_notes)
+    assert m.variant("sparse24").engine.sparse_layers_chosen is None
 
 
 def test_convert_failure_keeps_previous_repository_mocked_tensorrt(tmp_path, monkeypatch):
     cpu = _cpu_repo(tmp_path)
-    _patch(monkeypatch, _FakeEngines({"fp32": 1.0, "fp16": 0.6, "int8": 0.4, "sparse24": 0.5}))
+    patch_engines(monkeypatch, FakeEngines({"fp32": 1.0, "fp16": 0.6, "int8": 0.4, "sparse24": 0.5}))
     first = g.convert_to_gpu_repository(cpu, tmp_path / "gpu", timing_cache=tmp_path / "c")
-    _patch(monkeypatch, _FakeEngines({}, fail=True))
+    patch_engines(monkeypatch, FakeEngines({}, fail=True))
     with pytest.raises(RuntimeError, match="simulated"):
         g.convert_to_gpu_repository(cpu, tmp_path / "gpu", timing_cache=tmp_path / "c")
     assert Manifest.read(tmp_path / "gpu" / "manifest.json") == first
@@ -554,8 +492,8 @@ def test_engines_command_mocked_tensorrt(tmp_path, monkeypatch):
     from tcsched.cli import app
 
     cpu = _cpu_repo(tmp_path)
-    fake = _FakeEngines({"fp32": 1.0, "fp16": 0.6, "int8": 0.4, "sparse24": 0.5})
-    _patch(monkeypatch, fake)
+    fake = FakeEngines({"fp32": 1.0, "fp16": 0.6, "int8": 0.4, "sparse24": 0.5})
+    patch_engines(monkeypatch, fake)
     out = tmp_path / "gpu"
     args = ["engines", "--cpu-repo", str(cpu), "--output", str(out), "--timing-cache", str(tmp_path / "c")]
     res = CliRunner().invoke(app, [*args, "--cuda-graphs", "--latency-repeats", "2"])
