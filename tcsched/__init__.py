@@ -9,4 +9,4 @@ from their own folders (``[tool.setuptools.package-dir]`` in pyproject.toml): ``
 import-linter contract in pyproject.toml.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,7 +1,8 @@
 """Execution scheduling: what the scheduler observes online. Plain Python (numpy), no Triton import.
 
 - :class:`LoadTracker`: requests in flight, an EWMA of each variant's observed BLS time relative to the build's
-  profile, and an EWMA of the scheduler's own execute time (the wait a newly arriving request sees).
+  profile, an EWMA of the scheduler's own execute time (the wait a newly arriving request sees), and the queue
+  model (M/M/c over each variant's instances, :func:`erlang_c`; :func:`instance_counts` reads them).
 - :class:`UpstreamProbe`: the time requests spent recently in the models before the scheduler (``preprocess``:
   its queue and its work), read from Triton's own Prometheus metrics; the latency budget a request has left.
 - :func:`gpu_state`: NVML utilisation and memory when a GPU exists; ``None`` on a CPU (pynvml imported lazily).
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tcsched.prometheus import sum_metric as sum_metric  # re-exported
 from tcsched.settings import DEFAULTS
@@ -50,6 +53,10 @@ class LoadTracker:
     arrival_per_ms: float = 0.0  # images per ms reaching the scheduler, over the last arrival_window_ms
     arrival_window_ms: float = DEFAULTS.arrival_window_ms
     in_flight: int = 0
+    # variant -> model instances that serve it (sum of its config's instance_group counts; 1 when unknown)
+    instances: dict[str, int] = field(default_factory=dict)
+    # scheduler instances the arrivals are spread over: each instance sees about 1/n of them
+    scheduler_instances: int = 1
     _arrivals: deque = field(default_factory=deque, repr=False)  # (start s, images), oldest first
     _arrived: int = 0  # images in _arrivals
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -89,14 +96,19 @@ class LoadTracker:
         max_utilization: float = 0.95,
         now: float | None = None,
     ) -> float:
-        """Queue + service for ``variant`` at the current arrival rate: utilisation u = rate x service per image,
-        waiting ~ service x u / (1 - u) (M/M/1, Kleinrock, Queueing Systems vol. 1, 1975); u above
+        """Queue + service (ms) for ``variant`` at the current arrival rate, as an M/M/c queue with c =
+        ``instances[variant]`` (1 when unknown): offered load a = rate x service per image (rate: the arrivals
+        this scheduler instance sees x ``scheduler_instances``), utilisation u = a / c, waiting = C(c, a) x
+        service / (c (1 - u)) with C the Erlang C probability of waiting (Kleinrock, Queueing Systems vol. 1,
+        1975, section 3.5); for c = 1 that is service x u / (1 - u), the M/M/1 wait. u above
         ``max_utilization`` means the variant cannot keep up: 100x its service time."""
         service = self.service_ms(variant, service_ms, now)
-        u = self.arrival_per_ms * service / max(1, batch_size)
+        c = max(1, self.instances.get(variant, 1))
+        a = self.arrival_per_ms * max(1, self.scheduler_instances) * service / max(1, batch_size)
+        u = a / c
         if u >= max_utilization:
             return 100.0 * service
-        return service + service * u / (1.0 - u)
+        return service + erlang_c(c, a) * service / (c * (1.0 - u))
 
     def service_ms(self, variant: str, profiled_ms: float, now: float | None = None) -> float:
         """The profile's ms corrected by the observed offset: the variant's own if it was observed in the last
@@ -117,6 +129,53 @@ class LoadTracker:
     def end(self, n: int) -> None:
         with self._lock:
             self.in_flight = max(0, self.in_flight - n)
+
+
+def erlang_c(c: int, a: float) -> float:
+    """Probability that an arrival waits in an M/M/c queue with ``c`` servers and offered load ``a`` (arrival
+    rate x mean service time), for ``a < c``: Erlang's C formula, computed from the Erlang B recursion
+    B(0) = 1, B(k) = a B(k-1) / (k + a B(k-1)) and C = B(c) / (1 - (a / c)(1 - B(c))) (Kleinrock, Queueing
+    Systems vol. 1, 1975, eqs. 3.42 and 3.46). ``erlang_c(1, a) == a``.
+
+    Raises:
+        ValueError: ``c`` < 1, or ``a`` negative or not below ``c`` (no steady state).
+    """
+    if c < 1:
+        raise ValueError(f"need at least one server, got c={c}")
+    if not 0 <= a < c:
+        raise ValueError(f"offered load must be in [0, c={c}), got {a}")
+    b = 1.0
+    for k in range(1, c + 1):
+        b = a * b / (k + a * b)
+    return b / (1.0 - (a / c) * (1.0 - b))
+
+
+def instance_counts(repository: str | os.PathLike, models: Sequence[str]) -> dict[str, int]:
+    """Model instances of each of ``models`` from ``<repository>/<model>/config.pbtxt``: the sum of its
+    ``instance_group`` counts (``count`` defaults to 1; a group naming ``gpus`` has ``count`` on each of them, as
+    in Triton's model_config.proto). A model without config, without instance groups, or whose config cannot be
+    read counts 1 (logged), so the queue model falls back to M/M/1. Read once at the scheduler's load: a model
+    reloaded later with other counts (e.g. by Model Analyzer through the repository API) needs a scheduler
+    reload to be seen.
+    """
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2 as mc
+    except ImportError as e:  # tritonclient is a dependency of tcsched; kept safe for a bare server image
+        log.warning("cannot read instance counts (%s); assuming 1 instance per variant", e)
+        return dict.fromkeys(models, 1)
+    out = {}
+    for m in models:
+        path = Path(repository) / m / "config.pbtxt"
+        try:
+            cfg = text_format.Parse(path.read_text(), mc.ModelConfig())
+        except (OSError, text_format.ParseError) as e:
+            log.warning("instances of %s: cannot read %s (%s); assuming 1", m, path, e)
+            out[m] = 1
+            continue
+        n = sum(max(1, g.count or 1) * max(1, len(g.gpus)) for g in cfg.instance_group)
+        out[m] = max(1, n)
+    return out
 
 
 @dataclass(frozen=True)
@@ -233,7 +292,8 @@ class UpstreamProbe:
         """Scrape once and update :meth:`wait_ms`; returns it."""
         try:
             text = self._fetch()
-        except Exception as e:  # noqa: BLE001 - no metrics endpoint: no upstream correction
+            now = (sum_metric(text, self.DURATION, self.models), sum_metric(text, self.COUNT, self.models))
+        except Exception as e:  # noqa: BLE001 - no (or no valid) metrics endpoint: no upstream correction
             if not self._warned:
                 log.warning(
                     "upstream probe: cannot read %s (%s); no upstream wait assumed", self.metrics_url, e
@@ -241,7 +301,6 @@ class UpstreamProbe:
                 self._warned = True
             self._last, self._wait_ms = None, 0.0
             return 0.0
-        now = (sum_metric(text, self.DURATION, self.models), sum_metric(text, self.COUNT, self.models))
         if self._last is not None:
             d_us, d_n = now[0] - self._last[0], now[1] - self._last[1]
             self._wait_ms = d_us / d_n / 1e3 if d_n > 0 and d_us >= 0 else 0.0

@@ -313,6 +313,32 @@ class Policy:
         return ordered
 
 
+#: :attr:`Decision.code` of the single-variant plans of :meth:`Policy.rank` (the ``reason`` label of the metric
+#: ``tcsched_decisions_total``)
+SINGLE_VARIANT_CODES = (
+    "forced",
+    "min_latency",
+    "max_accuracy",
+    "degraded_accuracy",
+    "degraded_latency",
+    "fallback",
+)
+#: codes of the cascade plans (:func:`tcsched.scheduler.cascades.rank_cascades`), each as ``<code>:<label>`` with
+#: the cascade's label, or ``reference`` for the plain reference variant
+CASCADE_CODES = ("cascade_min_latency", "cascade_max_accuracy", "cascade_degraded_latency", "fallback")
+
+
+def decision_label_sets(manifest: Manifest) -> list[tuple[str, str]]:
+    """Every (variant, code) that a :class:`Decision` of ``manifest`` can carry, sorted: each variant with each
+    of :data:`SINGLE_VARIANT_CODES`, and each cascade's first stage (and the reference) with each of
+    :data:`CASCADE_CODES` and its label. The scheduler creates its decision counters at zero for these."""
+    out = {(v.name, c) for v in manifest.variants for c in SINGLE_VARIANT_CODES}
+    plans = [(manifest.variant(c.stages[0]).name, c.label) for c in manifest.cascades]
+    plans.append((manifest.variant(manifest.reference_variant).name, "reference"))
+    out |= {(first, f"{code}:{label}") for first, label in plans for code in CASCADE_CODES}
+    return sorted(out)
+
+
 def _ms(lat: dict[str, float | None], e: VariantEntry) -> float:
     v = lat[e.name]
     return math.inf if v is None else v

@@ -113,7 +113,8 @@ class Events:
 @dataclass
 class MetricsSnapshot:
     """Events summed since the last flush: counts per (variant, reason code) and per (from, to) fallback, escalations
-    per cascade, and per variant the BLS latency (last and sum, ms; call count) and the last predicted latency (ms)."""
+    per cascade, and per variant the BLS latency (last and sum, ms; call count) and the last predicted latency (ms).
+    ``bls_ms`` / ``predicted_ms``: every observation (ms) in order, for histograms."""
 
     decisions: dict[tuple[str, str], int] = field(default_factory=dict)
     fallbacks: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -122,6 +123,8 @@ class MetricsSnapshot:
     bls_sum_ms: dict[str, float] = field(default_factory=dict)
     bls_calls: dict[str, int] = field(default_factory=dict)
     predicted_last_ms: dict[str, float] = field(default_factory=dict)
+    bls_ms: dict[str, list[float]] = field(default_factory=dict)
+    predicted_ms: dict[str, list[float]] = field(default_factory=dict)
 
     def empty(self) -> bool:
         return not (self.decisions or self.fallbacks or self.bls_calls or self.escalations)
@@ -171,8 +174,10 @@ class BatchedEvents(Events):
             s.bls_last_ms[variant] = observed_ms
             s.bls_sum_ms[variant] = s.bls_sum_ms.get(variant, 0.0) + observed_ms
             s.bls_calls[variant] = s.bls_calls.get(variant, 0) + 1
+            s.bls_ms.setdefault(variant, []).append(observed_ms)
             if predicted_ms is not None:
                 s.predicted_last_ms[variant] = predicted_ms
+                s.predicted_ms.setdefault(variant, []).append(predicted_ms)
 
     def flush(self) -> None:
         """Hand what was summed since the last flush to ``sink`` (nothing when there is nothing)."""

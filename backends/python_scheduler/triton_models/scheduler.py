@@ -6,7 +6,8 @@ Outputs ``LOGITS``, ``VARIANT`` (the name of the variant that answered the row) 
 reason, code, cascade, escalated, confidence margin, threshold, predicted latency, observed BLS time, fallback),
 one per batch row. Settings come from this model's config.pbtxt parameters
 (``tcsched.settings.SchedulerSettings``, read in one call). Bad request parameters are answered with
-INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT). Custom metrics appear on Triton's metrics port with the ``tcsched_`` prefix.
+INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT). Custom metrics (:class:`_Metrics`, README "Metrics") appear on
+Triton's metrics port with the ``tcsched_`` prefix.
 """
 
 import json
@@ -18,46 +19,93 @@ import triton_python_backend_utils as pb_utils
 
 from tcsched import names
 from tcsched.manifest import Manifest
-from tcsched.scheduler.live import UpstreamProbe, gpu_state
-from tcsched.scheduler.policy import RequestError
+from tcsched.scheduler.live import UpstreamProbe, gpu_state, instance_counts
+from tcsched.scheduler.policy import RequestError, decision_label_sets
 from tcsched.scheduler.service import BatchedEvents, MetricsSnapshot, SchedulerService, VariantUnavailable
 from tcsched.settings import SchedulerSettings
 
+#: Histogram buckets of the latency metrics, seconds: 0.5 ms (a TensorRT variant's BLS call) to 2.5 s (an
+#: overloaded CPU queue); the CPU variants measured here take 3-60 ms per BLS call (README "Measured here").
+LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
 
 class _Metrics:
-    """Prometheus metrics through ``pb_utils.MetricFamily`` (one Metric per label set, created on first use),
-    fed with summed :class:`MetricsSnapshot` s a few times a second by :class:`BatchedEvents`."""
+    """The scheduler's Prometheus metrics through ``pb_utils.MetricFamily`` (python_backend 24.10: COUNTER, GAUGE,
+    HISTOGRAM), in base units (seconds, ratios). Fed with summed :class:`MetricsSnapshot` s a few times a second
+    by :class:`BatchedEvents`, from its thread: each ``increment``/``observe`` is an IPC call to the server.
+
+    Every label set that the manifest allows exists from the start at zero (so that ``rate()`` and absent-series
+    alerts work before the first event): decisions for each (variant, code) of
+    :func:`tcsched.scheduler.policy.decision_label_sets`, fallbacks for each ordered pair of variants,
+    escalations for each cascade, both histograms for each variant.
+    """
 
     def __init__(self, manifest: Manifest):
-        C, G = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        C, H = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.HISTOGRAM
         self.f_decisions = pb_utils.MetricFamily(
-            "tcsched_decisions_total", "requests routed, by variant and reason", C
+            "tcsched_decisions_total", "requests routed, by first variant and decision code (label reason)", C
         )
         self.f_fallbacks = pb_utils.MetricFamily(
-            "tcsched_fallbacks_total", "requests served by a fallback variant", C
+            "tcsched_fallbacks_total", "requests served by a fallback variant after from_variant failed", C
         )
-        self.f_observed = pb_utils.MetricFamily(
-            "tcsched_observed_latency_ms", "last BLS time of a variant, ms", G
-        )
-        self.f_predicted = pb_utils.MetricFamily(
-            "tcsched_predicted_latency_ms", "last predicted latency, ms", G
-        )
-        self.f_obs_sum = pb_utils.MetricFamily("tcsched_bls_latency_ms_total", "sum of BLS times, ms", C)
-        self.f_bls = pb_utils.MetricFamily("tcsched_bls_calls_total", "BLS calls, by variant", C)
-        self.f_gpu = pb_utils.MetricFamily("tcsched_gpu_utilization_percent", "NVML GPU utilisation", G)
         self.f_escalations = pb_utils.MetricFamily(
             "tcsched_escalations_total", "rows re-run on a cascade's next stage, by cascade", C
         )
+        self.f_bls = pb_utils.MetricFamily(
+            "tcsched_bls_duration_seconds",
+            "duration of one BLS call to a variant (its queue, compute, IPC)",
+            H,
+        )
+        self.f_predicted = pb_utils.MetricFamily(
+            "tcsched_predicted_latency_seconds",
+            "the decision's predicted latency (queue + service), by variant",
+            H,
+        )
         self._m = {}
-        for (
-            c
-        ) in manifest.cascades:  # at zero from the start, so that rate() works before the first escalation
+        names = [v.name for v in manifest.variants]
+        for variant, code in decision_label_sets(manifest):
+            self._get(self.f_decisions, variant=variant, reason=code)
+        for src in names:
+            for dst in names:
+                if src != dst:
+                    self._get(self.f_fallbacks, from_variant=src, to_variant=dst)
+        for c in manifest.cascades:
             self._get(self.f_escalations, cascade=c.label)
+        for v in names:
+            self._get(self.f_bls, variant=v)
+            self._get(self.f_predicted, variant=v)
+        self.gpu = None
+        if gpu_state() is not None:  # only where NVML sees a GPU
+            self.gpu = pb_utils.MetricFamily(
+                "tcsched_gpu_utilization", "NVML GPU utilisation, ratio 0-1", pb_utils.MetricFamily.GAUGE
+            ).Metric(labels={})
 
     def _get(self, family, **labels):
         key = (id(family), tuple(sorted(labels.items())))
         if key not in self._m:
-            self._m[key] = family.Metric(labels=labels)
+            if family is self.f_bls or family is self.f_predicted:
+                self._m[key] = family.Metric(labels=labels, buckets=list(LATENCY_BUCKETS_S))
+            else:
+                self._m[key] = family.Metric(labels=labels)
         return self._m[key]
 
     def __call__(self, s: MetricsSnapshot) -> None:
@@ -67,15 +115,18 @@ class _Metrics:
             self._get(self.f_fallbacks, from_variant=src, to_variant=dst).increment(n)
         for cascade, n in s.escalations.items():
             self._get(self.f_escalations, cascade=cascade).increment(n)
-        for variant, n in s.bls_calls.items():
-            self._get(self.f_observed, variant=variant).set(s.bls_last_ms[variant])
-            self._get(self.f_obs_sum, variant=variant).increment(s.bls_sum_ms[variant])
-            self._get(self.f_bls, variant=variant).increment(n)
-        for variant, ms in s.predicted_last_ms.items():
-            self._get(self.f_predicted, variant=variant).set(ms)
-        gpu = gpu_state()
-        if gpu is not None:
-            self._get(self.f_gpu).set(gpu.utilization_percent)
+        for variant, values in s.bls_ms.items():
+            m = self._get(self.f_bls, variant=variant)
+            for ms in values:
+                m.observe(ms / 1e3)
+        for variant, values in s.predicted_ms.items():
+            m = self._get(self.f_predicted, variant=variant)
+            for ms in values:
+                m.observe(ms / 1e3)
+        if self.gpu is not None:
+            g = gpu_state()
+            if g is not None:
+                self.gpu.set(g.utilization_percent / 100.0)
 
 
 class TritonPythonModel:
@@ -112,6 +163,11 @@ class TritonPythonModel:
             events=self.events,
             upstream_ms=self.upstream.wait_ms if self.upstream is not None else None,
         )
+        # the queue model: each variant's instances from its config (the variants are this model's siblings),
+        # and this scheduler's own instances, over which the arrivals are spread
+        load = self.service.load
+        load.instances = instance_counts(here.parent, [v.name for v in manifest.variants])
+        load.scheduler_instances = sum(max(1, g.get("count", 1)) for g in cfg.get("instance_group", [])) or 1
         self.input_name = manifest.input.name
         self.output_name = manifest.output.name
 
