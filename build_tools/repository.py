@@ -84,9 +84,22 @@ def _dynamic_batching(cfg: mc.ModelConfig, opts: ServingOptions) -> None:
     cfg.dynamic_batching.max_queue_delay_microseconds = opts.max_queue_delay_microseconds
 
 
+#: batch sizes of the variants' ``model_warmup`` in config.pbtxt: 1 only, valid under any max_batch_size, so
+#: that a config derived from this one with a smaller max_batch_size (Model Analyzer's sweep loads such configs
+#: through the repository API) still loads. The Python-backend variants also warm up at their own
+#: max_batch_size in ``initialize`` (triton_models/ort_variant.py), which follows whatever config they get.
+WARMUP_BATCH_SIZES = (1,)
+
+
 def _warmup(cfg: mc.ModelConfig, input_name: str, chw: list[int], batch_sizes: list[int]) -> None:
     """Triton's ``model_warmup``: zero tensors at these batch sizes before the model is marked ready, so the
-    first real requests (and the scheduler's latency observations) do not pay for a cold ONNX Runtime session."""
+    first real requests (and the scheduler's latency observations) do not pay for a cold ONNX Runtime session.
+
+    Raises:
+        ValueError: a batch size above the config's max_batch_size (Triton would refuse to load the model).
+    """
+    if any(b > max(1, cfg.max_batch_size) for b in batch_sizes):
+        raise ValueError(f"warmup batch sizes {batch_sizes} exceed max_batch_size {cfg.max_batch_size}")
     for b in batch_sizes:
         w = cfg.model_warmup.add(name=f"zeros_batch{b}", batch_size=b)
         spec = w.inputs[input_name]
@@ -101,9 +114,12 @@ def variant_config(
     """Config of one ONNX variant: Python backend + ONNX Runtime (CPU), or Triton's onnxruntime backend."""
     cfg = mc.ModelConfig(name=name, max_batch_size=opts.max_batch_size)
     cfg.input.append(_tensor(mc.ModelInput, input_name, mc.TYPE_FP32, chw))
-    cfg.output.append(_tensor(mc.ModelOutput, output_name, mc.TYPE_FP32, [classes]))
+    # labels beside every classifier model, so that class_count works wherever a client calls it
+    cfg.output.append(
+        _tensor(mc.ModelOutput, output_name, mc.TYPE_FP32, [classes], label_filename=LABELS_FILE)
+    )
     _dynamic_batching(cfg, opts)
-    _warmup(cfg, input_name, chw, sorted({1, opts.max_batch_size}))
+    _warmup(cfg, input_name, chw, list(WARMUP_BATCH_SIZES))
     if opts.variant_backend == "python":
         cfg.backend = "python"
         cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
@@ -130,7 +146,7 @@ def preprocess_config(opts: ServingOptions, chw: list[int]) -> mc.ModelConfig:
 def scheduler_config(opts: ServingOptions, chw: list[int], classes: int) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=SCHEDULER, backend="python", max_batch_size=opts.max_batch_size)
     cfg.input.append(_tensor(mc.ModelInput, PIXELS, mc.TYPE_FP32, chw))
-    cfg.output.append(_tensor(mc.ModelOutput, LOGITS, mc.TYPE_FP32, [classes]))
+    cfg.output.append(_tensor(mc.ModelOutput, LOGITS, mc.TYPE_FP32, [classes], label_filename=LABELS_FILE))
     cfg.output.append(_tensor(mc.ModelOutput, VARIANT, mc.TYPE_STRING, [1]))
     cfg.output.append(_tensor(mc.ModelOutput, DECISION, mc.TYPE_STRING, [1]))
     _dynamic_batching(cfg, opts)
@@ -213,7 +229,9 @@ def write_variant(
 
 
 def write_pipeline(repo: Path, labels: list[str], opts: ServingOptions, chw=(3, 224, 224)) -> None:
-    """Write preprocess, scheduler and the ``classifier`` ensemble with its labels file.
+    """Write preprocess, scheduler and the ``classifier`` ensemble, then the labels file of every model in
+    ``repo`` whose config names one (:func:`write_labels`: the ensemble, the scheduler, the variants written
+    before).
 
     Raises:
         ValueError: a label is empty or holds a newline (the labels file is one class per line).
@@ -222,8 +240,37 @@ def write_pipeline(repo: Path, labels: list[str], opts: ServingOptions, chw=(3, 
         raise ValueError("labels must be non-empty single-line strings")
     write_model(repo, preprocess_config(opts, list(chw)), thin_model_source("preprocess"))
     write_model(repo, scheduler_config(opts, list(chw), len(labels)), thin_model_source("scheduler"))
-    d = write_model(repo, ensemble_config(opts, len(labels)))
-    (d / LABELS_FILE).write_text("\n".join(labels) + "\n")
+    write_model(repo, ensemble_config(opts, len(labels)))
+    write_labels(repo, labels)
+
+
+def write_labels(repo: Path, labels: list[str]) -> list[Path]:
+    """Write ``labels`` (one class per line, line i = class index i) as every ``label_filename`` that the
+    configs in ``repo`` name (``<repo>/<model>/<label_filename>``); returns the files written.
+
+    Triton's classification extension (``class_count``) answers ``score:index:label`` from that file and
+    ``score:index`` without one (docs/protocol/extension_classification.md).
+
+    Raises:
+        ValueError: a config's output has a different number of classes than ``labels``, or a label file name
+            that is not a plain file name.
+    """
+    written = []
+    for path in sorted(repo.glob("*/config.pbtxt")):
+        cfg = parse(path.read_text())
+        for out in cfg.output:
+            if not out.label_filename:
+                continue
+            if Path(out.label_filename).name != out.label_filename:
+                raise ValueError(f"{path}: label_filename {out.label_filename!r} must be a file name")
+            if list(out.dims)[-1:] != [len(labels)]:
+                raise ValueError(
+                    f"{path}: output {out.name} has dims {list(out.dims)}, not {len(labels)} classes"
+                )
+            target = path.parent / out.label_filename
+            target.write_text("\n".join(labels) + "\n")
+            written.append(target)
+    return written
 
 
 REPOSITORY_README = (

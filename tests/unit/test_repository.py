@@ -4,6 +4,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tcsched.build_tools import repository as r
 from tcsched.fsutil import atomic_directory, clean_stale_temporaries
+from tests.helpers import tiny_classifier
+
+
+@pytest.fixture
+def tiny_onnx(tmp_path_factory):
+    return tiny_classifier(tmp_path_factory.mktemp("onnx") / "tiny.onnx", classes=10)
 
 
 def test_configs_roundtrip_through_model_config_proto(tmp_path):
@@ -24,7 +30,9 @@ def test_variant_config_python_and_onnxruntime_backends():
     py = r.variant_config("v", r.ServingOptions(), "input", "logits", [3, 224, 224], 1000)
     assert py.backend == "python" and py.parameters["onnx_file"].string_value == "model.onnx"
     assert py.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-    assert [(w.batch_size, w.inputs["input"].zero_data) for w in py.model_warmup] == [(1, True), (8, True)]
+    # batch 1 only: valid under any max_batch_size a tool derives from this config (the model warms up at its
+    # own max_batch_size in initialize)
+    assert [(w.batch_size, w.inputs["input"].zero_data) for w in py.model_warmup] == [(1, True)]
     ort = r.variant_config(
         "v", r.ServingOptions(variant_backend="onnxruntime"), "input", "logits", [3, 224, 224], 1000
     )
@@ -53,6 +61,31 @@ def test_pipeline_config_is_the_ensemble_without_the_scheduler():
         {"logits": "LOGITS"},
     )
     assert r.parse(r.render(cfg)) == cfg
+
+
+def test_every_classifier_model_has_its_labels(tmp_path, tiny_onnx):
+    opts = r.ServingOptions()
+    labels = [f"class {i}" for i in range(10)]
+    for v in ("m_fp32", "m_int8"):
+        r.write_variant(tmp_path, v, tiny_onnx, opts, classes=10)
+    r.write_pipeline(tmp_path, labels, opts)
+    for model in ("m_fp32", "m_int8", r.SCHEDULER, r.ENSEMBLE):
+        cfg = r.parse((tmp_path / model / "config.pbtxt").read_text())
+        (logits,) = [o for o in cfg.output if list(o.dims) == [10]]
+        assert logits.label_filename == r.LABELS_FILE, model
+        assert (tmp_path / model / r.LABELS_FILE).read_text().splitlines() == labels, model
+    assert not r.parse((tmp_path / r.PREPROCESS / "config.pbtxt").read_text()).output[0].label_filename
+    with pytest.raises(ValueError, match="not 3 classes"):
+        r.write_labels(tmp_path, labels[:3])
+
+
+def test_a_smaller_max_batch_size_keeps_a_loadable_warmup():
+    """Model Analyzer derives configs with max_batch_size 1, 2, 4, ... from the served one."""
+    cfg = r.variant_config("v", r.ServingOptions(max_batch_size=8), "input", "logits", [3, 224, 224], 1000)
+    cfg.max_batch_size = 1
+    assert all(w.batch_size <= cfg.max_batch_size for w in cfg.model_warmup)
+    with pytest.raises(ValueError, match="exceed max_batch_size"):
+        r._warmup(cfg, "input", [3, 224, 224], [2])
 
 
 def test_labels_must_be_single_lines(tmp_path):

@@ -33,6 +33,12 @@ class TritonPythonModel:
         self.model = OrtClassifier(path, threads=int(params.get("intra_op_num_threads", "0")) or None)
         self.input_name = cfg["input"][0]["name"]
         self.output_name = cfg["output"][0]["name"]
+        # warm up at this config's own max_batch_size: the config's model_warmup is batch 1 only, so that a
+        # config derived with a smaller max_batch_size (Model Analyzer's sweep) still loads (repository.py)
+        max_batch = int(cfg.get("max_batch_size", 0))
+        if max_batch > 1:
+            dims = [int(d) for d in cfg["input"][0]["dims"]]
+            self.model.run(np.zeros([max_batch, *dims], dtype=np.float32))
 
     def execute(self, requests):
         responses = [None] * len(requests)
