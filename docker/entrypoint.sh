@@ -16,15 +16,28 @@ set -euo pipefail
 
 cpu_repo="${TCSCHED_CPU_REPO:-/opt/tcsched/model_repository_cpu}"
 engine_dir="${TCSCHED_ENGINE_DIR:-/engines}"
-if [[ "${TCSCHED_CUDA_GRAPHS:-1}" == "1" ]]; then graphs_flag="--cuda-graphs"; else graphs_flag="--no-cuda-graphs"; fi
+graphs="${TCSCHED_CUDA_GRAPHS:-1}"
+case "${graphs}" in
+  1) graphs_flag="--cuda-graphs" ;;
+  0) graphs_flag="--no-cuda-graphs" ;;
+  *) echo "tcsched: TCSCHED_CUDA_GRAPHS must be 1 or 0, got '${graphs}'" >&2; exit 2 ;;
+esac
 
-gpu_key="$(python3 -c 'from tcsched.build_tools.tensorrt_engine import gpu_identity
-name, cc, version = gpu_identity()
+# the whole GPU stack (tensorrt, cuda-python, a CUDA GPU) is checked before any work, naming what is missing
+gpu_key="$(python3 -c 'import sys
+from tcsched.build_tools.tensorrt_engine import check_gpu_dependencies, gpu_identity
+try:
+    check_gpu_dependencies()
+    name, cc, version = gpu_identity()
+except (ImportError, RuntimeError) as e:
+    sys.exit(f"tcsched: {e}")
 print(f"cc{cc}-trt{version}")')" || {
   echo "tcsched: no usable GPU/TensorRT in this container (run it with --gpus / nvidia.com/gpu)" >&2
   exit 1
 }
-key="${gpu_key}-$(sha256sum "${cpu_repo}/manifest.json" | cut -c1-12)"
+# the key names everything the repository depends on: GPU architecture, TensorRT, the CUDA-graph setting (it is
+# written into every variant's config.pbtxt) and the CPU build; another value of any of them is another folder
+key="${gpu_key}-graphs${graphs}-$(sha256sum "${cpu_repo}/manifest.json" | cut -c1-12)"
 repo="${engine_dir}/${key}/model_repository"
 mkdir -p "${engine_dir}/${key}"
 
