@@ -133,6 +133,7 @@ def tensorrt_variant_config(
     input_dtype: int = mc.TYPE_FP32,
     output_dtype: int = mc.TYPE_FP32,
     instance_count: int = 1,
+    label_filename: str | None = None,
 ) -> mc.ModelConfig:
     """Triton config of one TensorRT variant.
 
@@ -142,7 +143,8 @@ def tensorrt_variant_config(
     ``default_model_filename: "model.plan"``, ``cc_model_filenames`` as given (compute capability such as
     ``"9.0"`` -> engine file name in the version folder), ``model_warmup`` at batch 1 and ``max_batch_size``,
     and with ``cuda_graphs`` ``optimization { cuda { graphs: true graph_spec {...} } }`` for every batch size
-    1..``max_batch_size`` (:func:`_add_cuda_graphs`).
+    1..``max_batch_size`` (:func:`_add_cuda_graphs`). ``label_filename``: the output's labels file in the model
+    folder (Triton's classification extension, ``class_count``).
 
     Raises:
         ValueError: bad model name, ``max_batch_size`` < 1, ``instance_count`` < 1, negative queue delay, a
@@ -156,7 +158,8 @@ def tensorrt_variant_config(
         default_model_filename=PLAN_FILENAME,
     )
     cfg.input.append(repo_mod._tensor(mc.ModelInput, input_name, input_dtype, list(chw)))
-    cfg.output.append(repo_mod._tensor(mc.ModelOutput, output_name, output_dtype, [classes]))
+    labels = {"label_filename": label_filename} if label_filename else {}
+    cfg.output.append(repo_mod._tensor(mc.ModelOutput, output_name, output_dtype, [classes], **labels))
     cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_microseconds
     cfg.instance_group.append(
         mc.ModelInstanceGroup(count=instance_count, kind=mc.ModelInstanceGroup.KIND_GPU)
@@ -283,6 +286,8 @@ def _validate_cpu_repository(cpu_repo: Path, gpu_repo: Path) -> Manifest:
             f"engines are built for input {te.INPUT_NAME!r} [3, 224, 224]; the manifest has "
             f"{m.input.name!r} {m.input.shape}"
         )
+    if m.variant(m.reference_variant).runtime != "onnxruntime":
+        raise ValueError(f"the reference variant {m.reference_variant} must be an ONNX Runtime graph")
     for v in m.variants:
         if not v.file.endswith(".onnx") or not (cpu_repo / v.file).is_file():
             raise ValueError(f"variant {v.name}: expected its ONNX graph at {cpu_repo / v.file}")
@@ -362,6 +367,7 @@ def _profile_engines(
 
 def _keep_if_pays(
     src: Manifest,
+    variants: list[VariantEntry],
     built: dict[str, te.EngineBuildResult],
     p50: dict[str, dict[int, float]],
     tmp: Path,
@@ -369,11 +375,11 @@ def _keep_if_pays(
 ) -> tuple[list[VariantEntry], dict[str, list[str]]]:
     """The variants kept (``sparse24`` only if it pays, :func:`sparse_keep_decision`; a dropped one's folder is
     removed) and the notes per variant (a drop is noted on fp16, or on the reference without fp16)."""
-    fp16 = next((v for v in src.variants if v.precision == "fp16"), None)
+    fp16 = next((v for v in variants if v.precision == "fp16"), None)
     note_target = fp16.name if fp16 is not None else src.reference_variant
     notes: dict[str, list[str]] = {}
     kept = []
-    for v in src.variants:
+    for v in variants:
         if v.precision == "sparse24":
             keep, reason = sparse_keep_decision(
                 built[v.name].sparse_layers_chosen, p50[v.name], p50[fp16.name] if fp16 else None
@@ -390,6 +396,7 @@ def _keep_if_pays(
 
 def _variant_config(cpu_repo: Path, src: Manifest, v: VariantEntry, source: Path, cc: str, cuda_graphs: bool):
     in_t, out_t = _onnx_io_types(source, src.input.name, src.output.name)
+    labels = cpu_repo / v.name / repo_mod.LABELS_FILE  # copied beside the config by the caller when present
     return tensorrt_variant_config(
         v.name,
         src.max_batch_size,
@@ -402,6 +409,7 @@ def _variant_config(cpu_repo: Path, src: Manifest, v: VariantEntry, source: Path
         classes=src.output.shape[0],
         input_dtype=in_t,
         output_dtype=out_t,
+        label_filename=repo_mod.LABELS_FILE if labels.is_file() else None,
     )
 
 
@@ -468,6 +476,32 @@ def _gpu_entry(
             "build_notes": [*_gpu_notes(v, source, res, lat, t), *extra_notes],
         }
     )
+
+
+def _write_variants(
+    cpu_repo: Path,
+    src: Manifest,
+    kept: list[VariantEntry],
+    sources: dict[str, EngineSource],
+    built: dict[str, te.EngineBuildResult],
+    lat: dict[str, dict[int, te.EngineLatency]],
+    tmp: Path,
+    t: _Target,
+    cuda_graphs: bool,
+    notes: dict[str, list[str]],
+) -> list[VariantEntry]:
+    """Each kept variant's config.pbtxt (and labels file) under ``tmp``; returns their GPU manifest entries."""
+    entries = []
+    for v in kept:
+        cfg = _variant_config(cpu_repo, src, v, sources[v.name].path, t.cc, cuda_graphs)
+        (tmp / v.name / "config.pbtxt").write_text(repo_mod.render(cfg))
+        if cfg.output[0].label_filename:
+            shutil.copyfile(cpu_repo / v.name / repo_mod.LABELS_FILE, tmp / v.name / repo_mod.LABELS_FILE)
+        ref = lat[src.reference_variant]
+        entries.append(
+            _gpu_entry(v, sources[v.name], built[v.name], lat[v.name], ref, tmp, t, notes.get(v.name, []))
+        )
+    return entries
 
 
 def _gpu_manifest(src: Manifest, entries: list[VariantEntry]) -> Manifest:
@@ -539,30 +573,28 @@ def convert_to_gpu_repository(
     if not isinstance(latency_repeats, int) or latency_repeats < 1:
         raise ValueError(f"latency_repeats must be an int >= 1, got {latency_repeats!r}")
     src = _validate_cpu_repository(cpu_repo, gpu_repo)
-    sources = {v.name: engine_source(cpu_repo, v) for v in src.variants}
+    # ONNX Runtime's variants are the ONNX graphs the CPU figures are of; other runtimes' (OpenVINO) are CPU-only
+    variants = [v for v in src.variants if v.runtime == "onnxruntime"]
+    sources = {v.name: engine_source(cpu_repo, v) for v in variants}
     console = console or Console()
     t = _target(src, identity or te.gpu_identity, timing_cache, workspace_bytes)
     console.print(
-        f"compiling {len(src.variants)} variants for {t.gpu_name} (compute capability {t.cc}), "
+        f"compiling {len(variants)} variants for {t.gpu_name} (compute capability {t.cc}), "
         f"TensorRT {t.trt_version}"
     )
     clean_stale_temporaries(gpu_repo)
     t_start = time.perf_counter()
     with atomic_directory(gpu_repo) as tmp:
         _copy_pipeline(cpu_repo, tmp)
-        built = _build_engines(src.variants, sources, tmp, t, console)
+        built = _build_engines(variants, sources, tmp, t, console)
         lat = _profile_engines(built, t, latency_repeats, console)
         p50 = {n: {b: x.p50_ms for b, x in by_b.items()} for n, by_b in lat.items()}
-        kept, extra_notes = _keep_if_pays(src, built, p50, tmp, console)
-        entries = []
-        for v in kept:
-            cfg = _variant_config(cpu_repo, src, v, sources[v.name].path, t.cc, cuda_graphs)
-            (tmp / v.name / "config.pbtxt").write_text(repo_mod.render(cfg))
-            ref = lat[src.reference_variant]
-            entry = _gpu_entry(
-                v, sources[v.name], built[v.name], lat[v.name], ref, tmp, t, extra_notes.get(v.name, [])
-            )
-            entries.append(entry)
+        kept, extra_notes = _keep_if_pays(src, variants, built, p50, tmp, console)
+        for v in src.variants:
+            if v.runtime != "onnxruntime":
+                note = f"{v.name}: runtime {v.runtime} (a CPU runtime): not compiled for the GPU"
+                extra_notes.setdefault(src.reference_variant, []).append(note)
+        entries = _write_variants(cpu_repo, src, kept, sources, built, lat, tmp, t, cuda_graphs, extra_notes)
         manifest = _gpu_manifest(src, entries)
         manifest.write(tmp / MANIFEST_FILENAME)
     console.print(

@@ -385,6 +385,10 @@ def test_convert_repository_mocked_tensorrt(tmp_path, monkeypatch):
         assert [w.batch_size for w in cfg.model_warmup] == [1, 8]
         assert cfg.dynamic_batching.max_queue_delay_microseconds == 1500  # taken over from the CPU config
         assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+        labels = cpu / v.name / r.LABELS_FILE
+        if labels.is_file():  # the classification extension's labels, as beside the CPU variant
+            assert cfg.output[0].label_filename == r.LABELS_FILE
+            assert (out / v.name / r.LABELS_FILE).read_bytes() == labels.read_bytes()
         assert (
             not (out / v.name / "1" / "model.onnx").exists()
             and not (out / v.name / "1" / "model.py").exists()
@@ -400,6 +404,29 @@ def test_convert_repository_mocked_tensorrt(tmp_path, monkeypatch):
     assert (
         Policy(m, LiveState()).rank(RequestOptions(accuracy_budget_points=1.0))[0].variant
         == "mobilenet_v2_int8"
+    )
+
+
+def test_convert_leaves_out_variants_of_other_cpu_runtimes_mocked_tensorrt(tmp_path, monkeypatch):
+    import typing
+
+    from tcsched import manifest as mf
+
+    if "openvino" not in typing.get_args(mf.Runtime):
+        pytest.skip("this manifest schema has no other CPU runtime")
+    cpu = _cpu_repo(tmp_path)
+    m = Manifest.read(cpu / "manifest.json")
+    m.variant("int8").runtime = "openvino"
+    m.write(cpu / "manifest.json")
+    fake = FakeEngines({"fp32": 1.0, "fp16": 0.6, "int8": 0.4, "sparse24": 0.5})
+    patch_engines(monkeypatch, fake)
+    gpu = g.convert_to_gpu_repository(cpu, tmp_path / "gpu", timing_cache=tmp_path / "c")
+    assert "mobilenet_v2_int8" not in [n for n, *_ in fake.builds] and "int8" not in [
+        v.precision for v in gpu.variants
+    ]
+    assert not (tmp_path / "gpu" / "mobilenet_v2_int8").exists()
+    assert any(
+        "mobilenet_v2_int8: runtime openvino (a CPU runtime)" in n for n in gpu.variant("fp32").build_notes
     )
 
 
