@@ -154,7 +154,9 @@ def _thresholds_for(
     return (best[2], True) if best is not None else (fallback[2], False)
 
 
-def _check(thresholds: Sequence[float], logits: Sequence[np.ndarray], ref: np.ndarray, name: str) -> CascadeCheck:
+def _check(
+    thresholds: Sequence[float], logits: Sequence[np.ndarray], ref: np.ndarray, name: str
+) -> CascadeCheck:
     """The thresholds applied to other rows (one per image): agreement with Wilson 95% interval, escalation."""
     stage = served_stage([confidence_margin(x) for x in logits[:-1]], thresholds)
     ok = np.choose(stage, [x.argmax(1) == ref.argmax(1) for x in logits])
