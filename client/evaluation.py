@@ -40,6 +40,10 @@ class EvalRow:
     agreement_with_fp32: float | None = None  # with the served fp32 variant, same run
     agreement_with_fp32_ci95: tuple[float, float] | None = None
     escalation_rate: float | None = None
+    # the manifest's escalation rate of the operating point that served (its evaluation-split check, and the
+    # calibration views), for comparison with the online one
+    manifest_escalation_rate: float | None = None
+    manifest_calibration_escalation_rate: float | None = None
     compute_ms_per_image: float | None = None
     compute_vs_fp32: float | None = None
     errors: int = 0
@@ -89,7 +93,7 @@ class EvalResult:
             "top-5",
             "agree fp32 [95%]",
             "agree eager",
-            "escalated",
+            "escalated (manifest: eval split)",
             "compute ms/img",
             "vs fp32",
             "errors",
@@ -109,7 +113,8 @@ class EvalResult:
                 pct(r.top5),
                 "-" if ci is None else f"{pct(r.agreement_with_fp32)} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]",
                 pct(r.agreement_with_reference),
-                pct(r.escalation_rate),
+                pct(r.escalation_rate)
+                + ("" if r.manifest_escalation_rate is None else f" ({pct(r.manifest_escalation_rate)})"),
                 "-" if r.compute_ms_per_image is None else f"{r.compute_ms_per_image:.2f}",
                 "-" if r.compute_vs_fp32 is None else f"{r.compute_vs_fp32:.2f}x",
                 str(r.errors),
@@ -139,6 +144,25 @@ def _row(name: str, res: list, labels: np.ndarray, eager_top1: np.ndarray | None
     if any((r.decision or {}).get("cascade") for r in ok):
         row.escalation_rate = float(np.mean([r.escalated for r in ok]))
     return row, (top5[:, 0] if len(ok) == len(res) else None)
+
+
+def _manifest_rates(row: EvalRow, res: list, manifest: Manifest) -> None:
+    """The manifest's escalation rates of the operating point most of ``res`` were served by."""
+    seen: dict[tuple[str, float], int] = {}
+    for r in res:
+        d = {} if isinstance(r, Exception) else (r.decision or {})
+        if d.get("cascade"):
+            key = (d["cascade"], d["target_agreement"])
+            seen[key] = seen.get(key, 0) + 1
+    if not seen:
+        return
+    label, target = max(seen, key=seen.get)
+    for c in manifest.cascades:
+        for op in c.operating_points:
+            if c.label == label and op.target_agreement == target:
+                row.manifest_calibration_escalation_rate = op.escalation_rate
+                if op.evaluation is not None:
+                    row.manifest_escalation_rate = op.evaluation.escalation_rate
 
 
 def run_eval(
@@ -188,6 +212,7 @@ def run_eval(
                 after = compute_ns(client, variant_names)
                 ms = sum(after[n][0] - before[n][0] for n in variant_names) / 1e6
                 row, top1 = _row(f"served: {name}", res, labels, eager_top1, ms)
+                _manifest_rates(row, res, manifest)
                 if top1 is not None:
                     top1s[len(rows)] = top1
                     if params.get("variant") in (ref_name, "fp32"):
