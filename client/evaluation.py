@@ -9,6 +9,7 @@ its ratio to static fp32's in the same run. Configurations run one after the oth
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -81,6 +82,7 @@ def row_from_topk(
 class EvalResult:
     rows: list[EvalRow]
     n_images: int
+    model_prefix: str = ""  # the variants' common name prefix (e.g. 'mobilenet_v2_'), left out of the table
 
     def as_dict(self) -> dict:
         return {"n_images": self.n_images, "rows": [r.as_dict() for r in self.rows]}
@@ -105,10 +107,13 @@ class EvalResult:
         def pct(v):
             return "-" if v is None else f"{100 * v:.2f}%"
 
+        def short(name: str) -> str:
+            return name.replace(self.model_prefix, "") if self.model_prefix else name
+
         for r in self.rows:
             ci = r.agreement_with_fp32_ci95
             t.add_row(
-                r.name,
+                short(r.name),
                 f"{100 * r.top1:.2f}% [{100 * r.ci95_top1[0]:.1f}, {100 * r.ci95_top1[1]:.1f}]",
                 pct(r.top5),
                 "-" if ci is None else f"{pct(r.agreement_with_fp32)} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]",
@@ -118,7 +123,7 @@ class EvalResult:
                 "-" if r.compute_ms_per_image is None else f"{r.compute_ms_per_image:.2f}",
                 "-" if r.compute_vs_fp32 is None else f"{r.compute_vs_fp32:.2f}x",
                 str(r.errors),
-                ", ".join(f"{k}: {v}" for k, v in r.variants_used.items()) or "-",
+                ", ".join(f"{short(k)}: {v}" for k, v in r.variants_used.items()) or "-",
             )
         return t
 
@@ -228,4 +233,5 @@ def run_eval(
             r.agreement_with_fp32_ci95 = wilson_interval(hits, len(items))
         if ref_compute and r.compute_ms_per_image is not None:
             r.compute_vs_fp32 = r.compute_ms_per_image / ref_compute
-    return EvalResult(rows, len(items))
+    prefix = os.path.commonprefix(variant_names)
+    return EvalResult(rows, len(items), prefix[: prefix.rfind("_") + 1] if len(variant_names) > 1 else "")
