@@ -18,6 +18,7 @@ Each step shows progress (rich). Everything is written into a temporary folder a
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import time
@@ -41,9 +42,12 @@ from tcsched.build_tools.graph_surgery import WEIGHT_OPS
 from tcsched.build_tools.latency import measure_latency
 from tcsched.build_tools.quantize import parse_calib_method
 from tcsched.build_tools.recipes import REGISTRY, BuildContext, BuiltVariant, Dropped, Recipe
+from tcsched.build_tools.recipes.pairs import ONNXRUNTIME, Pair, openvino_pairs
 from tcsched.build_tools.serving import Serving, decide_serving, write_serving_reports
 from tcsched.build_tools.tensorrt_graph import TENSORRT_GRAPH_FILENAME, write_tensorrt_form
 from tcsched.data import SPLIT_FRACTIONS, ImageItem, default_photos, list_images, split
+from tcsched.engines import load_engine
+from tcsched.engines.capabilities import cpu_capabilities
 from tcsched.fsutil import atomic_directory, check_replaceable_output, clean_stale_temporaries
 from tcsched.imaging import preprocess_bytes
 from tcsched.manifest import (
@@ -276,6 +280,8 @@ class Measured:
     eval_logits: np.ndarray
     latency_ms: dict[int, list[float]]
     _selection: Callable[[], np.ndarray] = field(repr=False)
+    runtime: str = ONNXRUNTIME
+    requires_cpu: tuple[str, ...] = ()
 
     @cached_property
     def selection_logits(self) -> np.ndarray:
@@ -325,30 +331,45 @@ def _eval_description(cfg: BuildConfig, splits: Splits, ctx: BuildContext) -> st
     )
 
 
-def measure(ctx: BuildContext, built: dict[str, BuiltVariant], eval_description: str) -> Measurements:
+def measure(
+    ctx: BuildContext,
+    built: dict[str, BuiltVariant],
+    eval_description: str,
+    pairs: Sequence[Pair] = (),
+) -> Measurements:
     """Logits of every built variant on the evaluation split, and latencies of all of them interleaved
-    (:func:`~tcsched.build_tools.latency.measure_latency`, ``cfg.latency_repeats`` rounds per batch size)."""
-    cfg = ctx.cfg
-    task = ctx.progress.add_task("accuracy", total=len(built))
-    logits: dict[str, np.ndarray] = {}
-    for name, v in built.items():
-        logits[name] = OrtClassifier(v.path, threads=cfg.threads).predict(
-            ctx.eval_images, batch_size=PREDICT_BATCH
-        )
-        ctx.progress.advance(task)
-    paths = {name: v.path for name, v in built.items()}
-    sample = ctx.eval_images[:LATENCY_SAMPLE_IMAGES]
-    lat = measure_latency(paths, cfg.latency_batch_sizes, cfg.latency_repeats, cfg.threads, sample)
+    (:func:`~tcsched.build_tools.latency.measure_latency`, ``cfg.latency_repeats`` rounds per batch size).
 
-    def selection(v: BuiltVariant) -> Callable[[], np.ndarray]:
-        if v.name == REFERENCE:
+    Every graph in ``built`` runs on ONNX Runtime; each of ``pairs`` (:mod:`tcsched.build_tools.recipes.pairs`)
+    is one of those graphs on another runtime, measured the same way, interleaved with the others."""
+    cfg = ctx.cfg
+    runs: dict[str, tuple[BuiltVariant, str, tuple[str, ...]]] = {
+        n: (v, ONNXRUNTIME, ()) for n, v in built.items()
+    }
+    runs.update({p.name: (p.variant, p.runtime, p.requires_cpu) for p in pairs})
+    engines = {n: (rt, v.precision) for n, (v, rt, _) in runs.items()}
+
+    def engine(n: str):
+        v, rt, _ = runs[n]
+        return load_engine(rt, v.path, threads=cfg.threads, precision=v.precision)
+
+    task = ctx.progress.add_task("accuracy", total=len(runs))
+    logits: dict[str, np.ndarray] = {}
+    for name in runs:
+        logits[name] = engine(name).predict(ctx.eval_images, batch_size=PREDICT_BATCH)
+        ctx.progress.advance(task)
+    paths = {name: v.path for name, (v, _, _) in runs.items()}
+    sample = ctx.eval_images[:LATENCY_SAMPLE_IMAGES]
+    lat = measure_latency(paths, cfg.latency_batch_sizes, cfg.latency_repeats, cfg.threads, sample, engines)
+
+    def selection(n: str) -> Callable[[], np.ndarray]:
+        if n == REFERENCE:
             return lambda: ctx.select_ref_logits
-        return lambda: OrtClassifier(v.path, threads=cfg.threads).predict(
-            ctx.select_views, batch_size=PREDICT_BATCH
-        )
+        return lambda: engine(n).predict(ctx.select_views, batch_size=PREDICT_BATCH)
 
     variants = {
-        model_name(n): Measured(v, model_name(n), logits[n], lat[n], selection(v)) for n, v in built.items()
+        model_name(n): Measured(v, model_name(n), logits[n], lat[n], selection(n), rt, req)
+        for n, (v, rt, req) in runs.items()
     }
     n_select = len(ctx.select)
     return Measurements(
@@ -410,17 +431,27 @@ def _entry(
     """The manifest entry of one measured variant, its model written under ``tmp``; ``verdict``: whether it is
     on the accuracy-latency front (:func:`tcsched.build_tools.cascade.pareto_front`)."""
     classes = ref.eval_logits.shape[1]
-    dst = repo_mod.write_variant(tmp, m.model_name, m.variant.path, cfg.serving, classes=classes)
+    dst = repo_mod.write_variant(
+        tmp,
+        m.model_name,
+        m.variant.path,
+        cfg.serving,
+        classes=classes,
+        runtime=m.runtime,
+        precision=m.variant.precision,
+    )
     p50, ref_p50 = m.p50_ms_by_batch, ref.p50_ms_by_batch
     return VariantEntry(
         name=m.model_name,
         precision=m.variant.precision,
+        runtime=m.runtime,
+        requires_cpu=list(m.requires_cpu),
         file=str(dst.relative_to(tmp)),
         size_bytes=dst.stat().st_size,
         accuracy=_accuracy(m.eval_logits, ref.eval_logits, measurements),
         latency=LatencyReport(
             device=f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            runtime="onnxruntime",
+            runtime=m.runtime,
             threads=cfg.threads,
             p50_ms_by_batch=p50,
             p99_ms_by_batch={b: float(np.percentile(v, 99)) for b, v in m.latency_ms.items()},
@@ -457,7 +488,9 @@ def write_repository(
             if m is ref:
                 notes += [f"{d.name} dropped: " + " ".join(d.notes) for d in dropped]
             entry = _entry(tmp, m, ref, measurements, cfg, notes, verdicts.get(m.model_name))
-            entry.tensorrt_graph = _tensorrt_graph(tmp, m, ref, measurements, ctx)
+            # a GPU build compiles each graph once, whatever CPU runtime a pair runs it on
+            if m.runtime == ONNXRUNTIME:
+                entry.tensorrt_graph = _tensorrt_graph(tmp, m, ref, measurements, ctx)
             entries.append(entry)
         repo_mod.write_pipeline(tmp, ctx.labels, cfg.serving)
         manifest = Manifest(
@@ -470,6 +503,7 @@ def write_repository(
             variants=entries,
             input_statistics=input_statistics(ctx.calib),
             cascades=serving.plan.cascades if serving is not None else [],
+            build_cpu=cpu_capabilities().to_list(),
         )
         manifest.write(tmp / MANIFEST_FILENAME)
         ctx.report.write(tmp / ANALYSIS_FILENAME)
@@ -509,7 +543,12 @@ def build(cfg: BuildConfig, console: Console | None = None, source: Source | Non
         ctx = prepare(cfg, splits, source, work, progress, console, step)
         outcome = run_recipes(ctx, recipes, step)
         progress.update(step, description="measure accuracy (evaluation split) and latency (interleaved)")
-        measurements = measure(ctx, outcome.built, _eval_description(cfg, splits, ctx))
+        pairs, pair_notes = openvino_pairs(
+            outcome.built, cpu_capabilities(), importlib.util.find_spec("openvino") is not None
+        )
+        if pair_notes:
+            outcome.dropped.append(Dropped("openvino pairs", pair_notes))
+        measurements = measure(ctx, outcome.built, _eval_description(cfg, splits, ctx), pairs)
         progress.advance(step)
         # every variant is built and measured here: which to serve (the accuracy-latency front) and the
         # confidence cascades calibrated on them are chosen before the manifest entries are written

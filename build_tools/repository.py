@@ -109,9 +109,24 @@ def _warmup(cfg: mc.ModelConfig, input_name: str, chw: list[int], batch_sizes: l
 
 
 def variant_config(
-    name: str, opts: ServingOptions, input_name: str, output_name: str, chw: list[int], classes: int
+    name: str,
+    opts: ServingOptions,
+    input_name: str,
+    output_name: str,
+    chw: list[int],
+    classes: int,
+    runtime: str = "onnxruntime",
+    precision: str = "fp32",
 ) -> mc.ModelConfig:
-    """Config of one ONNX variant: Python backend + ONNX Runtime (CPU), or Triton's onnxruntime backend."""
+    """Config of one ONNX variant run by ``runtime`` (onnxruntime | openvino): the Python backend running the
+    engine of :mod:`tcsched.engines` (parameters ``runtime``, ``precision``, ``onnx_file``,
+    ``intra_op_num_threads``), or for the official container Triton's own onnxruntime or openvino backend.
+
+    The openvino backend's parameters are those of its README ("Parameters"; read in src/openvino.cc,
+    ``ModelState::ParseParameters``): ``INFERENCE_NUM_THREADS``, ``NUM_STREAMS``, ``PERFORMANCE_HINT`` and
+    ``HINT_BF16`` (``YES`` for the bf16 variant). It has no ``INFERENCE_PRECISION_HINT`` parameter: with
+    ``HINT_BF16`` ``NO`` the float layers run in the CPU device's default precision (bf16 on CPUs with
+    native bf16), which the build did not measure for non-bf16 variants."""
     cfg = mc.ModelConfig(name=name, max_batch_size=opts.max_batch_size)
     cfg.input.append(_tensor(mc.ModelInput, input_name, mc.TYPE_FP32, chw))
     # labels beside every classifier model, so that class_count works wherever a client calls it
@@ -123,7 +138,28 @@ def variant_config(
     if opts.variant_backend == "python":
         cfg.backend = "python"
         cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
-        _set_params(cfg, {"onnx_file": "model.onnx", "intra_op_num_threads": opts.intra_op_num_threads})
+        _set_params(
+            cfg,
+            {
+                "onnx_file": "model.onnx",
+                "intra_op_num_threads": opts.intra_op_num_threads,
+                "runtime": runtime,
+                "precision": precision,
+            },
+        )
+    elif runtime == "openvino":
+        cfg.backend = "openvino"
+        cfg.default_model_filename = "model.onnx"
+        cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
+        _set_params(
+            cfg,
+            {
+                "INFERENCE_NUM_THREADS": opts.intra_op_num_threads,
+                "NUM_STREAMS": 1,
+                "PERFORMANCE_HINT": "LATENCY",
+                "HINT_BF16": "YES" if precision == "bf16" else "NO",
+            },
+        )
     else:
         cfg.backend = "onnxruntime"
         cfg.default_model_filename = "model.onnx"
@@ -219,9 +255,12 @@ def write_variant(
     output_name: str = "logits",
     chw: tuple[int, int, int] = (3, 224, 224),
     classes: int = 1000,
+    runtime: str = "onnxruntime",
+    precision: str = "fp32",
 ) -> Path:
-    """Copy ``onnx_path`` into the repository as variant ``name``; returns the model file path."""
-    cfg = variant_config(name, opts, input_name, output_name, list(chw), classes)
+    """Copy ``onnx_path`` into the repository as variant ``name`` run by ``runtime`` (:func:`variant_config`);
+    returns the model file path."""
+    cfg = variant_config(name, opts, input_name, output_name, list(chw), classes, runtime, precision)
     d = write_model(repo, cfg, thin_model_source("ort_variant") if opts.variant_backend == "python" else None)
     dst = d / "1" / "model.onnx"
     shutil.copyfile(onnx_path, dst)

@@ -83,7 +83,13 @@ def _select_variants(cfg: BenchConfig, manifest) -> list[str]:
         ValueError: a variant the repository does not have.
     """
     known = [v.name for v in manifest.variants]
-    served = [v.name for v in manifest.variants if v.serve_on_cpu_for_speed or manifest.target == "gpu"]
+    served = [
+        v.name
+        for v in manifest.variants
+        if manifest.target == "gpu"
+        or v.name == manifest.variant(manifest.reference_variant).name
+        or (v.serve_on_cpu_for_speed and v.on_pareto_front)
+    ]
     variants = list(cfg.variants) if cfg.variants else served
     unknown = [v for v in variants if v not in known]
     if unknown:
@@ -234,17 +240,18 @@ class _BenchRun:
             )
 
     def bare_sessions(self) -> dict:
-        """variant -> (``OrtClassifier`` with the serving threads, threads), for the ONNX Runtime variants."""
-        from tcsched.ort_runtime import OrtClassifier
+        """variant -> (its engine with the serving threads, threads), for the CPU variants (ONNX Runtime and
+        OpenVINO, :func:`tcsched.engines.load_engine`: the engine the variant model serves with)."""
+        from tcsched.engines import CPU_RUNTIMES, load_engine
 
         sessions = {}
         repo = Path(self.cfg.repo)
         for v in self.variants:
             entry = self.manifest.variant(v)
             path = repo / entry.file
-            if entry.runtime == "onnxruntime" and path.suffix == ".onnx" and path.is_file():
+            if entry.runtime in CPU_RUNTIMES and path.suffix == ".onnx" and path.is_file():
                 th = serving_threads(repo, v)
-                sessions[v] = (OrtClassifier(path, threads=th), th)
+                sessions[v] = (load_engine(entry.runtime, path, threads=th, precision=entry.precision), th)
             else:
                 self.log(f"  no bare measurement for {v} ({entry.runtime}, {entry.file})")
         return sessions
@@ -312,6 +319,11 @@ class _BenchRun:
         conf = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.cfg).items()}
         conf.update(
             variants=self.variants,
+            # variant -> [runtime, precision]: the (runtime, graph) pair of each, for the report's tables
+            pairs={
+                v: [self.manifest.variant(v).runtime, self.manifest.variant(v).precision]
+                for v in self.variants
+            },
             request_rates_used=self.rates,
             max_batch_size=self.manifest.max_batch_size,
             images=self.data.images,

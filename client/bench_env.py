@@ -15,7 +15,7 @@ from tcsched.client.perf_analyzer import perf_analyzer_version
 
 
 def environment(server_url: str | None = None) -> dict:
-    """CPU model, cores, load, and versions of tritonserver, perf_analyzer, onnxruntime, tcsched and friends."""
+    """CPU model, cores, load, and versions of tritonserver, perf_analyzer, onnxruntime, openvino, tcsched and friends."""
     import importlib.metadata as md
 
     cpu = platform.processor() or ""
@@ -42,6 +42,7 @@ def environment(server_url: str | None = None) -> dict:
         "python": sys.version.split()[0],
         "tcsched": ver("tcsched"),
         "onnxruntime": ver("onnxruntime"),
+        "openvino": ver("openvino"),
         "tritonclient": ver("tritonclient"),
         "nvidia_pytriton": ver("nvidia-pytriton"),
         "numpy": ver("numpy"),

@@ -114,12 +114,12 @@ def _header(result: BenchResult) -> list[str]:
         f"{_fmt((env.get('loadavg_1_5_15') or [None])[0], 2)} before / "
         f"{_fmt((env.get('loadavg_1_5_15_after') or [None])[0], 2)} after); tritonserver "
         f"{env.get('tritonserver')}, perf_analyzer {env.get('perf_analyzer')}, onnxruntime "
-        f"{env.get('onnxruntime')}, tcsched {env.get('tcsched')}, Python {env.get('python')}.",
+        f"{env.get('onnxruntime')}, openvino {env.get('openvino')}, tcsched {env.get('tcsched')}, Python {env.get('python')}.",
         "",
         f"perf_analyzer over gRPC, batch 1, {len(cfg.get('images', []))} real images round robin, windows of "
         f"{cfg.get('measurement_interval_ms')} ms, stable when the last 3 agree within "
         f"{cfg.get('stability_percentage')}% (at most {cfg.get('max_trials')} windows). Bare = the variant's "
-        "ONNX Runtime session in-process, same intra-op threads as serving, batch = min(concurrency, max batch). "
+        "engine in-process (ONNX Runtime or OpenVINO, as served), same intra-op threads as serving, batch = min(concurrency, max batch). "
         f"Whole run: {result.wall_s:.0f} s.",
         "",
     ]
@@ -127,16 +127,19 @@ def _header(result: BenchResult) -> list[str]:
 
 def _summary_section(result: BenchResult) -> list[str]:
     lines = [
-        "## Served variants vs bare ONNX Runtime, and the ensemble's overhead",
+        "## Served (runtime, graph) pairs vs their bare engine, and the ensemble's overhead",
         "",
-        "| variant | conc. | served img/s | p50 ms | p99 ms | bare img/s (batch) | served / bare "
+        "| variant | runtime | precision | conc. | served img/s | served / ORT int8 | p50 ms | p99 ms "
+        "| bare img/s (batch) | served / bare "
         "| ensemble img/s | ensemble p50 ms | ensemble p99 ms | ensemble p50 / direct p50 "
         "| pipeline p50 ms | ensemble p50 / pipeline p50 | scheduler p50 ms | scheduler p50 / direct p50 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: |",
     ]
     for r in result.summary()["by_variant"]:
         lines.append(
-            f"| {r['variant']} | {r['concurrency']} | {_fmt(r['served_img_per_s'])} | {_fmt(r['served_p50_ms'])} "
+            f"| {r['variant']} | {r.get('runtime') or '–'} | {r.get('precision') or '–'} | {r['concurrency']} "
+            f"| {_fmt(r['served_img_per_s'])} | {_fmt(r.get('served_over_ort_int8'), 2)} | {_fmt(r['served_p50_ms'])} "
             f"| {_fmt(r['served_p99_ms'])} | {_fmt(r['bare_img_per_s'])} ({r['bare_batch']}) "
             f"| {_fmt(r['served_over_bare'], 2)} | {_fmt(r['ensemble_img_per_s'])} | {_fmt(r['ensemble_p50_ms'])} "
             f"| {_fmt(r['ensemble_p99_ms'])} | {_fmt(r['ensemble_p50_over_direct_p50'], 2)} "

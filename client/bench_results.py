@@ -94,9 +94,13 @@ class BenchResult:
 
     def summary(self) -> dict:
         """The headline figures: per variant and concurrency, served img/s, p50/p99, bare img/s at the same
-        batch (``min(c, max_batch_size)``), served/bare; ensemble-forced p50 / direct p50."""
+        batch (``min(c, max_batch_size)``), served/bare; ensemble-forced p50 / direct p50; each variant's
+        (runtime, precision) pair and its served img/s / the ONNX Runtime int8 variant's at the same concurrency."""
         rows = []
         max_b = int(self.config.get("max_batch_size", 8))
+        pairs = self.config.get("pairs") or {}
+        # the ONNX Runtime int8 variant: the baseline of the served-pair ratio
+        ort_int8 = next((v for v, rp in pairs.items() if list(rp) == ["onnxruntime", "int8"]), None)
         for t in self.targets:
             if t.kind != "variant":
                 continue
@@ -106,10 +110,19 @@ class BenchResult:
                 sch = self.point(f"{SCHEDULER}[{t.name}]", "concurrency", c)
                 pipe = self.point(pipeline_name(t.name), "concurrency", c)
                 bare = self.bare_point(t.name, min(c, max_b))
+                base = self.point(ort_int8, "concurrency", c) if ort_int8 else None
+                runtime, precision = pairs.get(t.name, [None, None])
                 rows.append(
                     {
                         "variant": t.name,
+                        "runtime": runtime,
+                        "precision": precision,
                         "concurrency": c,
+                        "served_over_ort_int8": (
+                            p.throughput_infer_per_s / base.throughput_infer_per_s
+                            if p and base and base.throughput_infer_per_s
+                            else None
+                        ),
                         "served_img_per_s": p.throughput_infer_per_s if p else None,
                         "served_p50_ms": p.p50_ms if p else None,
                         "served_p99_ms": p.p99_ms if p else None,

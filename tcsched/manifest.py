@@ -19,10 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tcsched.precision import Precision
 
-SCHEMA_VERSION = "1.1"  # 1.1: cascades, accuracy intervals, Pareto-front flags
+# 1.1: cascades, accuracy intervals, Pareto-front flags; 1.2: openvino runtime, CPU capabilities
+SCHEMA_VERSION = "1.2"
 MANIFEST_FILENAME = "manifest.json"
 
-Runtime = Literal["onnxruntime", "tensorrt"]
+Runtime = Literal["onnxruntime", "openvino", "tensorrt"]
 
 
 class _Model(BaseModel):
@@ -149,6 +150,11 @@ class VariantEntry(_Model):
     serve_on_cpu_for_speed: bool = Field(
         default=True, description="False where the runtime only emulates this precision (fp16 on CPU)"
     )
+    requires_cpu: list[str] = Field(
+        default_factory=list,
+        description="CPU capabilities it runs natively only with (tcsched.engines.capabilities), e.g. ['bf16']: "
+        "on a CPU without them the scheduler treats it like emulated fp16",
+    )
     on_pareto_front: bool = Field(
         default=True,
         description="False when another variant is faster at every measured batch size and this one is not "
@@ -234,6 +240,11 @@ class Manifest(_Model):
     input_statistics: InputStatistics | None = None
     target: Literal["cpu", "gpu"] = "cpu"
     cascades: list[CascadeProfile] = Field(default_factory=list)
+    build_cpu: list[str] = Field(
+        default_factory=list,
+        description="capabilities of the CPU that built and measured it "
+        "(tcsched.engines.capabilities.CpuCapabilities.to_list)",
+    )
 
     @field_validator("variants")
     @classmethod

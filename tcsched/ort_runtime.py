@@ -1,139 +1,25 @@
-"""Engine management, CPU backend: ONNX Runtime sessions for the variant graphs.
+"""ONNX Runtime sessions for the variant graphs: the ONNX Runtime engine of :mod:`tcsched.engines`.
 
-Used both offline (profiling in ``build_tools``) and online (the variant models' ``model.py`` in Triton), so the
-latency the build measures is the latency of the same code the server runs.
+Kept as the import path the build, the variant models and the tests use; the code lives in
+:mod:`tcsched.engines.onnxruntime` (the engine) and :mod:`tcsched.engines.base` (input checks shared by every
+runtime).
 """
 
 from __future__ import annotations
 
-import functools
-import os
-from collections.abc import Iterator
+from tcsched.engines.base import (
+    InvalidInputError,
+    batches,
+    nonfinite_output_error,
+    normalised_range,
+)
+from tcsched.engines.onnxruntime import OrtClassifier, make_session
 
-import numpy as np
-
-
-def make_session(path: str | os.PathLike, threads: int | None = None, spin: bool = False):
-    """An ``onnxruntime.InferenceSession`` on the CPU execution provider.
-
-    Args:
-        path: ONNX file.
-        threads: intra-op threads (``None``: ONNX Runtime's default, one per physical core).
-        spin: allow intra-op thread spinning. Off by default: with several sessions (variants, Triton instances)
-            sharing two cores, spinning threads steal the cores from each other.
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-
-
-class InvalidInputError(ValueError):
-    """The input tensor is not what the model takes (dtype, shape, NaN or infinite values): a client error.
-
-    The variant models answer it with ``INVALID_ARG`` (HTTP 400, gRPC INVALID_ARGUMENT)."""
-
-
-@functools.cache
-def normalised_range() -> tuple[float, float]:
-    """(low, high) of an ImageNet-normalised image: x in [0, 1] per channel, (x - mean) / std with
-    torchvision's statistics (:data:`tcsched.imaging.IMAGENET_MEAN` / ``IMAGENET_STD``): about -2.118 to 2.640.
-    A finite input inside it that gives non-finite logits is a fault of the model, not of the client."""
-    from tcsched.imaging import IMAGENET_MEAN, IMAGENET_STD  # imported here: it imports PIL
-
-    pairs = list(zip(IMAGENET_MEAN, IMAGENET_STD, strict=True))
-    return min((0.0 - m) / s for m, s in pairs), max((1.0 - m) / s for m, s in pairs)
-
-
-def _expected_values() -> str:
-    lo, hi = normalised_range()
-    return f"expected finite ImageNet-normalised values (about {lo:.2f} to {hi:.2f})"
-
-
-class OrtClassifier:
-    """One ONNX classifier: float32 [N, 3, H, W] in, float32 [N, classes] logits out."""
-
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, spin: bool = False):
-        self.session = make_session(path, threads=threads, spin=spin)
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        self.input_shape = list(inp.shape)
-        self.output_name = self.session.get_outputs()[0].name
-
-    def check_input(self, x: np.ndarray) -> None:
-        """Refuse what the graph must not run on. Costs one ``np.isfinite`` pass: 0.18 ms for [8, 3, 224, 224]
-        on the project's 2-core machine (fp32 b8 ``session.run``: ~42 ms).
-
-        Raises:
-            InvalidInputError: ``x`` is not a float32 array of rank 4 with the model's C, H, W, or holds NaN or
-                infinite values; the message says what was received (no values echoed beyond a count and an
-                index) and what is expected.
-        """
-        if not isinstance(x, np.ndarray):
-            raise InvalidInputError(f"input must be a numpy array, got {type(x).__name__}")
-        if x.dtype != np.float32:
-            raise InvalidInputError(f"input must be float32, got {x.dtype}")
-        expected = self.input_shape[1:]
-        if x.ndim != 4 or any(
-            isinstance(e, int) and e != s for e, s in zip(expected, x.shape[1:], strict=False)
-        ):
-            shape = list(x.shape) if x.ndim <= 8 else f"rank {x.ndim}"
-            raise InvalidInputError(
-                f"input must have shape [N, {', '.join(map(str, expected))}], got {shape}"
-            )
-        if not np.isfinite(x).all():
-            bad = ~np.isfinite(x)
-            first = [int(i) for i in np.argwhere(bad)[0]]
-            raise InvalidInputError(
-                f"input has {int(np.isnan(x).sum())} NaN and {int(np.isinf(x).sum())} infinite values "
-                f"(first at index {first}); {_expected_values()}"
-            )
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """Logits of an input already checked by :meth:`check_input` (one ``session.run``)."""
-        return self.session.run([self.output_name], {self.input_name: x})[0]
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Logits for a batch: :meth:`check_input`, then :meth:`run`.
-
-        Raises:
-            InvalidInputError: see :meth:`check_input`.
-        """
-        self.check_input(x)
-        return self.run(x)
-
-    def predict(self, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """Logits for any number of images, run ``batch_size`` at a time."""
-        return np.concatenate([self(b) for b in batches(x, batch_size)], axis=0)
-
-
-def batches(x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    for i in range(0, len(x), batch_size):
-        yield np.ascontiguousarray(x[i : i + batch_size])
-
-
-def nonfinite_output_error(x: np.ndarray, logits: np.ndarray) -> tuple[str, bool] | None:
-    """``None`` when ``logits`` are all finite; else (message, is_client_error).
-
-    A client error when the (finite) input reaches outside :func:`normalised_range` (values that large can
-    overflow the graph, in fp16 above 65504); a model fault when it stays inside.
-    """
-    if np.isfinite(logits).all():
-        return None
-    lo, hi = float(x.min()), float(x.max())
-    low, high = normalised_range()
-    inside = low - 1e-3 <= lo and hi <= high + 1e-3
-    where = f"input values {lo:.3g} to {hi:.3g}"
-    if inside:
-        return f"the model produced non-finite logits for an input in the normal range ({where})", False
-    return (
-        f"the model's logits for this input are not finite ({where}); {_expected_values()}",
-        True,
-    )
+__all__ = [
+    "InvalidInputError",
+    "OrtClassifier",
+    "batches",
+    "make_session",
+    "nonfinite_output_error",
+    "normalised_range",
+]

@@ -41,10 +41,12 @@ Rules, in order:
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 
+from tcsched.engines.capabilities import cpu_capabilities, missing_capabilities
 from tcsched.manifest import Manifest, VariantEntry
 from tcsched.scheduler.cascades import rank_cascades
 from tcsched.scheduler.live import LoadTracker
@@ -146,6 +148,7 @@ class Policy:
         state: LiveState | None = None,
         latency_headroom: float = DEFAULTS.latency_headroom,
         max_utilization: float = DEFAULTS.max_utilization,
+        cpu: list[str] | None = None,
     ):
         if not 0 < latency_headroom <= 1 or not 0 < max_utilization < 1:
             raise ValueError(
@@ -157,13 +160,29 @@ class Policy:
         self.latency_headroom = latency_headroom
         self.max_utilization = max_utilization
         self.reference = manifest.variant(manifest.reference_variant).name
+        # variants needing a CPU capability the serving CPU lacks (bf16 built on a bf16 CPU, served on one
+        # without): treated like emulated fp16. ``cpu``: the serving CPU's capability names (default: this one's,
+        # tcsched.engines.capabilities, read only when some variant requires one)
+        self.lacking_cpu: dict[str, list[str]] = {}
+        if any(e.requires_cpu for e in manifest.variants):
+            have = cpu if cpu is not None else cpu_capabilities().to_list()
+            for e in manifest.variants:
+                if missing := missing_capabilities(e.requires_cpu, have):
+                    self.lacking_cpu[e.name] = missing
+                    logging.getLogger(__name__).warning(
+                        "%s was built on a CPU with %s, which this CPU lacks: not chosen for speed (like "
+                        "emulated fp16); a client may still force it",
+                        e.name,
+                        ", ".join(missing),
+                    )
 
     def servable(self, e: VariantEntry) -> bool:
-        """May the scheduler choose ``e`` by itself: run natively (not emulated) and on the accuracy-latency
-        front. On a GPU target the GPU build's own profile decides (every precision runs natively there)."""
+        """May the scheduler choose ``e`` by itself: run natively (not emulated, and the serving CPU has the
+        capabilities it was built for: :attr:`lacking_cpu`) and on the accuracy-latency front. On a GPU target
+        the GPU build's own profile decides (every precision runs natively there)."""
         if self.manifest.target == "gpu":
             return True
-        return e.serve_on_cpu_for_speed and e.on_pareto_front
+        return e.serve_on_cpu_for_speed and e.on_pareto_front and e.name not in self.lacking_cpu
 
     def predict(
         self, e: VariantEntry, batch_size: int, load: LoadTracker | None = None, now: float | None = None

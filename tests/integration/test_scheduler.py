@@ -29,8 +29,9 @@ def sched_repo(built_repo, tmp_path_factory):
     shutil.copytree(built_repo, repo)
     m = Manifest.read(repo / "manifest.json")
     for v in m.variants:
-        if v.precision == "int8":
+        if v.precision == "int8" and v.runtime == "onnxruntime":
             v.latency.p50_ms_by_batch = {b: 0.01 * b for b in v.latency.p50_ms_by_batch}
+            v.on_pareto_front, v.not_served_reason = True, None  # by far the fastest now
     m.write(repo / "manifest.json")
     return repo
 

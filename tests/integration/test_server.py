@@ -45,7 +45,8 @@ def test_request_parameters_are_honoured(server, built_repo):
     with ClassifierClient(server.http_url) as c:
         for v in m.variants:
             assert c.classify(img, parameters={"variant": v.name}).variant == v.name
-            assert c.classify(img, parameters={"variant": v.precision}).variant == v.name
+            if v.runtime == "onnxruntime":  # a precision names its ONNX Runtime variant (pairs: by name)
+                assert c.classify(img, parameters={"variant": v.precision}).variant == v.name
         for budget in (0.0, 100.0, "100"):
             r = c.classify(img, parameters={"accuracy_budget": budget})
             served = m.variant(r.variant)

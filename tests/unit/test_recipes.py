@@ -13,6 +13,7 @@ from rich.console import Console
 from tcsched.build_tools import build as build_mod
 from tcsched.build_tools.quantize import quantize_int8
 from tcsched.build_tools.recipes import REGISTRY, BuildContext, BuiltVariant, Dropped, Recipe, RecipeRegistry
+from tcsched.build_tools.recipes.pairs import PAIR_ONLY_PRECISIONS
 from tcsched.manifest import Manifest
 from tcsched.precision import Precision
 
@@ -68,7 +69,9 @@ def test_dependencies_come_first_and_must_be_requested():
 
 
 def test_the_builtin_recipes_are_the_manifest_precisions():
-    assert REGISTRY.names == get_args(Precision)
+    # every precision is a recipe's, or the precision a runtime gives a graph in a (runtime, graph) pair
+    assert set(REGISTRY.names) | set(PAIR_ONLY_PRECISIONS) == set(get_args(Precision))
+    assert not set(REGISTRY.names) & set(PAIR_ONLY_PRECISIONS)
     recipes = {n: REGISTRY.get(n) for n in REGISTRY.names}
     assert all(r.precision == n for n, r in recipes.items())
     assert recipes["int8_mixed"].needs == ("int8",)
@@ -145,7 +148,11 @@ def _cfg(tmp_path, variants) -> build_mod.BuildConfig:
 def test_a_registered_recipe_is_built_measured_and_written(tmp_path, toy_recipe):
     cfg = _cfg(tmp_path, ("fp32", "int8_percentile"))
     manifest = build_mod.build(cfg, Console(quiet=True), source=_tiny_source(tmp_path))
-    assert [v.name for v in manifest.variants] == ["mobilenet_v2_fp32", "mobilenet_v2_int8_percentile"]
+    ort = [v.name for v in manifest.variants if v.runtime == "onnxruntime"]
+    assert ort == ["mobilenet_v2_fp32", "mobilenet_v2_int8_percentile"]
+    # the fp32 graph is also measured on OpenVINO (a pair); a recipe OpenVINO does not pair stays ONNX Runtime's
+    pairs = [(v.name, v.precision) for v in manifest.variants if v.runtime == "openvino"]
+    assert pairs in ([("mobilenet_v2_bf16_openvino", "bf16")], [("mobilenet_v2_fp32_openvino", "fp32")])
     toy = manifest.variant("mobilenet_v2_int8_percentile")
     assert toy.precision == "int8" and toy.serve_on_cpu_for_speed
     assert set(toy.layer_precision.values()) == {"int8"} and len(toy.layer_precision) == 4

@@ -1,8 +1,10 @@
-"""Triton Python-backend model for one ONNX variant, run by ONNX Runtime on the CPU.
+"""Triton Python-backend model for one ONNX variant, run on the CPU by ONNX Runtime or OpenVINO.
 
-The embedded tritonserver (nvidia-pytriton) has no onnxruntime backend, so the variant graph runs in
-``tcsched.ort_runtime`` here; in the official container ``tcsched build --variant-backend onnxruntime`` emits
-configs for Triton's own onnxruntime backend instead.
+The embedded tritonserver (nvidia-pytriton) has neither an onnxruntime nor an openvino backend, so the variant
+graph runs in the engine of :mod:`tcsched.engines` that the config's ``runtime`` parameter names
+(``onnxruntime``, the default, or ``openvino``; ``precision`` selects OpenVINO's inference precision), one engine
+(one compiled model) per instance, ``intra_op_num_threads`` threads; in the official container ``tcsched build
+--variant-backend onnxruntime`` emits configs for Triton's own onnxruntime and openvino backends instead.
 
 Each request of a dynamic batch is checked on its own first (``OrtClassifier.check_input``: dtype, shape, NaN
 or infinite values); a bad one gets its own ``INVALID_ARG`` response (HTTP 400, gRPC INVALID_ARGUMENT) and the
@@ -17,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tcsched.engines import load_engine
+from tcsched.engines.base import InvalidInputError, nonfinite_output_error
 from tcsched.imaging import client_safe_text
-from tcsched.ort_runtime import InvalidInputError, OrtClassifier, nonfinite_output_error
 
 
 def _error(message: str, code) -> "pb_utils.InferenceResponse":
@@ -30,7 +33,12 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
-        self.model = OrtClassifier(path, threads=int(params.get("intra_op_num_threads", "0")) or None)
+        self.model = load_engine(
+            params.get("runtime", "onnxruntime"),
+            path,
+            threads=int(params.get("intra_op_num_threads", "0")) or None,
+            precision=params.get("precision", "fp32"),
+        )
         self.input_name = cfg["input"][0]["name"]
         self.output_name = cfg["output"][0]["name"]
         # warm up at this config's own max_batch_size: the config's model_warmup is batch 1 only, so that a

@@ -1,0 +1,258 @@
+"""The engine interface on tiny graphs: ONNX Runtime and OpenVINO give the same logits; the bf16 gate; the
+OpenVINO pairs of a build; the package without openvino."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tcsched.build_tools.quantize import quantize_int8
+from tcsched.build_tools.recipes.base import BuiltVariant
+from tcsched.build_tools.recipes.pairs import openvino_pairs
+from tcsched.engines import InvalidInputError, load_engine
+from tcsched.engines.capabilities import (
+    BF16,
+    CpuCapabilities,
+    cpu_capabilities,
+    missing_capabilities,
+    parse_cpuinfo,
+)
+from tcsched.scheduler.policy import Policy, RequestOptions
+from tests.helpers import make_manifest, tiny_classifier
+
+pytest.importorskip("openvino")
+
+NATIVE_BF16 = cpu_capabilities().native_bf16
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("engines")
+    fp32 = Path(tiny_classifier(d / "fp32.onnx"))
+    rng = np.random.default_rng(0)
+    calib = rng.normal(0, 1, (16, 3, 32, 32)).astype(np.float32)
+    int8 = quantize_int8(fp32, d / "int8.onnx", calib, method="minmax")
+    x = rng.normal(0, 1, (5, 3, 32, 32)).astype(np.float32)
+    return fp32, Path(int8), x
+
+
+def test_same_logits_fp32(graphs):
+    fp32, _, x = graphs
+    ort = load_engine("onnxruntime", fp32, threads=1)
+    ov = load_engine("openvino", fp32, threads=1)
+    a, b = ort(x), ov(x)
+    assert a.shape == b.shape == (5, 10) and b.dtype == np.float32
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    # batch size changes between calls (dynamic batch)
+    np.testing.assert_allclose(ov(x[:1]), a[:1], rtol=1e-4, atol=1e-4)
+    assert ov.runtime_property("INFERENCE_PRECISION_HINT") in ("f32", "float32")
+
+
+def test_same_logits_int8_qdq(graphs):
+    _, int8, x = graphs
+    a = load_engine("onnxruntime", int8, threads=1, precision="int8")(x)
+    b = load_engine("openvino", int8, threads=1, precision="int8")(x)
+    # both run the Q/DQ graph in int8; rounding of the requantised activations may differ by a step
+    scale = float(np.abs(a).max())
+    assert np.abs(a - b).max() <= 0.05 * scale
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.8
+
+
+def test_describe(graphs):
+    fp32, _, _ = graphs
+    import onnxruntime
+    import openvino
+
+    d = load_engine("openvino", fp32, threads=1).describe()
+    assert (d.runtime, d.precision, d.threads) == ("openvino", "fp32", 1)
+    assert openvino.__version__.startswith(d.version)
+    d = load_engine("onnxruntime", fp32, threads=2, precision="fp32").describe()
+    assert (d.runtime, d.version, d.threads) == ("onnxruntime", onnxruntime.__version__, 2)
+
+
+def test_input_checks_shared(graphs):
+    fp32, _, x = graphs
+    ov = load_engine("openvino", fp32, threads=1)
+    with pytest.raises(InvalidInputError, match="float32"):
+        ov(x.astype(np.float64))
+    with pytest.raises(InvalidInputError, match=r"shape \[N, 3, 32, 32\]"):
+        ov(x[:, :, :16])
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(InvalidInputError, match="1 NaN"):
+        ov(bad)
+
+
+def test_unknown_runtime(graphs):
+    with pytest.raises(ValueError, match="unknown CPU runtime 'tflite'.*onnxruntime, openvino"):
+        load_engine("tflite", graphs[0])
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16")
+def test_bf16_close_to_fp32(graphs):
+    fp32, _, x = graphs
+    a = load_engine("onnxruntime", fp32, threads=1)(x)
+    e = load_engine("openvino", fp32, threads=1, precision="bf16")
+    assert e.runtime_property("INFERENCE_PRECISION_HINT") in ("bf16", "bfloat16")
+    b = e(x)
+    assert np.abs(a - b).max() <= 0.03 * float(np.abs(a).max())  # bf16: 8-bit mantissa
+
+
+def test_bf16_refused_without_native(graphs, monkeypatch):
+    from tcsched.engines import capabilities
+
+    no_bf16 = CpuCapabilities(flags=frozenset({"avx2"}), openvino=frozenset({"FP32", "INT8"}))
+    monkeypatch.setattr(capabilities, "cpu_capabilities", lambda: no_bf16)
+    with pytest.raises(ValueError, match="bf16 needs a CPU that runs it natively.*avx2"):
+        load_engine("openvino", graphs[0], precision="bf16")
+
+
+def test_bf16_gate_needs_both_sources():
+    flags, model = parse_cpuinfo("processor\t: 0\nmodel name\t: Xeon X\nflags\t\t: fpu avx2 avx512_bf16\n")
+    assert "avx512_bf16" in flags and model == "Xeon X"
+    assert CpuCapabilities(frozenset({"avx512_bf16"}), frozenset({"BF16"})).native_bf16
+    assert CpuCapabilities(frozenset({"amx_bf16"}), frozenset({"BF16", "FP32"})).native_bf16
+    assert not CpuCapabilities(frozenset({"avx512_bf16"}), frozenset({"FP32"})).native_bf16
+    assert not CpuCapabilities(frozenset({"avx512f"}), frozenset({"BF16"})).native_bf16
+    caps = CpuCapabilities(frozenset({"amx_bf16"}), frozenset({"BF16"}))
+    assert BF16 in caps.to_list() and "openvino:BF16" in caps.to_list()
+    assert missing_capabilities(["bf16"], ["avx2"]) == ["bf16"]
+    assert missing_capabilities(["bf16"], caps.to_list()) == []
+
+
+def _variants(path: Path) -> dict[str, BuiltVariant]:
+    return {
+        n: BuiltVariant(n, p, path, {"conv": "fp32" if n == "fp32" else "int8"}, [], True)
+        for n, p in (("fp32", "fp32"), ("fp16", "fp16"), ("int8", "int8"))
+    }
+
+
+def test_openvino_pairs_follow_the_cpu(tmp_path):
+    built = _variants(tmp_path / "g.onnx")
+    with_bf16 = CpuCapabilities(frozenset({"amx_bf16"}), frozenset({"BF16"}))
+    pairs, notes = openvino_pairs(built, with_bf16, openvino_available=True)
+    assert [(p.name, p.variant.precision, p.requires_cpu) for p in pairs] == [
+        ("bf16_openvino", "bf16", ("bf16",)),
+        ("int8_openvino", "int8", ()),
+    ]
+    assert pairs[0].variant.layer_plan == {"conv": "bf16"} and notes == []
+    without = CpuCapabilities(frozenset({"avx2"}), frozenset({"FP32"}))
+    pairs, notes = openvino_pairs(built, without, openvino_available=True)
+    assert [(p.name, p.variant.precision) for p in pairs] == [
+        ("fp32_openvino", "fp32"),
+        ("int8_openvino", "int8"),
+    ]
+    assert "no native bf16" in notes[0]
+    pairs, notes = openvino_pairs(built, with_bf16, openvino_available=False)
+    assert pairs == [] and "pip install 'openvino==" in notes[0]
+
+
+SPECS = {
+    "m_fp32": ("fp32", 0.0, {1: 5.0, 8: 32.0}),
+    "m_int8": ("int8", 2.5, {1: 3.0, 8: 16.0}),
+    "m_bf16_openvino": ("bf16", 0.0, {1: 4.0, 8: 17.0}),
+    "m_int8_openvino": ("int8", 2.0, {1: 2.5, 8: 12.0}),
+}
+
+
+def _pair_manifest():
+    m = make_manifest(SPECS)
+    for e in m.variants:
+        if e.name.endswith("_openvino"):
+            e.runtime = "openvino"
+        if e.precision == "bf16":
+            e.requires_cpu = ["bf16"]
+    return m
+
+
+def test_scheduler_treats_bf16_as_emulated_without_native(caplog):
+    m = _pair_manifest()
+    with caplog.at_level("WARNING"):
+        p = Policy(m, cpu=["avx2"])
+    assert p.lacking_cpu == {"m_bf16_openvino": ["bf16"]}
+    assert "m_bf16_openvino was built on a CPU with bf16" in caplog.text
+    assert not p.servable(m.variant("m_bf16_openvino"))
+    # a 0.5-point budget: only fp32 and bf16 qualify; without native bf16 the reference answers
+    opts = RequestOptions(accuracy_budget_points=0.5)
+    assert p.rank(opts)[0].variant == "m_fp32"
+    # forced, it is still served
+    assert p.rank(RequestOptions(variant="m_bf16_openvino"))[0].variant == "m_bf16_openvino"
+    native = Policy(m, cpu=["bf16", "avx2"])
+    assert native.lacking_cpu == {} and native.rank(opts)[0].variant == "m_bf16_openvino"
+    # any pair: the fastest within the budget, whatever its runtime
+    assert native.rank(RequestOptions(accuracy_budget_points=3.0))[0].variant == "m_int8_openvino"
+
+
+def test_pareto_front_over_pairs():
+    from tcsched.build_tools.cascade import pareto_front
+
+    rng = np.random.default_rng(1)
+    n = 400
+    ref = np.ones(n, bool)
+    int8_ort = rng.random(n) < 0.97
+    agree = {
+        "fp32": ref,
+        "bf16_openvino": ref.copy(),
+        "int8": int8_ort,
+        "int8_openvino": int8_ort.copy(),  # same graph, same accuracy, faster: ORT int8 goes off the front
+    }
+    p50 = {
+        "fp32": {1: 5.5, 8: 40.0},
+        "bf16_openvino": {1: 4.4, 8: 21.0},
+        "int8": {1: 3.9, 8: 21.5},
+        "int8_openvino": {1: 3.5, 8: 17.0},
+    }
+    v = pareto_front(agree, p50, reference="fp32")
+    assert v["fp32"].on_front and v["bf16_openvino"].on_front and v["int8_openvino"].on_front
+    assert not v["int8"].on_front
+    assert "bf16_openvino" in v["int8"].reason or "int8_openvino" in v["int8"].reason
+
+
+def test_imports_and_asks_without_openvino(graphs):
+    code = (
+        "import sys; sys.modules['openvino'] = None\n"
+        "import tcsched.engines, tcsched.build_tools.build, tcsched.scheduler.policy\n"
+        "from tcsched.engines import MissingRuntimeError, load_engine\n"
+        "from tcsched.engines.capabilities import cpu_capabilities\n"
+        "assert not cpu_capabilities().native_bf16 and not cpu_capabilities().openvino\n"
+        "try:\n"
+        f"    load_engine('openvino', {str(graphs[0])!r})\n"
+        "except MissingRuntimeError as e:\n"
+        "    print('MISSING', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "MISSING the OpenVINO runtime is not installed: pip install 'openvino==" in out.stdout
+
+
+def test_variant_configs_per_runtime():
+    from tcsched.build_tools import repository as repo
+
+    python = repo.variant_config(
+        "m_bf16_openvino", repo.ServingOptions(), "input", "logits", [3, 224, 224], 1000, "openvino", "bf16"
+    )
+    params = {k: v.string_value for k, v in python.parameters.items()}
+    assert python.backend == "python"
+    assert params["runtime"] == "openvino" and params["precision"] == "bf16"
+    assert params["intra_op_num_threads"] == "2"
+    official = repo.ServingOptions(variant_backend="onnxruntime")
+    for precision, hint in (("bf16", "YES"), ("int8", "NO")):
+        cfg = repo.variant_config(
+            "m", official, "input", "logits", [3, 224, 224], 1000, "openvino", precision
+        )
+        # through model_config.proto: what is written parses back to the same message
+        again = repo.parse(repo.render(cfg))
+        assert again == cfg and again.backend == "openvino" and again.default_model_filename == "model.onnx"
+        p = {k: v.string_value for k, v in again.parameters.items()}
+        assert p == {
+            "INFERENCE_NUM_THREADS": "2",
+            "NUM_STREAMS": "1",
+            "PERFORMANCE_HINT": "LATENCY",
+            "HINT_BF16": hint,
+        }
+    ort = repo.variant_config("m", official, "input", "logits", [3, 224, 224], 1000)
+    assert ort.backend == "onnxruntime"
