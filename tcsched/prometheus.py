@@ -8,9 +8,40 @@ triton-inference-server.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+import importlib.util
+import sys
+import types
+from collections.abc import Callable, Iterable, Sequence
+from functools import cache
 
-from prometheus_client.parser import text_string_to_metric_families
+
+@cache
+def _text_parser() -> Callable[[str], Iterable]:
+    """``prometheus_client.parser.text_string_to_metric_families``.
+
+    The package's ``__init__`` also imports its HTTP exposition (``ssl``, ``wsgiref``) and registers the default
+    process and GC collectors, none of which a parser needs; and in the Python-backend stub of nvidia-pytriton
+    0.7.0 ``import ssl`` fails on some Python builds (measured here, pyenv 3.11.7: ``_ssl...so: undefined
+    symbol: _PyModule_Add``). When the package import fails, the parser module (which needs only
+    ``metrics_core``, ``samples`` and ``validation`` of the package) is loaded under a bare package module.
+
+    Raises:
+        ImportError: prometheus_client is not installed.
+    """
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return text_string_to_metric_families
+    except ImportError:
+        spec = importlib.util.find_spec("prometheus_client")
+        if spec is None or not spec.submodule_search_locations:
+            raise
+    package = types.ModuleType("prometheus_client")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    sys.modules["prometheus_client"] = package
+    return importlib.import_module("prometheus_client.parser").text_string_to_metric_families
 
 
 def sum_metric(text: str, name: str, models: Sequence[str] | None) -> float:
@@ -29,7 +60,7 @@ def sum_metric(text: str, name: str, models: Sequence[str] | None) -> float:
         ln for ln in text.splitlines() if ln.startswith(name) and ln[len(name) : len(name) + 1] in ("{", " ")
     ]
     total = 0.0
-    for family in text_string_to_metric_families("\n".join(lines) + "\n"):
+    for family in _text_parser()("\n".join(lines) + "\n"):
         for sample in family.samples:
             if sample.name == name and (wanted is None or sample.labels.get("model") in wanted):
                 total += float(sample.value)
