@@ -80,6 +80,14 @@ class _App(typer.Typer):
         except (FileNotFoundError, NotADirectoryError, PermissionError, ConnectionError, ValueError) as e:
             _error_line(" ".join(str(e).split()) or type(e).__name__)
             rc = 1
+        except ImportError as e:  # a command of an extra that is not installed
+            argv = list(args[0]) if args else sys.argv[1:]
+            cmd = next((a for a in argv if a in _EXTRA_OF), None)
+            extra = _EXTRA_OF.get(cmd or "", "build")
+            _error_line(
+                f"{e.name or e} is not installed: `tcsched {cmd or '...'}` needs `pip install 'tcsched[{extra}]'`"
+            )
+            rc = 1
         except Exception as e:
             if os.environ.get(DEBUG_ENV) == "1":
                 raise
@@ -92,6 +100,19 @@ class _App(typer.Typer):
 # click's ClickException (usage errors and the like): typer >= 0.2x vendors click, so found through typer's own
 # BadParameter rather than imported from click
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+#: the extra (pyproject.toml) each command needs beyond the base install
+_EXTRA_OF = {
+    "build": "build",
+    "analyze": "build",
+    "run": "build",
+    "serve": "serve",
+    "eval": "serve",
+    "bench": "bench",
+    "ramp": "bench",
+    "engines": "gpu",
+    "perf-analyzer": "client",
+}
 
 app = _App(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 

@@ -79,7 +79,9 @@ def pytriton_root() -> Path:
 
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("nvidia-pytriton is not installed: `pip install nvidia-pytriton==0.7.0`")
+        raise FileNotFoundError(
+            "nvidia-pytriton is not installed: `pip install 'tcsched[serve]'` (nvidia-pytriton==0.7.0)"
+        )
     root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
     if not (root / "bin" / "tritonserver").is_file():
         raise FileNotFoundError(f"no tritonserver binary under {root}")
