@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import onnx
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tcsched.build_tools import export as ex
 from tcsched.build_tools import repository as repo_mod
@@ -534,7 +534,9 @@ def build(cfg: BuildConfig, console: Console | None = None, source: Source | Non
     splits = make_splits(cfg)
 
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
-    with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
+    with Progress(
+        *columns, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console
+    ) as progress:
         step = progress.add_task("build", total=4 + len(recipes) + 2)
         if source is None:
             progress.update(step, description="export ONNX (torchvision MobileNetV2, IMAGENET1K_V1)")

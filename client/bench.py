@@ -158,6 +158,17 @@ class _BenchRun:
         self.errors: list[str] = []
         self.overhead: list[OverheadResult] = []
         self.rates: list[float] = []
+        # progress of the perf_analyzer points: done of planned, and the time they took (the ETA of the rest)
+        self.planned = plan(cfg, variants)["perf_analyzer_points"]
+        self.done = 0
+        self.started = time.monotonic()
+
+    def progress(self) -> str:
+        """``[k/N, ETA m:ss]`` after the k-th perf_analyzer point, from the mean time per point so far."""
+        self.done += 1
+        left = max(0, self.planned - self.done)
+        eta = (time.monotonic() - self.started) / self.done * left
+        return f"[{self.done}/{self.planned}, ETA {int(eta // 60)}:{int(eta % 60):02d}]"
 
     def load(self, **level: float) -> LoadSpec:
         """A load level (``concurrency=`` or ``request_rate=``) with the config's measurement settings."""
@@ -189,7 +200,7 @@ class _BenchRun:
             )
         except PerfAnalyzerError as e:
             self.errors.append(f"{t.name} {tag}: {str(e)[-600:]}")
-            self.log(f"  {t.name:34s} {tag:>18s}  FAILED (see errors)")
+            self.log(f"  {t.name:34s} {tag:>18s}  FAILED (see errors) {self.progress()}")
             return
         self.points.append(p)
         used = ""
@@ -199,7 +210,7 @@ class _BenchRun:
         self.log(
             f"  {t.name:34s} {tag:>18s}  {p.throughput_infer_per_s:7.1f} img/s  p50 {p.p50_ms:7.1f} ms"
             f"  p99 {p.p99_ms:7.1f} ms{'' if p.stable else f'  (stable only at {p.stability_percentage:g}%)'}"
-            f"{used}"
+            f"{used}  {self.progress()}"
         )
 
     def warm_up(self) -> None:

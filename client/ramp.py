@@ -176,7 +176,8 @@ def run_ramp(
         probe = probe_images(grpc_url, [it.read_bytes() for it in items], manifest)
         _warm_up(targets, grpc_url, data.ensemble_json)
         rng = random.Random(seed)
-        for c in levels:
+        t_levels = time.perf_counter()
+        for k, c in enumerate(levels, 1):
             runs = _run_level(
                 targets,
                 c,
@@ -192,6 +193,8 @@ def run_ramp(
                 point = pool_runs(t.name, c, runs[t.name], manifest, latency_budget_ms, probe)
                 points.append(point)
                 log(_point_line(point, mode, latency_budget_ms))
+            eta = (time.perf_counter() - t_levels) / k * (len(levels) - k)  # the mean level so far
+            log(f"level {k}/{len(levels)} done, ETA {int(eta // 60)}:{int(eta % 60):02d}")
     write_ramp_report(
         points, manifest, latency_budget_ms, output, time.perf_counter() - t0, mode, min_agreement
     )
