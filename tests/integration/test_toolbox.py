@@ -69,7 +69,14 @@ def test_a_variant_loads_with_a_smaller_max_batch_size_and_more_instances(server
     with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{v}/config", timeout=10) as r:
         cfg = json.loads(r.read())
     assert cfg["max_batch_size"] == 8 and [w["batch_size"] for w in cfg["model_warmup"]] == [1]
-    derived = {**cfg, "max_batch_size": 1, "instance_group": [{"count": 2, "kind": "KIND_CPU"}]}
+    # as Model Analyzer derives one: max_batch_size and instances changed, dynamic batching reset (the served
+    # config's preferred_batch_size, filled in by Triton, would exceed the new max_batch_size)
+    derived = {
+        **cfg,
+        "max_batch_size": 1,
+        "instance_group": [{"count": 2, "kind": "KIND_CPU"}],
+        "dynamic_batching": {},
+    }
     try:
         _repository(server, v, "load", {"parameters": {"config": json.dumps(derived)}})
         with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{v}/config", timeout=10) as r:
@@ -81,6 +88,16 @@ def test_a_variant_loads_with_a_smaller_max_batch_size_and_more_instances(server
         inp.set_data_from_numpy(x)
         assert np.isfinite(c.infer(v, [inp]).as_numpy(m.output.name)).all()
         c.close()
+        # what the configs had before: a batch-8 warmup sample makes the same derived config fail to load
+        batch8 = {**cfg["model_warmup"][0], "name": "zeros_batch8", "batch_size": 8}
+        with pytest.raises(urllib.error.HTTPError) as e:
+            _repository(
+                server,
+                v,
+                "load",
+                {"parameters": {"config": json.dumps({**derived, "model_warmup": [batch8]})}},
+            )
+        assert "failed to run warmup sample 'zeros_batch8'" in e.value.read().decode()
     finally:  # back to the repository's own config: a plain load keeps an override, unload + load does not
         _repository(server, v, "unload", {})
         _repository(server, v, "load", {})
