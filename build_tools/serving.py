@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tcsched.build_tools.cascade import ServingPlan, cascade_table, plan_serving, plot_cascades
+from tcsched.build_tools.cascade import FrontVerdict, ServingPlan, cascade_table, plan_serving, plot_cascades
 from tcsched.build_tools.drift_study import DriftStudy, drift_study
 from tcsched.data import ImageItem
 from tcsched.imaging import decode_image, preprocess_pil
@@ -60,7 +60,10 @@ def decide_serving(
         select_labels=m.select_labels,
     )
     drift = None
-    int8 = next((v for v in m.variants.values() if v.variant.precision == "int8"), None)
+    # the rule guarded INT8 variants: study the int8 variant that the scheduler serves (on the front) if any
+    int8s = [v for v in m.variants.values() if v.variant.precision == "int8"]
+    on_front = [v for v in int8s if plan.verdicts.get(v.model_name, FrontVerdict(False)).on_front]
+    int8 = (on_front or int8s or [None])[0]
     if int8 is not None and eval_items:
         threshold = None
         for c in plan.cascades:
