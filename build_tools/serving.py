@@ -18,6 +18,7 @@ import numpy as np
 from tcsched.build_tools.cascade import FrontVerdict, ServingPlan, cascade_table, plan_serving, plot_cascades
 from tcsched.build_tools.drift_study import DriftStudy, drift_study
 from tcsched.data import ImageItem
+from tcsched.engines import load_engine
 from tcsched.imaging import decode_image, preprocess_pil
 from tcsched.jsonio import atomic_write_json, atomic_write_text
 from tcsched.ort_runtime import OrtClassifier
@@ -71,7 +72,7 @@ def decide_serving(
                 op = next((o for o in c.operating_points if o.target_agreement == DEFAULT_TARGET), None)
                 threshold = op.thresholds[0] if op is not None else None
         fp32 = OrtClassifier(m.variants[m.reference].variant.path, threads=threads)
-        q = OrtClassifier(int8.variant.path, threads=threads)
+        q = load_engine(int8.runtime, int8.variant.path, threads=threads, precision=int8.variant.precision)
         images = [decode_image(it.read_bytes()) for it in eval_items[:DRIFT_IMAGES]]
         task = progress.add_task("drift-check study (corruptions)", total=8) if progress is not None else None
         drift = drift_study(
