@@ -101,8 +101,10 @@ def test_decision_metrics_and_latency_gauges(explicit_server):
     assert (
         metric(explicit_server, "tcsched_decisions_total", variant=r.variant, reason="forced") == before + 1
     )
-    assert metric(explicit_server, "tcsched_observed_latency_ms", variant=r.variant) > 0
-    assert metric(explicit_server, "tcsched_predicted_latency_ms", variant=r.variant) > 0
+    # histograms in seconds (README "Metrics"): observations and their sum
+    for hist in ("tcsched_bls_duration_seconds", "tcsched_predicted_latency_seconds"):
+        assert metric(explicit_server, f"{hist}_count", variant=r.variant) >= 2, hist
+        assert 0 < metric(explicit_server, f"{hist}_sum", variant=r.variant) < 60, hist
 
 
 def test_scheduler_reads_the_time_spent_in_preprocess_from_triton_metrics(explicit_server):
