@@ -159,7 +159,7 @@ class VariantEntry(_Model):
         default=True,
         description="False when another variant is faster at every measured batch size and this one is not "
         "significantly more accurate (paired 95% interval of the agreement difference): the scheduler then "
-        "never chooses it (a client may still force it)",
+        "never chooses it on its own (a calibrated cascade may use it as a stage; a client may force it)",
     )
     not_served_reason: str | None = Field(default=None, description="why the scheduler does not choose it")
 
@@ -206,7 +206,10 @@ class OperatingPoint(_Model):
     top1_drop_points: float | None = Field(
         default=None, description="fp32 top-1 minus the cascade's, if labeled"
     )
-    met: bool = Field(description="agreement >= target_agreement on the calibration set")
+    met: bool = Field(
+        description="the lower end of agreement_ci95 >= target_agreement on the calibration set (the rule of "
+        "tcsched.build_tools.cascade); the scheduler uses met operating points only"
+    )
     evaluation: CascadeCheck | None = None
 
     @property

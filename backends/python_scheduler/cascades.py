@@ -2,7 +2,7 @@
 
 Used when ``min_agreement`` is set and the manifest has calibrated cascades:
   candidates = the fp32 reference alone (agreement 1 by definition) and every calibrated cascade whose stages are
-  all servable and healthy, each at its operating point for the smallest target >= ``min_agreement`` that the
+  all runnable (:meth:`Policy.runnable`: a stage need not be on the single-variant front) and healthy, each at its operating point for the smallest target >= ``min_agreement`` that the
   calibration met (and, with both budgets given, whose measured top-1 drop fits ``accuracy_budget``).
   A cascade's predicted latency = its first stage at B rows + each later stage at its expected rows
   (reach rate x B), weighted by the chance that any row reaches it; each stage's prediction is corrected for
@@ -44,7 +44,7 @@ def cascade_candidates(
             entries = [m.variant(s) for s in c.stages]
         except KeyError:
             continue
-        if not all(policy.servable(e) and policy.state.healthy(e.name, now) for e in entries):
+        if not all(policy.runnable(e) and policy.state.healthy(e.name, now) for e in entries):
             continue
         ops = sorted(
             (

@@ -176,13 +176,18 @@ class Policy:
                         ", ".join(missing),
                     )
 
-    def servable(self, e: VariantEntry) -> bool:
-        """May the scheduler choose ``e`` by itself: run natively (not emulated, and the serving CPU has the
-        capabilities it was built for: :attr:`lacking_cpu`) and on the accuracy-latency front. On a GPU target
-        the GPU build's own profile decides (every precision runs natively there)."""
+    def runnable(self, e: VariantEntry) -> bool:
+        """Does ``e`` run natively here: not emulated, and the serving CPU has the capabilities it was built for
+        (:attr:`lacking_cpu`). A calibrated cascade may use any runnable variant as a stage. On a GPU target the
+        GPU build's own profile decides (every precision runs natively there)."""
         if self.manifest.target == "gpu":
             return True
-        return e.serve_on_cpu_for_speed and e.on_pareto_front and e.name not in self.lacking_cpu
+        return e.serve_on_cpu_for_speed and e.name not in self.lacking_cpu
+
+    def servable(self, e: VariantEntry) -> bool:
+        """May the scheduler choose ``e`` on its own: runnable (:meth:`runnable`) and on the accuracy-latency
+        front."""
+        return self.runnable(e) and (self.manifest.target == "gpu" or e.on_pareto_front)
 
     def predict(
         self, e: VariantEntry, batch_size: int, load: LoadTracker | None = None, now: float | None = None

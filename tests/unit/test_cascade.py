@@ -57,22 +57,22 @@ def test_calibration_reaches_each_target_at_the_lowest_escalation():
     base = float(np.mean(fast.argmax(1) == ref.argmax(1)))
     assert base < 0.97  # the cascade has work to do
     rates = []
+    from tcsched.build_tools.cascade import _lower_bound
+
     for op in prof.operating_points:
-        assert op.met and op.agreement >= op.target_agreement
+        # the rule: the lower end of the 95% interval reaches the target
+        assert op.met and op.agreement_ci95[0] >= op.target_agreement
         assert op.agreement_ci95[0] <= op.agreement <= op.agreement_ci95[1]
-        esc = confidence_margin(fast) < op.thresholds[0]
-        served_ok = np.where(esc, True, fast.argmax(1) == ref.argmax(1))
-        assert served_ok.mean() == pytest.approx(op.agreement) and esc.mean() == pytest.approx(
-            op.escalation_rate
-        )
-        # one row fewer escalated (the most confident of those escalated) would miss the target: the lowest rate
         m = confidence_margin(fast)
+        esc = m < op.thresholds[0]
+        served_ok = np.where(esc, True, fast.argmax(1) == ref.argmax(1))
+        assert served_ok.mean() == pytest.approx(op.agreement) and esc.mean() == pytest.approx(op.escalation_rate)
+        # one row fewer escalated (the most confident of those escalated) would miss it: the lowest rate
         keep = np.argmax(np.where(esc, m, -1))
         fewer = esc.copy()
         fewer[keep] = False
-        assert np.where(fewer, True, fast.argmax(1) == ref.argmax(1)).mean() < op.target_agreement or (
-            fast.argmax(1)[keep] == ref.argmax(1)[keep]
-        )
+        fewer_ok = np.where(fewer, True, fast.argmax(1) == ref.argmax(1))
+        assert _lower_bound(fewer_ok, groups) < op.target_agreement or fewer_ok[keep]
         rates.append(op.escalation_rate)
         assert op.expected_latency_ms_by_batch[1] == pytest.approx(3.0 + op.escalation_rate * 5.0)
     assert rates[0] < rates[1]  # a higher target costs more escalations
