@@ -66,7 +66,9 @@ def test_calibration_reaches_each_target_at_the_lowest_escalation():
         m = confidence_margin(fast)
         esc = m < op.thresholds[0]
         served_ok = np.where(esc, True, fast.argmax(1) == ref.argmax(1))
-        assert served_ok.mean() == pytest.approx(op.agreement) and esc.mean() == pytest.approx(op.escalation_rate)
+        assert served_ok.mean() == pytest.approx(op.agreement) and esc.mean() == pytest.approx(
+            op.escalation_rate
+        )
         # one row fewer escalated (the most confident of those escalated) would miss it: the lowest rate
         keep = np.argmax(np.where(esc, m, -1))
         fewer = esc.copy()
