@@ -22,9 +22,8 @@ import importlib.util
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -39,30 +38,34 @@ from tcsched.build_tools.augment import label_preserving_views
 from tcsched.build_tools.cascade import FrontVerdict
 from tcsched.build_tools.config import BuildConfig
 from tcsched.build_tools.graph_surgery import WEIGHT_OPS
-from tcsched.build_tools.latency import measure_latency
+from tcsched.build_tools.measure import (  # noqa: F401 - re-exported: the build's stages and figures in one place
+    LATENCY_SAMPLE_IMAGES,
+    MODEL_PREFIX,
+    PREDICT_BATCH,
+    Measured,
+    Measurements,
+    _accuracy,
+    _tensorrt_graph,
+    measure,
+    model_name,
+)
 from tcsched.build_tools.quantize import parse_calib_method
 from tcsched.build_tools.recipes import REGISTRY, BuildContext, BuiltVariant, Dropped, Recipe
-from tcsched.build_tools.recipes.pairs import ONNXRUNTIME, Pair, openvino_pairs
+from tcsched.build_tools.recipes.pairs import ONNXRUNTIME, openvino_pairs
 from tcsched.build_tools.serving import Serving, decide_serving, write_serving_reports
-from tcsched.build_tools.tensorrt_graph import TENSORRT_GRAPH_FILENAME, write_tensorrt_form
 from tcsched.data import SPLIT_FRACTIONS, ImageItem, default_photos, list_images, split
-from tcsched.engines import load_engine
 from tcsched.engines.capabilities import cpu_capabilities
 from tcsched.fsutil import atomic_directory, check_replaceable_output, clean_stale_temporaries
 from tcsched.imaging import preprocess_bytes
 from tcsched.manifest import (
     MANIFEST_FILENAME,
-    AccuracyReport,
     InputStatistics,
     LatencyReport,
     Manifest,
-    TensorRTGraph,
     TensorSpec,
     VariantEntry,
 )
-from tcsched.metrics import mean_kl, top1_agreement, topk_accuracy, wilson_interval
 from tcsched.ort_runtime import OrtClassifier
-from tcsched.precision import REFERENCE
 
 __all__ = [
     "ANALYSIS_FILENAME",
@@ -80,16 +83,7 @@ __all__ = [
 ]
 
 SUPPORTED_VARIANTS = DEFAULT_VARIANTS = REGISTRY.names  # the built-in recipes
-MODEL_PREFIX = "mobilenet_v2"
 ANALYSIS_FILENAME = "analysis.json"
-# images per ONNX Runtime call when computing logits: bounds the memory of one call, not a tuned figure
-PREDICT_BATCH = 16
-LATENCY_SAMPLE_IMAGES = 8  # evaluation images repeated or cut to each latency batch size
-
-
-def model_name(variant: str) -> str:
-    """Triton model name of a variant: ``mobilenet_v2_int8``."""
-    return f"{MODEL_PREFIX}_{variant}"
 
 
 @dataclass
@@ -269,58 +263,6 @@ def run_recipes(ctx: BuildContext, recipes: Sequence[Recipe], step: TaskID | Non
 # -------------------------------------------------------------------------------------------------- measurement
 
 
-@dataclass
-class Measured:
-    """One built variant measured: logits float32 [N_eval, classes] on the evaluation split, and ms of one
-    ``session.run`` per interleaved round by batch size. ``selection_logits`` (float32 [N_views, classes], on
-    ``BuildContext.select_views``) are computed on first use."""
-
-    variant: BuiltVariant
-    model_name: str
-    eval_logits: np.ndarray
-    latency_ms: dict[int, list[float]]
-    _selection: Callable[[], np.ndarray] = field(repr=False)
-    runtime: str = ONNXRUNTIME
-    requires_cpu: tuple[str, ...] = ()
-
-    @cached_property
-    def selection_logits(self) -> np.ndarray:
-        return self._selection()
-
-    @property
-    def p50_ms_by_batch(self) -> dict[int, float]:
-        return {b: float(np.median(v)) for b, v in self.latency_ms.items()}
-
-
-@dataclass
-class Measurements:
-    """Every built variant measured, keyed by Triton model name, the reference (fp32) first.
-
-    ``select_groups`` int [N_views]: the selection image of each view (views of one image share it);
-    ``select_labels`` / ``eval_labels``: int labels or None. ``eval_description``: the images the figures are
-    on (the manifest's accuracy dataset).
-    """
-
-    variants: dict[str, Measured]
-    reference: str
-    select_groups: np.ndarray
-    select_labels: np.ndarray | None
-    eval_labels: np.ndarray | None
-    eval_description: str
-
-    def eval_logits(self) -> dict[str, np.ndarray]:
-        return {n: m.eval_logits for n, m in self.variants.items()}
-
-    def selection_logits(self) -> dict[str, np.ndarray]:
-        return {n: m.selection_logits for n, m in self.variants.items()}
-
-    def p50_ms_by_batch(self) -> dict[str, dict[int, float]]:
-        return {n: m.p50_ms_by_batch for n, m in self.variants.items()}
-
-    def served_on_cpu_for_speed(self) -> dict[str, bool]:
-        return {n: m.variant.served_on_cpu_for_speed for n, m in self.variants.items()}
-
-
 def _eval_description(cfg: BuildConfig, splits: Splits, ctx: BuildContext) -> str:
     n_views = len(ctx.select_views) // len(ctx.select)
     return (
@@ -331,92 +273,7 @@ def _eval_description(cfg: BuildConfig, splits: Splits, ctx: BuildContext) -> st
     )
 
 
-def measure(
-    ctx: BuildContext,
-    built: dict[str, BuiltVariant],
-    eval_description: str,
-    pairs: Sequence[Pair] = (),
-) -> Measurements:
-    """Logits of every built variant on the evaluation split, and latencies of all of them interleaved
-    (:func:`~tcsched.build_tools.latency.measure_latency`, ``cfg.latency_repeats`` rounds per batch size).
-
-    Every graph in ``built`` runs on ONNX Runtime; each of ``pairs`` (:mod:`tcsched.build_tools.recipes.pairs`)
-    is one of those graphs on another runtime, measured the same way, interleaved with the others."""
-    cfg = ctx.cfg
-    runs: dict[str, tuple[BuiltVariant, str, tuple[str, ...]]] = {
-        n: (v, ONNXRUNTIME, ()) for n, v in built.items()
-    }
-    runs.update({p.name: (p.variant, p.runtime, p.requires_cpu) for p in pairs})
-    engines = {n: (rt, v.precision) for n, (v, rt, _) in runs.items()}
-
-    def engine(n: str):
-        v, rt, _ = runs[n]
-        return load_engine(rt, v.path, threads=cfg.threads, precision=v.precision)
-
-    task = ctx.progress.add_task("accuracy", total=len(runs))
-    logits: dict[str, np.ndarray] = {}
-    for name in runs:
-        logits[name] = engine(name).predict(ctx.eval_images, batch_size=PREDICT_BATCH)
-        ctx.progress.advance(task)
-    paths = {name: v.path for name, (v, _, _) in runs.items()}
-    sample = ctx.eval_images[:LATENCY_SAMPLE_IMAGES]
-    lat = measure_latency(paths, cfg.latency_batch_sizes, cfg.latency_repeats, cfg.threads, sample, engines)
-
-    def selection(n: str) -> Callable[[], np.ndarray]:
-        if n == REFERENCE:
-            return lambda: ctx.select_ref_logits
-        return lambda: engine(n).predict(ctx.select_views, batch_size=PREDICT_BATCH)
-
-    variants = {
-        model_name(n): Measured(v, model_name(n), logits[n], lat[n], selection(n), rt, req)
-        for n, (v, rt, req) in runs.items()
-    }
-    n_select = len(ctx.select)
-    return Measurements(
-        variants=variants,
-        reference=model_name(REFERENCE),
-        select_groups=np.tile(np.arange(n_select), len(ctx.select_views) // n_select),
-        select_labels=ctx.select_labels,
-        eval_labels=ctx.eval_labels,
-        eval_description=eval_description,
-    )
-
-
 # -------------------------------------------------------------------------------------------------- repository
-
-
-def _accuracy(logits: np.ndarray, ref_logits: np.ndarray, measurements: Measurements) -> AccuracyReport:
-    """Accuracy of evaluation-split ``logits`` [N, classes] against the labels and the reference's logits."""
-    y = measurements.eval_labels
-    top1 = topk_accuracy(logits, y, 1) if y is not None else None
-    agree = top1_agreement(ref_logits, logits)
-    drop = 100.0 * (topk_accuracy(ref_logits, y, 1) - top1) if y is not None else 100.0 * (1.0 - agree)
-    n = len(logits)
-    return AccuracyReport(
-        dataset=measurements.eval_description,
-        n_images=n,
-        top1=top1,
-        top5=topk_accuracy(logits, y, 5) if y is not None else None,
-        agreement_with_fp32=agree,
-        kl_vs_fp32=max(0.0, mean_kl(ref_logits, logits)),
-        top1_drop_points=drop,
-        top1_ci95=wilson_interval(int(round(top1 * n)), n) if top1 is not None else None,
-        agreement_ci95=wilson_interval(int(round(agree * n)), n),
-    )
-
-
-def _tensorrt_graph(
-    tmp: Path, m: Measured, ref: Measured, measurements: Measurements, ctx: BuildContext
-) -> TensorRTGraph | None:
-    """The graph a GPU build compiles for a Q/DQ variant (:mod:`tcsched.build_tools.tensorrt_graph`), written
-    beside the variant's model and measured like it, on the evaluation split; None for graphs without Q/DQ."""
-    dest = tmp / m.model_name / "1" / TENSORRT_GRAPH_FILENAME
-    form = write_tensorrt_form(m.variant.path, dest)
-    if form is None:
-        return None
-    logits = OrtClassifier(dest, threads=ctx.cfg.threads).predict(ctx.eval_images, batch_size=PREDICT_BATCH)
-    accuracy = _accuracy(logits, ref.eval_logits, measurements)
-    return TensorRTGraph(file=str(dest.relative_to(tmp)), accuracy=accuracy, note=form.note)
 
 
 def _entry(
