@@ -74,7 +74,7 @@ def cascade_ms(
     total = 0.0
     for e, r in zip(chain, reach, strict=True):
         k = max(1, round(r * batch_size))
-        t = policy.predict(e, k, load, now)
+        t = policy.predict(e, k, load, now, share=r)  # a stage sees only the rows that reach it
         if t is None:
             return None
         total += (1.0 - (1.0 - r) ** batch_size) * t
@@ -110,6 +110,7 @@ def rank_cascades(
             cascade=c.label,
             target_agreement=op.target_agreement,
             expected_agreement=op.agreement,
+            reach_rates=tuple(op.reach_rates),
         )
         plans.append((op.agreement, _inf(ms), _inf(cost), d))
     target = f"agreement >= {opts.min_agreement:g}"

@@ -95,8 +95,10 @@ class LoadTracker:
         batch_size: int,
         max_utilization: float = 0.95,
         now: float | None = None,
+        share: float = 1.0,
     ) -> float:
-        """Queue + service (ms) for ``variant`` at the current arrival rate, as an M/M/c queue with c =
+        """Queue + service (ms) for ``variant`` at ``share`` of the current arrival rate (a cascade's later stage
+        sees only the rows that reach it: its reach rate), as an M/M/c queue with c =
         ``instances[variant]`` (1 when unknown): offered load a = rate x service per image (rate: the arrivals
         this scheduler instance sees x ``scheduler_instances``), utilisation u = a / c, waiting = C(c, a) x
         service / (c (1 - u)) with C the Erlang C probability of waiting (Kleinrock, Queueing Systems vol. 1,
@@ -104,7 +106,7 @@ class LoadTracker:
         ``max_utilization`` means the variant cannot keep up: 100x its service time."""
         service = self.service_ms(variant, service_ms, now)
         c = max(1, self.instances.get(variant, 1))
-        a = self.arrival_per_ms * max(1, self.scheduler_instances) * service / max(1, batch_size)
+        a = self.arrival_per_ms * max(1, self.scheduler_instances) * share * service / max(1, batch_size)
         u = a / c
         if u >= max_utilization:
             return 100.0 * service

@@ -78,6 +78,7 @@ class Decision:
     target_agreement: float | None = None
     expected_agreement: float | None = None
     escalation_budget_ms: float | None = None
+    reach_rates: tuple[float, ...] = ()  # the operating point's share of rows reaching each stage
 
     @property
     def chain(self) -> tuple[str, ...]:

@@ -190,16 +190,23 @@ class Policy:
         return self.runnable(e) and (self.manifest.target == "gpu" or e.on_pareto_front)
 
     def predict(
-        self, e: VariantEntry, batch_size: int, load: LoadTracker | None = None, now: float | None = None
+        self,
+        e: VariantEntry,
+        batch_size: int,
+        load: LoadTracker | None = None,
+        now: float | None = None,
+        share: float = 1.0,
     ) -> float | None:
-        """Queue + service ms of ``e`` at ``batch_size`` under the live ``load`` (profile only without it);
-        ``None`` without a latency profile. 0 rows cost 0 ms."""
+        """Queue + service ms of ``e`` at ``batch_size`` under the live ``load`` (profile only without it), when
+        ``share`` of the arrivals reach ``e``; ``None`` without a latency profile. 0 rows cost 0 ms."""
         if batch_size <= 0:
             return 0.0
         service = predicted_latency_ms(e, batch_size)
         if service is None or load is None:
             return service
-        return load.predicted_ms(e.name, service, batch_size, max_utilization=self.max_utilization, now=now)
+        return load.predicted_ms(
+            e.name, service, batch_size, max_utilization=self.max_utilization, now=now, share=share
+        )
 
     def escalation_allowance(
         self,
@@ -217,8 +224,9 @@ class Policy:
             return max(0, wanted)
         left = decision.escalation_budget_ms - spent_ms
         e = self.manifest.variant(decision.chain[stage])
+        share = decision.reach_rates[stage] if stage < len(decision.reach_rates) else 1.0
         for k in range(wanted, 0, -1):
-            t = self.predict(e, k, load, now)
+            t = self.predict(e, k, load, now, share=share)
             if t is not None and t <= left:
                 return k
         return 0

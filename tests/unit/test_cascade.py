@@ -269,3 +269,20 @@ def test_scheduler_settings_round_trip_through_config_pbtxt(tmp_path):
         SchedulerSettings.from_parameters({"latency_headroom": "2"})
     opts = RequestOptions.from_settings(s)
     assert (opts.min_agreement, opts.latency_budget_ms) == (0.995, 40.0)
+
+
+def test_a_later_stage_is_loaded_only_by_the_rows_that_reach_it():
+    """At 150 images/s fp32 alone would be saturated (u = 0.15/ms x 5 ms = 0.75 at batch 1, over 0.7), but a
+    cascade's fp32 stage sees only its reach rate of them: escalations still fit the latency budget."""
+    from tcsched.scheduler.live import LoadTracker
+
+    m = _cascade_manifest()
+    p = Policy(m, latency_headroom=1.0, max_utilization=0.7)
+    load = LoadTracker()
+    load.arrival_per_ms = 0.15
+    d = p.rank(RequestOptions(min_agreement=0.99, latency_budget_ms=40.0), batch_size=1, load=load)[0]
+    assert d.cascade == "int8>fp32" and 0 < d.reach_rates[1] < 0.5
+    ref = m.variant("m_fp32")
+    assert p.predict(ref, 1, load) >= 100 * 5.0 - 1e-9  # alone: cannot keep up
+    assert p.predict(ref, 1, load, share=d.reach_rates[1]) < 10.0
+    assert p.escalation_allowance(d, 1, 1, spent_ms=5.0, load=load) == 1
