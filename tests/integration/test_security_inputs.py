@@ -1,4 +1,4 @@
-"""Hostile inputs against the real server (issue 13, input side): image bombs, decompression bombs, 16-bit PNGs,
+"""Hostile inputs against the real server: image bombs, decompression bombs, 16-bit PNGs,
 NaN tensors sent to a variant directly. Each is refused fast as a client error (HTTP 400 / gRPC
 INVALID_ARGUMENT) with a clear text, and never costs a good request its answer or much of its latency.
 

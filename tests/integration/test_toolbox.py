@@ -1,4 +1,4 @@
-"""tcsched with the tools Triton users run against a repository (issue 17), on the real server: labels on every
+"""tcsched with the tools Triton users run against a repository, on the real server: labels on every
 classifier model (class_count), a config with a smaller max_batch_size loaded through the repository API (what
 Model Analyzer's sweep does), perf_analyzer with real JPEGs through the README's two commands, `tcsched serve`
 passing tritonserver options through with its security defaults kept, and `classify --json`."""

@@ -1,5 +1,5 @@
 """Every common mistake with the command line ends in one line on stderr and a non-zero exit code, never a
-traceback (issue 17). The real ``tcsched`` console script runs in a subprocess; nothing listens on the ports
+traceback. The real ``tcsched`` console script runs in a subprocess; nothing listens on the ports
 used unless the test starts it (a plain HTTP server that is not Triton stands for "a wrong port")."""
 
 import http.server
