@@ -154,3 +154,21 @@ def tiny_layered_classifier(
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return str(path)
+
+
+class FakeBLS:
+    """Stands in for the scheduler's BLS call (a mock of what only Triton runs): records (variant, rows) calls,
+    raises for the ``failing`` variants, and answers with :meth:`logits`."""
+
+    def __init__(self, failing=()):
+        self.calls = []
+        self.failing = set(failing)
+
+    def logits(self, variant: str, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, variant, batch):
+        self.calls.append((variant, len(batch)))
+        if variant in self.failing:
+            raise RuntimeError(f"{variant} is down")
+        return self.logits(variant, batch)

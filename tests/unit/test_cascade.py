@@ -20,7 +20,7 @@ from tcsched.manifest import Manifest
 from tcsched.scheduler.policy import Policy, RequestError, RequestOptions, parse_parameters
 from tcsched.scheduler.service import SchedulerService
 from tcsched.settings import DEFAULTS, SchedulerSettings
-from tests.helpers import make_manifest
+from tests.helpers import FakeBLS, make_manifest
 
 P50 = {"m_int8": {1: 3.0, 8: 12.0}, "m_fp32": {1: 5.0, 8: 32.0}}
 
@@ -194,17 +194,10 @@ def test_long_bad_values_are_quoted_short():
     assert len(str(e.value)) < 300 and "100002 characters" in str(e.value)
 
 
-class Stage:
-    """Stands in for the BLS calls: the fast stage is confident on rows whose input is > 0, fp32 on all."""
+class Stage(FakeBLS):
+    """The fast stage is confident on rows whose input is > 0, fp32 on all."""
 
-    def __init__(self, failing=()):
-        self.calls = []
-        self.failing = set(failing)
-
-    def __call__(self, variant, batch):
-        self.calls.append((variant, len(batch)))
-        if variant in self.failing:
-            raise RuntimeError(f"{variant} is down")
+    def logits(self, variant, batch):
         v = batch[:, 0, 0, 0]
         out = np.zeros((len(batch), 10), np.float32)
         out[:, 0] = np.where(v > 0, 20.0, 0.01) if variant == "m_int8" else 20.0

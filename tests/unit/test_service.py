@@ -2,22 +2,15 @@ import numpy as np
 
 from tcsched.scheduler.policy import LiveState, Policy, RequestError, RequestOptions
 from tcsched.scheduler.service import SchedulerService
-from tests.helpers import make_manifest
+from tests.helpers import FakeBLS, make_manifest
 
 SPECS = {"m_fp32": ("fp32", 0.0, {1: 5.0, 8: 32.0}), "m_int8": ("int8", 2.5, {1: 3.0, 8: 12.0})}
 
 
-class FakeVariants:
-    """Stands in for the BLS call: logits whose first column encodes the variant and the row's own value."""
+class FakeVariants(FakeBLS):
+    """Logits whose first column encodes the row's own value and the second the variant."""
 
-    def __init__(self, failing=()):
-        self.calls = []
-        self.failing = set(failing)
-
-    def __call__(self, variant, batch):
-        self.calls.append((variant, len(batch)))
-        if variant in self.failing:
-            raise RuntimeError(f"{variant} is down")
+    def logits(self, variant, batch):
         out = np.zeros((len(batch), 4), np.float32)
         out[:, 0] = batch[:, 0, 0, 0]
         out[:, 1] = 1.0 if variant == "m_int8" else 0.0
