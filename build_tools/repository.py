@@ -37,6 +37,7 @@ from tcsched.names import (
     SCHEDULER,
     VARIANT,
 )
+from tcsched.preprocessing import IMAGENET, PARAMETER_KEY, PreprocessSpec
 from tcsched.settings import SchedulerSettings
 
 __all__ = ["ENSEMBLE", "LABELS_FILE", "PREPROCESS", "SCHEDULER", "ServingOptions"]
@@ -168,7 +169,17 @@ def variant_config(
     return cfg
 
 
-def preprocess_config(opts: ServingOptions, chw: list[int]) -> mc.ModelConfig:
+def preprocess_config(
+    opts: ServingOptions, chw: list[int], spec: PreprocessSpec = IMAGENET
+) -> mc.ModelConfig:
+    """The ``preprocess`` model: ``IMAGE`` (encoded bytes) -> ``INPUT`` float32 ``chw``, made by ``spec``, which
+    is written as the config parameter ``preprocessing`` (:meth:`PreprocessSpec.to_json`; read back by the
+    model's ``initialize``).
+
+    Raises:
+        PreprocessError: ``chw`` is not [len(spec.mean), *spec.crop_size].
+    """
+    spec.check_model_input(chw)
     cfg = mc.ModelConfig(name=PREPROCESS, backend="python", max_batch_size=opts.max_batch_size)
     cfg.input.append(_tensor(mc.ModelInput, IMAGE, mc.TYPE_STRING, [1]))
     cfg.output.append(_tensor(mc.ModelOutput, PIXELS, mc.TYPE_FP32, chw))
@@ -176,6 +187,7 @@ def preprocess_config(opts: ServingOptions, chw: list[int]) -> mc.ModelConfig:
     cfg.instance_group.append(
         mc.ModelInstanceGroup(count=opts.preprocess_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     )
+    _set_params(cfg, {PARAMETER_KEY: spec.to_json()})
     return cfg
 
 
@@ -267,17 +279,20 @@ def write_variant(
     return dst
 
 
-def write_pipeline(repo: Path, labels: list[str], opts: ServingOptions, chw=(3, 224, 224)) -> None:
-    """Write preprocess, scheduler and the ``classifier`` ensemble, then the labels file of every model in
-    ``repo`` whose config names one (:func:`write_labels`: the ensemble, the scheduler, the variants written
-    before).
+def write_pipeline(
+    repo: Path, labels: list[str], opts: ServingOptions, chw=(3, 224, 224), spec: PreprocessSpec = IMAGENET
+) -> None:
+    """Write preprocess (making pixels by ``spec``), scheduler and the ``classifier`` ensemble, then the labels
+    file of every model in ``repo`` whose config names one (:func:`write_labels`: the ensemble, the scheduler,
+    the variants written before).
 
     Raises:
         ValueError: a label is empty or holds a newline (the labels file is one class per line).
+        PreprocessError: ``chw`` does not match ``spec`` (:func:`preprocess_config`).
     """
     if any((not lb) or ("\n" in lb) for lb in labels):
         raise ValueError("labels must be non-empty single-line strings")
-    write_model(repo, preprocess_config(opts, list(chw)), thin_model_source("preprocess"))
+    write_model(repo, preprocess_config(opts, list(chw), spec), thin_model_source("preprocess"))
     write_model(repo, scheduler_config(opts, list(chw), len(labels)), thin_model_source("scheduler"))
     write_model(repo, ensemble_config(opts, len(labels)))
     write_labels(repo, labels)

@@ -1,11 +1,14 @@
-"""Image decoding and the ImageNet eval transform, in PIL + numpy (no torch: this runs inside Triton).
+"""Image decoding and the eval transform of a :class:`tcsched.preprocessing.PreprocessSpec`, in PIL + numpy (no
+torch: this runs inside Triton).
 
-The transform reproduces torchvision's ``ImageClassification`` eval preset of ``MobileNet_V2_Weights.IMAGENET1K_V1``
-(torchvision/transforms/_presets.py): ``Resize(256, BILINEAR, antialias=True)`` on the shorter side,
-``CenterCrop(224)``, ``ToTensor`` (/255), ``Normalize(mean, std)``. On PIL images torchvision's Resize calls
-``PIL.Image.resize`` with the size from ``torchvision.transforms.functional._compute_resized_output_size`` and
-CenterCrop rounds the offsets with ``int(round(...))``; both are reproduced here, so the output is bit-identical
-to torchvision's (checked in tests/unit/test_imaging.py).
+The transform reproduces torchvision's eval transform of the spec, ``Resize(resize_size, interpolation,
+antialias=True)`` on the shorter side, ``CenterCrop(crop_size)``, ``ToTensor`` (/255), ``Normalize(mean, std)``
+(the default spec :data:`tcsched.preprocessing.IMAGENET` is ``MobileNet_V2_Weights.IMAGENET1K_V1``'s preset,
+torchvision/transforms/_presets.py). On PIL images torchvision's Resize calls ``PIL.Image.resize`` with the size
+from ``torchvision.transforms.functional._compute_resized_output_size`` and the PIL filter of
+``torchvision.transforms.functional.pil_modes_mapping``, and CenterCrop rounds the offsets with
+``int(round(...))``; all three are reproduced here, so the output is bit-identical to torchvision's (checked in
+tests/unit/test_imaging.py).
 
 Client bytes are untrusted. :func:`decode_image` bounds what a decode *produces*, from the header alone
 (``Image.open`` parses only the header) and before any pixel is decoded:
@@ -33,15 +36,47 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-# ImageNet channel statistics used by every torchvision classification weight (torchvision _presets.py).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-RESIZE_SIZE = 256
-CROP_SIZE = 224
+from tcsched.preprocessing import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, PreprocessError, PreprocessSpec
+
+__all__ = [
+    "IMAGENET",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageDecodeError",
+    "PreprocessError",
+    "PreprocessSpec",
+    "check_image_size",
+    "check_spec",
+    "client_safe_text",
+    "decode_image",
+    "preprocess_batch",
+    "preprocess_bytes",
+    "preprocess_pil",
+    "resized_size",
+    "softmax",
+    "spec_of_model_config",
+    "to_rgb",
+]
+
+RESIZE_SIZE = IMAGENET.resize_size  # 256
+CROP_SIZE = IMAGENET.crop_size[0]  # 224
+#: torchvision ``InterpolationMode`` -> PIL filter, as ``torchvision.transforms.functional.pil_modes_mapping``
+#: (what torchvision's Resize passes to ``PIL.Image.resize`` for a PIL image).
+PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+#: channels of the pixels made here: images are decoded to RGB (:func:`to_rgb`)
+CHANNELS = 3
 MAX_ENCODED_BYTES = 32 * 1024 * 1024
 MAX_SOURCE_PIXELS = 32 * 1024 * 1024  # see the module docstring for the why of each limit
 MAX_ASPECT_RATIO = 16  # longer side after the resize <= 16 x the shorter one (4096 px for 256)
@@ -58,8 +93,6 @@ class ImageDecodeError(ValueError):
     """
 
 
-_MEAN_C11 = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
-_STD_C11 = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 _OBJECT_REPR = re.compile(r"<[^<>]{0,200}\bat 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x7f...>"
 _HEX_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.+\-]+){2,}")  # /usr/lib/python3/site-packages/PIL/...
@@ -159,10 +192,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
         ) from None
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, *, size: int = RESIZE_SIZE) -> Image.Image:
     """Decode encoded image bytes (see :data:`ALLOWED_FORMATS`) into an RGB PIL image (see :func:`to_rgb`).
 
-    The header is checked (:func:`check_image_size`) before any pixel is decoded. Only the first frame of an
+    The header is checked (:func:`check_image_size` for a resize to ``size`` px on the shorter side) before any
+    pixel is decoded. Only the first frame of an
     animated or multi-page image is decoded. EXIF orientation is not applied (as torchvision's pil_loader).
 
     Raises:
@@ -198,7 +232,7 @@ def decode_image(data: bytes) -> Image.Image:
     except Exception as e:  # noqa: BLE001 - whatever PIL raises on hostile bytes is this image's error
         raise _decode_failure(data, e) from None
     try:
-        check_image_size(img.width, img.height)
+        check_image_size(img.width, img.height, size)
         img.load()
         return to_rgb(img)
     except ImageDecodeError:
@@ -217,41 +251,103 @@ def resized_size(width: int, height: int, size: int = RESIZE_SIZE) -> tuple[int,
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
-def preprocess_pil(img: Image.Image, resize: int = RESIZE_SIZE, crop: int = CROP_SIZE) -> np.ndarray:
-    """The eval transform of one image (converted to RGB by :func:`to_rgb` first).
-
-    Returns:
-        float32 array of shape (3, crop, crop), normalised with :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`.
+def check_spec(spec: PreprocessSpec) -> None:
+    """Refuse a spec that this transform cannot make pixels for.
 
     Raises:
-        ImageDecodeError: the image is over the limits of :func:`check_image_size` (for ``resize``).
-        ValueError: ``resize < crop`` would need padding.
+        PreprocessError: ``spec`` is not a :class:`PreprocessSpec`, or its mean/std do not have
+            :data:`CHANNELS` (3, RGB) values: images are decoded to RGB only.
     """
-    check_image_size(img.width, img.height, resize)
+    if not isinstance(spec, PreprocessSpec):
+        raise PreprocessError(f"expected a PreprocessSpec, got {type(spec).__name__}")
+    if spec.channels != CHANNELS:
+        raise PreprocessError(
+            f"mean/std have {spec.channels} values: images are decoded to RGB, so expected {CHANNELS} values "
+            "each (one per channel)"
+        )
+
+
+def _normalisation(spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) as float32 [C, 1, 1]: torchvision's Normalize makes float32 tensors of them."""
+    c = spec.channels
+    return (
+        np.asarray(spec.mean, dtype=np.float32).reshape(c, 1, 1),
+        np.asarray(spec.std, dtype=np.float32).reshape(c, 1, 1),
+    )
+
+
+def preprocess_pil(img: Image.Image, *, spec: PreprocessSpec = IMAGENET) -> np.ndarray:
+    """The eval transform of ``spec`` on one image (converted to RGB by :func:`to_rgb` first).
+
+    Returns:
+        float32 array of shape (3, crop_h, crop_w) (``spec.crop_size``), normalised with ``spec.mean`` /
+        ``spec.std``; bit-identical to torchvision's transform of the spec.
+
+    Raises:
+        ImageDecodeError: the image is over the limits of :func:`check_image_size` (for ``spec.resize_size``).
+        PreprocessError: see :func:`check_spec`.
+    """
+    check_spec(spec)
+    check_image_size(img.width, img.height, spec.resize_size)
     img = to_rgb(img)
-    w, h = resized_size(img.width, img.height, resize)
-    img = img.resize((w, h), Image.BILINEAR)
-    if w < crop or h < crop:  # only for resize < crop; torchvision pads with zeros (not used by the preset)
-        raise ValueError(f"resized image {w}x{h} is smaller than the crop {crop}")
-    top = int(round((h - crop) / 2.0))
-    left = int(round((w - crop) / 2.0))
-    img = img.crop((left, top, left + crop, top + crop))
+    w, h = resized_size(img.width, img.height, spec.resize_size)
+    img = img.resize((w, h), PIL_FILTERS[spec.interpolation])
+    crop_h, crop_w = spec.crop_size
+    # the spec keeps crop <= resize, so the resized image always holds the crop (torchvision would pad)
+    top = int(round((h - crop_h) / 2.0))
+    left = int(round((w - crop_w) / 2.0))
+    img = img.crop((left, top, left + crop_w, top + crop_h))
+    return _to_tensor(img, spec)
+
+
+def _to_tensor(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     # torchvision's order of float32 operations (ToTensor: CHW, .float().div(255); Normalize: .sub_(mean).div_(std)),
     # in place on contiguous channel planes: the same IEEE results, ~3x faster than broadcasting over HWC
+    mean, std = _normalisation(spec)
     x = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32, order="C")  # CHW copy
     x /= np.float32(255.0)
-    x -= _MEAN_C11
-    x /= _STD_C11
+    x -= mean
+    x /= std
     return x
 
 
-def preprocess_bytes(data: bytes) -> np.ndarray:
-    """Decode and transform encoded image bytes: float32 (3, 224, 224).
+def preprocess_bytes(data: bytes, *, spec: PreprocessSpec = IMAGENET) -> np.ndarray:
+    """Decode and transform encoded image bytes: float32 (3, crop_h, crop_w) (see :func:`preprocess_pil`).
 
     Raises:
         ImageDecodeError: see :func:`decode_image`.
+        PreprocessError: see :func:`check_spec`.
     """
-    return preprocess_pil(decode_image(data))
+    check_spec(spec)
+    return preprocess_pil(decode_image(data, size=spec.resize_size), spec=spec)
+
+
+def spec_of_model_config(model_config: Mapping) -> PreprocessSpec:
+    """The spec of a ``preprocess`` model: its config's ``preprocessing`` parameter
+    (:meth:`PreprocessSpec.from_parameters`; the defaults when absent), checked against the config's output.
+
+    Args:
+        model_config: the model config as JSON-decoded dict (``json.loads(args["model_config"])`` in a Python
+            backend's ``initialize``): ``parameters`` ({key: {"string_value": ...}}) and ``output`` (one tensor
+            whose ``dims`` are [C, H, W]).
+
+    Raises:
+        PreprocessError: the parameter is not a valid spec, the spec fails :func:`check_spec`, or the output's
+            dims differ from [3, *crop_size] (the message names the model config and what is expected).
+    """
+    try:
+        spec = PreprocessSpec.from_parameters(model_config.get("parameters") or {})
+        check_spec(spec)
+        outputs = model_config.get("output") or []
+        if len(outputs) != 1:
+            raise PreprocessError(f"expected one output tensor [C, H, W], got {len(outputs)}")
+        dims = [int(d) for d in outputs[0].get("dims", [])]
+        if len(dims) != 3:
+            raise PreprocessError(f"output dims {dims}: expected [C, H, W]")
+        spec.check_model_input(dims)
+    except PreprocessError as e:
+        raise PreprocessError(f"preprocess model config: {e}") from None
+    return spec
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -261,20 +357,22 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def preprocess_batch(images: np.ndarray) -> np.ndarray:
+def preprocess_batch(images: np.ndarray, *, spec: PreprocessSpec = IMAGENET) -> np.ndarray:
     """Transform a Triton BYTES tensor of encoded images, shape [B] or [B, 1] (object array of bytes).
 
     Returns:
-        float32 [B, 3, 224, 224].
+        float32 [B, 3, crop_h, crop_w] (``spec.crop_size``).
 
     Raises:
         ImageDecodeError: an element is not a decodable image; the message gives its index in the batch.
+        PreprocessError: see :func:`check_spec`.
     """
+    check_spec(spec)
     flat = np.asarray(images, dtype=object).reshape(-1)
-    out = np.empty((len(flat), 3, CROP_SIZE, CROP_SIZE), dtype=np.float32)
+    out = np.empty((len(flat), CHANNELS, *spec.crop_size), dtype=np.float32)
     for i, data in enumerate(flat):
         try:
-            out[i] = preprocess_bytes(data)
+            out[i] = preprocess_bytes(data, spec=spec)
         except ImageDecodeError as e:
             raise ImageDecodeError(f"batch element {i}: {e}" if len(flat) > 1 else str(e)) from None
     return out

@@ -10,7 +10,7 @@ from PIL import Image
 from tcsched.build_tools.build import input_statistics
 from tcsched.build_tools.drift_study import CORRUPTIONS, DriftResult, drift_check, drift_study
 from tcsched.data import default_photo, default_photos
-from tcsched.imaging import preprocess_bytes, preprocess_pil
+from tcsched.imaging import PreprocessSpec, preprocess_bytes, preprocess_pil
 from tcsched.input_stats import saturated_fraction
 
 
@@ -67,7 +67,7 @@ def test_study_measures_agreement_on_flagged_and_unflagged_images(stats):
 
     with tempfile.TemporaryDirectory() as d:
         clf = OrtClassifier(tiny_classifier(f"{d}/t.onnx"), threads=1)
-        small = lambda im: preprocess_pil(im, resize=36, crop=32)  # noqa: E731
+        small = lambda im: preprocess_pil(im, spec=PreprocessSpec(resize_size=36, crop_size=32))  # noqa: E731
         study = drift_study(
             photos, small, clf.predict, lambda x: clf.predict(x + 0.05), stats, cascade_threshold=0.1
         )

@@ -13,14 +13,18 @@ from tcsched.imaging import (
     MAX_ASPECT_RATIO,
     MAX_SOURCE_PIXELS,
     ImageDecodeError,
+    PreprocessError,
+    PreprocessSpec,
     check_image_size,
     client_safe_text,
     decode_image,
     preprocess_batch,
     preprocess_bytes,
+    preprocess_pil,
     resized_size,
     to_rgb,
 )
+from tcsched.preprocessing import IMAGENET
 
 
 def torchvision_reference(path):
@@ -45,6 +49,85 @@ def test_preprocess_equals_torchvision_on_imagenet_jpegs_including_gray(imagenet
     assert gray, "the sample is documented to hold grayscale JPEGs"
     for it in items[:5] + gray:
         np.testing.assert_array_equal(preprocess_bytes(it.read_bytes()), torchvision_reference(it.path))
+
+
+def torchvision_compose(spec: PreprocessSpec):
+    """torchvision's eval transform of ``spec``, written out with torchvision's own classes."""
+    torchvision = pytest.importorskip("torchvision")
+    T = torchvision.transforms
+    return T.Compose(
+        [
+            T.Resize(spec.resize_size, interpolation=T.InterpolationMode(spec.interpolation)),
+            T.CenterCrop(list(spec.crop_size)),
+            T.ToTensor(),
+            T.Normalize(spec.mean, spec.std),
+        ]
+    )
+
+
+def test_default_spec_is_the_weights_preset():
+    torchvision = pytest.importorskip("torchvision")
+    preset = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.transforms()
+    assert IMAGENET.resize_size == preset.resize_size[0] and list(IMAGENET.crop_size) == preset.crop_size * 2
+    assert IMAGENET.interpolation == preset.interpolation.value
+    assert (list(IMAGENET.mean), list(IMAGENET.std)) == (preset.mean, preset.std)
+
+
+NON_DEFAULT_SPECS = [
+    # an EfficientNet-B2-like preset: bicubic, resize 292, crop 260, mean = std = 0.5
+    PreprocessSpec(resize_size=292, crop_size=260, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3),
+    # rectangular crop (h != w), another filter
+    PreprocessSpec(resize_size=240, crop_size=(200, 232), interpolation="lanczos"),
+    PreprocessSpec(resize_size=160, crop_size=(144, 96), interpolation="nearest", mean=(0.1, 0.2, 0.3)),
+    PreprocessSpec(resize_size=230, crop_size=(224, 180), interpolation="box"),
+    PreprocessSpec(resize_size=256, crop_size=224, interpolation="hamming"),
+]
+
+
+@pytest.mark.parametrize("spec", NON_DEFAULT_SPECS, ids=lambda s: f"{s.interpolation}{list(s.crop_size)}")
+def test_non_default_specs_equal_torchvision_bit_for_bit(spec, imagenet_sample):
+    """Every PIL filter torchvision maps, square and rectangular crops, other mean/std: the same PIL call and
+    the same float32 operations as torchvision, so bit-identical (bicubic included: PIL resizes in both)."""
+    tf = torchvision_compose(spec)
+    items = list_images(imagenet_sample)[:4]
+    paths = [it.path for it in items] + [default_photo("rocket"), default_photo("camera")]  # camera: gray
+    for path in paths:
+        ours = preprocess_bytes(path.read_bytes(), spec=spec)
+        assert ours.shape == (3, *spec.crop_size) and ours.dtype == np.float32
+        with open(path, "rb") as f:
+            ref = tf(Image.open(f).convert("RGB")).numpy()
+        np.testing.assert_array_equal(ours, ref, err_msg=f"{path.name} {spec}")
+
+
+def test_batch_of_a_rectangular_spec_has_its_shape():
+    spec = PreprocessSpec(resize_size=240, crop_size=(200, 232))
+    good = default_photo("chelsea").read_bytes()
+    out = preprocess_batch(np.array([[good], [good]], dtype=object), spec=spec)
+    assert out.shape == (2, 3, 200, 232)
+    np.testing.assert_array_equal(out[1], preprocess_bytes(good, spec=spec))
+
+
+def test_spec_with_other_than_three_channels_is_refused():
+    gray = PreprocessSpec(mean=(0.5,), std=(0.25,))
+    good = default_photo("chelsea").read_bytes()
+    for call in (
+        lambda: preprocess_bytes(good, spec=gray),
+        lambda: preprocess_batch(np.array([[good]], dtype=object), spec=gray),
+        lambda: preprocess_pil(Image.open(default_photo("chelsea")), spec=gray),
+    ):
+        with pytest.raises(PreprocessError, match="mean/std have 1 values.*expected 3"):
+            call()
+
+
+def test_the_aspect_limit_follows_the_specs_resize():
+    """The bound is MAX_ASPECT_RATIO x the spec's resize on the longer side, checked on the header."""
+    with pytest.raises(ImageDecodeError, match="at most 1600 px"):
+        preprocess_bytes(_png(1700, 100), spec=PreprocessSpec(resize_size=100, crop_size=96))
+    assert preprocess_bytes(_png(1600, 100), spec=PreprocessSpec(resize_size=100, crop_size=96)).shape == (
+        3,
+        96,
+        96,
+    )
 
 
 @pytest.mark.parametrize("w,h", [(640, 480), (480, 640), (256, 256), (300, 1000), (1, 1)])
