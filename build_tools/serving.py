@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tcsched.build_tools.augment import label_preserving_views
 from tcsched.build_tools.cascade import FrontVerdict, ServingPlan, cascade_table, plan_serving, plot_cascades
 from tcsched.build_tools.drift_study import DriftStudy, drift_study
 from tcsched.data import ImageItem
@@ -22,6 +23,7 @@ from tcsched.engines import load_engine
 from tcsched.imaging import decode_image, preprocess_pil
 from tcsched.jsonio import atomic_write_json, atomic_write_text
 from tcsched.ort_runtime import OrtClassifier
+from tcsched.preprocessing import IMAGENET, PreprocessSpec
 
 DRIFT_IMAGES = 96  # evaluation images the drift study corrupts (x 8 versions: ~15 s on 2 cores)
 DEFAULT_TARGET = (
@@ -36,29 +38,62 @@ class Serving:
 
 
 def decide_serving(
-    measurements, eval_items: Sequence[ImageItem], input_statistics, threads: int, progress=None
+    measurements,
+    eval_items: Sequence[ImageItem],
+    input_statistics,
+    threads: int,
+    progress=None,
+    spec: PreprocessSpec = IMAGENET,
+    calib_images: np.ndarray | None = None,
+    calib_labels: np.ndarray | None = None,
 ) -> Serving:
     """The Pareto front and the cascades from ``measurements``, then the drift study on ``eval_items``.
+
+    The cascades are calibrated on the label-preserving views of the selection images and, when given, of
+    ``calib_images`` too (the calibration split: agreement with fp32 needs no label, and the conformal bound of
+    :mod:`tcsched.build_tools.cascade` needs at least 199 images to certify 0.995); every variant that may be a
+    stage runs on those views here.
 
     Args:
         measurements: ``tcsched.build_tools.build.Measurements`` (logits on the selection views and the
             evaluation split, latency profiles, the reference's name).
         input_statistics: the calibration images' :class:`tcsched.manifest.InputStatistics` (the drift rule's).
+        spec: the repository's preprocessing (the drift study makes its pixels with it).
+        calib_images: float32 [N_cal, 3, H, W] preprocessed calibration images, distinct from the selection
+            ones (None: the selection views only); calib_labels: int [N_cal] or None.
     """
     m = measurements
     servable = m.served_on_cpu_for_speed()
     front_candidates = [n for n, ok in servable.items() if ok]
     select = {n: m.variants[n].selection_logits for n in front_candidates}
+    groups, labels = m.select_groups, m.select_labels
+    rows = f"selection split ({len(np.unique(groups))} images)"
+    if calib_images is not None and len(calib_images):
+        views = label_preserving_views(calib_images)
+        task = progress.add_task("cascade calibration views", total=len(select)) if progress else None
+        for n in select:
+            v = m.variants[n]
+            eng = load_engine(v.runtime, v.variant.path, threads=threads, precision=v.variant.precision)
+            select[n] = np.concatenate([select[n], eng.predict(views, batch_size=16)])
+            if task is not None:
+                progress.advance(task)
+        n_cal = len(calib_images)
+        groups = np.concatenate([groups, groups.max() + 1 + np.tile(np.arange(n_cal), len(views) // n_cal)])
+        if labels is not None and calib_labels is not None:
+            labels = np.concatenate([labels, np.tile(np.asarray(calib_labels), len(views) // n_cal)])
+        else:
+            labels = None
+        rows = f"calibration and selection splits ({len(np.unique(groups))} images)"
     plan = plan_serving(
         servable,
         m.reference,
         select,
-        m.select_groups,
+        groups,
         m.eval_logits(),
         m.p50_ms_by_batch(),
-        "selection split, 4 label-preserving views of each image",
+        f"{rows}, 4 label-preserving views of each image; thresholds by conformal risk control over the images",
         m.eval_description,
-        select_labels=m.select_labels,
+        select_labels=labels,
     )
     drift = None
     # the rule guarded INT8 variants: study the int8 variant that the scheduler serves (on the front) if any
@@ -77,7 +112,7 @@ def decide_serving(
         task = progress.add_task("drift-check study (corruptions)", total=8) if progress is not None else None
         drift = drift_study(
             images,
-            preprocess_pil,
+            lambda im: preprocess_pil(im, spec=spec),
             lambda x: fp32.predict(x, batch_size=16),
             lambda x: q.predict(x, batch_size=16),
             input_statistics,

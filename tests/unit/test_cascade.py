@@ -11,9 +11,11 @@ from tcsched.build_tools.cascade import (
     StageData,
     calibrate_cascade,
     candidate_chains,
+    could_disagree,
     expected_batch_ms,
     pareto_front,
     plan_serving,
+    risk_bound,
 )
 from tcsched.confidence import confidence_margin, served_stage
 from tcsched.manifest import Manifest
@@ -42,13 +44,18 @@ def test_margin_is_top1_minus_top2_probability():
     assert served_stage([np.array([0.1, 0.5, 0.3])], [0.3]).tolist() == [1, 0, 0]
 
 
-def test_calibration_reaches_each_target_at_the_lowest_escalation():
+def _image_loss(stage_logits, ref, threshold):
+    """bool [N]: the row is served by the fast stage and could disagree with fp32 there (one row per image)."""
+    return (confidence_margin(stage_logits) >= threshold) & could_disagree(stage_logits, ref)
+
+
+def test_calibration_meets_the_risk_bound_at_the_lowest_escalation():
     fast, ref = synthetic()
-    groups = np.arange(len(ref))
+    n = len(ref)
     prof = calibrate_cascade(
         [StageData("m_int8", fast), StageData("m_fp32", ref)],
         ref,
-        groups,
+        np.arange(n),
         P50,
         "synthetic",
         targets=(0.97, 0.99),
@@ -56,28 +63,76 @@ def test_calibration_reaches_each_target_at_the_lowest_escalation():
     assert prof.label == "int8>fp32" and [op.target_agreement for op in prof.operating_points] == [0.97, 0.99]
     base = float(np.mean(fast.argmax(1) == ref.argmax(1)))
     assert base < 0.97  # the cascade has work to do
+    m = confidence_margin(fast)
+    flagged = could_disagree(fast, ref)
     rates = []
-    from tcsched.build_tools.cascade import _lower_bound
-
     for op in prof.operating_points:
-        # the rule: the lower end of the 95% interval reaches the target
-        assert op.met and op.agreement_ci95[0] >= op.target_agreement
-        assert op.agreement_ci95[0] <= op.agreement <= op.agreement_ci95[1]
-        m = confidence_margin(fast)
-        esc = m < op.thresholds[0]
+        t = op.thresholds[0]
+        # the rule: the conformal bound (losses + 1) / (n + 1) over the images is within 1 - target
+        assert op.met and risk_bound(_image_loss(fast, ref, t)) <= 1 - op.target_agreement + 1e-12
+        esc = m < t
         served_ok = np.where(esc, True, fast.argmax(1) == ref.argmax(1))
         assert served_ok.mean() == pytest.approx(op.agreement) and esc.mean() == pytest.approx(
             op.escalation_rate
         )
-        # one row fewer escalated (the most confident of those escalated) would miss it: the lowest rate
-        keep = np.argmax(np.where(esc, m, -1))
-        fewer = esc.copy()
-        fewer[keep] = False
-        fewer_ok = np.where(fewer, True, fast.argmax(1) == ref.argmax(1))
-        assert _lower_bound(fewer_ok, groups) < op.target_agreement or fewer_ok[keep]
+        assert op.agreement >= op.target_agreement  # flagged rows include every disagreement
+        # serving one more flagged row (the most confident flagged row below the threshold) breaks the bound
+        below = m[flagged & (m < t)]
+        assert len(below) and risk_bound(_image_loss(fast, ref, below.max())) > 1 - op.target_agreement
         rates.append(op.escalation_rate)
         assert op.expected_latency_ms_by_batch[1] == pytest.approx(3.0 + op.escalation_rate * 5.0)
     assert rates[0] < rates[1]  # a higher target costs more escalations
+
+
+def test_could_disagree_flags_every_disagreement_and_none_of_an_identical_stage():
+    fast, ref = synthetic(seed=4, noise=1.0)
+    flagged = could_disagree(fast, ref)
+    disagree = fast.argmax(1) != ref.argmax(1)
+    assert disagree.any() and flagged[disagree].all() and flagged.sum() > disagree.sum()
+    assert not could_disagree(ref + 1.0, ref).any()  # same softmax: nothing can flip
+    with pytest.raises(ValueError, match="one shape"):
+        could_disagree(fast[:, :5], ref)
+    assert risk_bound(np.zeros(199)) == pytest.approx(0.005)
+    with pytest.raises(ValueError, match="one loss per image"):
+        risk_bound(np.zeros((2, 2)))
+
+
+def test_a_confident_disagreement_raises_the_threshold_and_the_views_of_an_image_count_once():
+    # 300 images x 2 views; the fast stage equals fp32 except on image 0, where view 1 disagrees confidently
+    rng = np.random.default_rng(5)
+    n, classes = 300, 10
+    ref = rng.normal(0, 1, (n, classes))
+    ref[np.arange(n), rng.integers(0, classes, n)] += rng.uniform(2, 8, n)
+    ref = np.concatenate([ref, ref + 0.01]).astype(np.float32)
+    fast = ref.copy()
+    fast[n, :] = 0.0
+    fast[n, (ref[n].argmax() + 1) % classes] = 8.0  # margin ~0.99, a class fp32 does not pick
+    groups = np.tile(np.arange(n), 2)
+    p50 = {"m_fast": {1: 1.0, 8: 4.0}, "m_fp32": P50["m_fp32"]}
+    prof = calibrate_cascade(
+        [StageData("m_fast", fast), StageData("m_fp32", ref)],
+        ref,
+        groups,
+        p50,
+        "synthetic",
+        targets=(0.99, 0.995),
+    )
+    loose, strict = prof.operating_points
+    # 0.99 allows floor(0.01 * 301 - 1) = 2 images with a loss: the confident one is served, nothing escalates
+    assert loose.met and loose.thresholds == [0.0] and loose.agreement < 1.0
+    # 0.995 allows 0: the threshold goes above margin 0.99, and the bound counts the image once (n = 300)
+    m = confidence_margin(fast[n : n + 1])[0]
+    assert strict.met and strict.thresholds[0] > m and strict.agreement == 1.0 and strict.n_images == n
+    # fewer images than 1 / (1 - target) - 1 cannot certify it: not met, every row escalates
+    few = calibrate_cascade(
+        [StageData("m_fast", fast[:150]), StageData("m_fp32", ref[:150])],
+        ref[:150],
+        np.arange(150),
+        p50,
+        "synthetic",
+        targets=(0.995,),
+    ).operating_points[0]
+    assert not few.met and few.escalation_rate == 1.0
 
 
 def test_evaluation_check_and_unreachable_target():
