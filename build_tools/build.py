@@ -49,6 +49,7 @@ from tcsched.build_tools.measure import (  # noqa: F401 - re-exported: the build
     measure,
     model_name,
 )
+from tcsched.build_tools.model_source import ResolvedModel, optimize_basic, resolve_model
 from tcsched.build_tools.quantize import parse_calib_method
 from tcsched.build_tools.recipes import REGISTRY, BuildContext, BuiltVariant, Dropped, Recipe
 from tcsched.build_tools.recipes.pairs import ONNXRUNTIME, openvino_pairs
@@ -62,10 +63,12 @@ from tcsched.manifest import (
     InputStatistics,
     LatencyReport,
     Manifest,
+    ModelSource,
     TensorSpec,
     VariantEntry,
 )
 from tcsched.ort_runtime import OrtClassifier
+from tcsched.preprocessing import IMAGENET, PreprocessSpec
 
 __all__ = [
     "ANALYSIS_FILENAME",
@@ -118,22 +121,26 @@ def make_splits(cfg: BuildConfig) -> Splits:
     return Splits(calib, select, evaluation, desc)
 
 
-def _load(items: Sequence[ImageItem], progress: Progress, what: str) -> np.ndarray:
+def _load(
+    items: Sequence[ImageItem], progress: Progress, what: str, spec: PreprocessSpec = IMAGENET
+) -> np.ndarray:
+    """float32 [N, C, crop_h, crop_w]: ``items`` preprocessed by ``spec``."""
     task = progress.add_task(f"preprocess {what}", total=len(items))
-    out = np.empty((len(items), 3, 224, 224), dtype=np.float32)
+    out = np.empty((len(items), spec.channels, *spec.crop_size), dtype=np.float32)
     for i, it in enumerate(items):
-        out[i] = preprocess_bytes(it.read_bytes())
+        out[i] = preprocess_bytes(it.read_bytes(), spec=spec)
         progress.advance(task)
     return out
 
 
-def input_statistics(x: np.ndarray) -> InputStatistics:
-    """Per-channel and per-image statistics of preprocessed float32 [N, 3, H, W] images."""
+def input_statistics(x: np.ndarray, spec: PreprocessSpec = IMAGENET) -> InputStatistics:
+    """Per-channel and per-image statistics of float32 [N, C, H, W] images preprocessed by ``spec`` (its
+    mean/std locate the saturated pixel values)."""
     from tcsched.input_stats import saturated_fraction
 
     per_img_mean = x.mean(axis=(1, 2, 3))
     per_img_std = x.std(axis=(1, 2, 3))
-    sat = np.array([saturated_fraction(img) for img in x])
+    sat = np.array([saturated_fraction(img, spec.mean, spec.std) for img in x])
     return InputStatistics(
         image_mean_p01_p99=tuple(float(v) for v in np.percentile(per_img_mean, [1, 99])),
         image_std_p01_p99=tuple(float(v) for v in np.percentile(per_img_std, [1, 99])),
@@ -151,23 +158,69 @@ def input_statistics(x: np.ndarray) -> InputStatistics:
 
 @dataclass(frozen=True)
 class Source:
-    """The model the variants are made from: a torch classifier (eval mode) and its fp32 ONNX export.
+    """The model the variants are made from: a torch classifier (eval mode; None for an ONNX source) and its
+    fp32 ONNX graph.
 
-    ``fp32_path``: input ``input`` float32 [N, 3, 224, 224], output ``logits`` float32 [N, len(labels)].
+    ``fp32_path``: input ``input`` float32 [N, *input_chw], output ``logits`` float32 [N, len(labels)].
+    ``name``: prefix of the variants' Triton names; ``preprocessing``: how its pixels are made (crop = H, W of
+    ``input_chw``); ``model``: the manifest's record of where it came from.
     """
 
     torch_model: Any
     fp32_path: Path
     labels: list[str]
     description: str  # the manifest's source_model
+    name: str = MODEL_PREFIX
+    input_chw: tuple[int, int, int] = (3, 224, 224)
+    preprocessing: PreprocessSpec = IMAGENET
+    model: ModelSource | None = None
 
 
-def export_source(cfg: BuildConfig, work: Path) -> Source:
-    """torchvision MobileNetV2 (IMAGENET1K_V1 weights, :func:`tcsched.build_tools.export.find_weights`),
-    exported to ``work/fp32.onnx``."""
-    model = ex.load_mobilenet_v2(cfg.weights)
-    path = ex.export_onnx(model, work / "fp32.onnx", opset=cfg.opset)
-    return Source(model, path, ex.imagenet_categories(), ex.SOURCE_MODEL)
+def resolve(cfg: BuildConfig) -> ResolvedModel:
+    """``cfg``'s model, weights, labels and preprocessing loaded and checked
+    (:func:`tcsched.build_tools.model_source.resolve_model`).
+
+    Raises:
+        ModelSourceError: the reason the model or an option is refused.
+    """
+    return resolve_model(
+        cfg.model,
+        name=cfg.model_name,
+        weights=cfg.weights,
+        labels_file=cfg.labels_file,
+        preprocessing_file=cfg.preprocessing_file,
+        overrides=cfg.preprocess_overrides,
+    )
+
+
+def export_source(cfg: BuildConfig, work: Path, resolved: ResolvedModel | None = None) -> Source:
+    """The fp32 graph of ``resolved`` (default: :func:`resolve` of ``cfg``) at ``work/fp32.onnx``.
+
+    MobileNetV2 (no ``--model``) is exported as it always was; a torch model of ``--model`` is exported at the
+    crop size and simplified by :func:`~tcsched.build_tools.model_source.optimize_basic`; an ONNX source is its
+    normalised graph."""
+    import onnx
+
+    r = resolved or resolve(cfg)
+    path = work / "fp32.onnx"
+    if r.onnx_model is not None:
+        onnx.save(r.onnx_model, str(path))
+    else:
+        ex.export_onnx(
+            r.torch_model, path, opset=cfg.opset, image_size=r.input_chw[1:], channels=r.input_chw[0]
+        )
+        if r.spec.kind != "default":
+            onnx.save(optimize_basic(onnx.load(str(path))), str(path))
+    info = ModelSource(
+        kind=r.spec.kind,
+        target=str(Path(r.spec.target).resolve()) if r.spec.kind == "onnx" else r.spec.target,
+        name=r.spec.name,
+        weights_file=str(r.weights.resolve()) if r.weights is not None else None,
+        onnx_file=str(Path(r.spec.target).resolve()) if r.spec.kind == "onnx" else None,
+    )
+    return Source(
+        r.torch_model, path, r.labels, r.description, r.spec.name, r.input_chw, r.preprocessing, info
+    )
 
 
 def prepare(
@@ -183,9 +236,10 @@ def prepare(
     from tcsched.build_tools import analysis as an
 
     progress.update(step, description="load images")
-    calib = _load(splits.calib, progress, f"calibration ({len(splits.calib)})")
-    select = calib if splits.select is splits.calib else _load(splits.select, progress, "selection")
-    evalx = calib if splits.eval == splits.calib else _load(splits.eval, progress, "evaluation")
+    spec = source.preprocessing
+    calib = _load(splits.calib, progress, f"calibration ({len(splits.calib)})", spec)
+    select = calib if splits.select is splits.calib else _load(splits.select, progress, "selection", spec)
+    evalx = calib if splits.eval == splits.calib else _load(splits.eval, progress, "evaluation", spec)
     y_sel = (
         np.array([it.label for it in splits.select])
         if all(i.label is not None for i in splits.select)
@@ -284,6 +338,7 @@ def _entry(
     cfg: BuildConfig,
     notes: list[str],
     verdict: FrontVerdict | None = None,
+    chw: tuple[int, int, int] = (3, 224, 224),
 ) -> VariantEntry:
     """The manifest entry of one measured variant, its model written under ``tmp``; ``verdict``: whether it is
     on the accuracy-latency front (:func:`tcsched.build_tools.cascade.pareto_front`)."""
@@ -293,6 +348,7 @@ def _entry(
         m.model_name,
         m.variant.path,
         cfg.serving,
+        chw=chw,
         classes=classes,
         runtime=m.runtime,
         precision=m.variant.precision,
@@ -344,23 +400,30 @@ def write_repository(
             notes = list(m.variant.notes)
             if m is ref:
                 notes += [f"{d.name} dropped: " + " ".join(d.notes) for d in dropped]
-            entry = _entry(tmp, m, ref, measurements, cfg, notes, verdicts.get(m.model_name))
+            entry = _entry(
+                tmp, m, ref, measurements, cfg, notes, verdicts.get(m.model_name), source.input_chw
+            )
             # a GPU build compiles each graph once, whatever CPU runtime a pair runs it on
             if m.runtime == ONNXRUNTIME:
                 entry.tensorrt_graph = _tensorrt_graph(tmp, m, ref, measurements, ctx)
             entries.append(entry)
-        repo_mod.write_pipeline(tmp, ctx.labels, cfg.serving)
+        repo_mod.write_pipeline(
+            tmp, ctx.labels, cfg.serving, source.input_chw, source.preprocessing, cfg.ensemble_name
+        )
         manifest = Manifest(
             source_model=source.description,
-            input=TensorSpec(name=ex.INPUT_NAME, dtype="float32", shape=[3, 224, 224]),
+            input=TensorSpec(name=ex.INPUT_NAME, dtype="float32", shape=list(source.input_chw)),
             output=TensorSpec(name=ex.OUTPUT_NAME, dtype="float32", shape=[len(ctx.labels)]),
             max_batch_size=cfg.serving.max_batch_size,
-            labels_file=f"{repo_mod.ENSEMBLE}/{repo_mod.LABELS_FILE}",
+            labels_file=f"{cfg.ensemble_name}/{repo_mod.LABELS_FILE}",
             reference_variant=measurements.reference,
             variants=entries,
-            input_statistics=input_statistics(ctx.calib),
+            input_statistics=input_statistics(ctx.calib, source.preprocessing),
             cascades=serving.plan.cascades if serving is not None else [],
             build_cpu=cpu_capabilities().to_list(),
+            model=source.model,
+            preprocessing=source.preprocessing,
+            ensemble=cfg.ensemble_name,
         )
         manifest.write(tmp / MANIFEST_FILENAME)
         ctx.report.write(tmp / ANALYSIS_FILENAME)
@@ -375,13 +438,18 @@ def write_repository(
 def build(cfg: BuildConfig, console: Console | None = None, source: Source | None = None) -> Manifest:
     """Run the whole offline build and write the repository at ``cfg.output``; returns the manifest.
 
-    ``source``: the model to make the variants from (default: :func:`export_source`, MobileNetV2).
+    ``source``: the model to make the variants from (default: :func:`export_source` of ``cfg.model``,
+    MobileNetV2 without one).
 
     Raises:
-        ValueError: bad options (:meth:`BuildConfig.validate`) or an output folder that is not a repository.
+        ValueError: bad options (:meth:`BuildConfig.validate`), a model refused by :func:`resolve` (a
+            :class:`~tcsched.build_tools.model_source.ModelSourceError`), or an output folder that is not a
+            repository.
     """
     cfg.validate()
     check_replaceable_output(cfg.output)  # before any work: a build replaces the whole folder
+    # the model, weights, labels and preprocessing are checked before any image is read
+    resolved = resolve(cfg) if source is None else None
     recipes = REGISTRY.resolve(cfg.selected_variants)
     console = console or Console()
     t_start = time.perf_counter()
@@ -396,8 +464,10 @@ def build(cfg: BuildConfig, console: Console | None = None, source: Source | Non
     ) as progress:
         step = progress.add_task("build", total=4 + len(recipes) + 2)
         if source is None:
-            progress.update(step, description="export ONNX (torchvision MobileNetV2, IMAGENET1K_V1)")
-            source = export_source(cfg, work)
+            progress.update(step, description=f"export ONNX ({resolved.description})")
+            source = export_source(cfg, work, resolved)
+            for note in resolved.notes:
+                console.print(f"model: {note}")
         progress.advance(step)
         ctx = prepare(cfg, splits, source, work, progress, console, step)
         outcome = run_recipes(ctx, recipes, step)
@@ -407,13 +477,22 @@ def build(cfg: BuildConfig, console: Console | None = None, source: Source | Non
         )
         if pair_notes:
             outcome.dropped.append(Dropped("openvino pairs", pair_notes))
-        measurements = measure(ctx, outcome.built, _eval_description(cfg, splits, ctx), pairs)
+        measurements = measure(ctx, outcome.built, _eval_description(cfg, splits, ctx), pairs, source.name)
         progress.advance(step)
         # every variant is built and measured here: which to serve (the accuracy-latency front) and the
         # confidence cascades calibrated on them are chosen before the manifest entries are written
         progress.update(step, description="serving plan: accuracy-latency front, cascades, drift-check study")
         serving = decide_serving(
-            measurements, splits.eval, input_statistics(ctx.calib), cfg.threads, progress
+            measurements,
+            splits.eval,
+            input_statistics(ctx.calib, source.preprocessing),
+            cfg.threads,
+            progress,
+            spec=source.preprocessing,
+            calib_images=None if splits.select is splits.calib else ctx.calib,
+            calib_labels=np.array([it.label for it in splits.calib])
+            if all(it.label is not None for it in splits.calib)
+            else None,
         )
         progress.advance(step)
 

@@ -43,6 +43,15 @@ class BuildConfig:
     # fewer calibration images than this: no fine-tune (it would learn them by heart)
     qat_min_images: int = 64
     weights: Path | None = None
+    # the model (tcsched.build_tools.model_source): None is MobileNetV2; an .onnx path, torchvision:<arch> or
+    # package.module:callable. model_name: prefix of the variants' Triton names (default: from the model)
+    model: str | None = None
+    model_name: str | None = None
+    labels_file: Path | None = None
+    preprocessing_file: Path | None = None
+    # PreprocessSpec fields given one by one (resize_size, crop_size, interpolation, mean, std); None: not given
+    preprocess_overrides: dict = field(default_factory=dict)
+    ensemble_name: str = repo_mod.ENSEMBLE
     opset: int = 17
     latency_batch_sizes: Sequence[int] = (1, 8)
     # interleaved rounds per (variant, batch): the b8 ratio of one graph spread 0.54-0.62x over repeated runs
@@ -93,6 +102,29 @@ class BuildConfig:
                 raise ValueError(f"{name} folder {d} does not exist")
         if self.data_dir is not None and (self.calib_dir is not None or self.eval_dir is not None):
             raise ValueError("give either data_dir (split three ways) or calib_dir/eval_dir, not both")
+        self._validate_model_options()
+
+    def _validate_model_options(self) -> None:
+        import re
+
+        for name, f in (("labels", self.labels_file), ("preprocessing", self.preprocessing_file)):
+            if f is not None and not Path(f).is_file():
+                raise ValueError(f"{name} file {f} does not exist")
+        # Triton model names: a folder name in the repository; these characters are safe everywhere
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.ensemble_name):
+            raise ValueError(
+                f"ensemble name {self.ensemble_name!r}: expected letters, digits, '_', '.', '-' (a folder name)"
+            )
+        if self.ensemble_name in (repo_mod.PREPROCESS, repo_mod.SCHEDULER):
+            raise ValueError(
+                f"ensemble name {self.ensemble_name!r} is taken by the {self.ensemble_name} model"
+            )
+        is_onnx = bool(self.model) and str(self.model).endswith(".onnx")
+        if is_onnx and self.finetune_steps:
+            raise ValueError(
+                "--finetune-steps fine-tunes the torch model; an ONNX source has none (use torchvision:<arch> or "
+                "package.module:callable, or --finetune-steps 0)"
+            )
 
     def _validate_numbers(self) -> None:
         if any(b < 1 for b in self.latency_batch_sizes):

@@ -68,10 +68,17 @@ def imagenet_categories() -> list[str]:
     return list(torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def export_onnx(model, path: str | os.PathLike, opset: int = 17, image_size: int = 224) -> Path:
+def export_onnx(
+    model,
+    path: str | os.PathLike,
+    opset: int = 17,
+    image_size: int | tuple[int, int] = 224,
+    channels: int = 3,
+) -> Path:
     """Export ``model`` to ONNX with a dynamic batch dimension.
 
-    Input ``input`` float32 [N, 3, image_size, image_size] (normalised RGB); output ``logits`` float32 [N, 1000].
+    Input ``input`` float32 [N, channels, H, W] (normalised RGB; ``image_size`` is (H, W) or one side of a
+    square); output ``logits`` float32 [N, classes].
     Uses the TorchScript exporter (batch norm folded into the convolutions, readable node names); falls back to
     the dynamo exporter where the TorchScript one is gone.
 
@@ -83,7 +90,8 @@ def export_onnx(model, path: str | os.PathLike, opset: int = 17, image_size: int
     if opset < 17:
         raise ValueError(f"opset must be >= 17, got {opset}")
     path = Path(path)
-    x = torch.randn(2, 3, image_size, image_size)
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    x = torch.randn(2, channels, h, w)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:

@@ -23,15 +23,15 @@ from tcsched.metrics import mean_kl, top1_agreement, topk_accuracy, wilson_inter
 from tcsched.ort_runtime import OrtClassifier
 from tcsched.precision import REFERENCE
 
-MODEL_PREFIX = "mobilenet_v2"
+MODEL_PREFIX = "mobilenet_v2"  # the default model's; a build names its variants after its model
 # images per ONNX Runtime call when computing logits: bounds the memory of one call, not a tuned figure
 PREDICT_BATCH = 16
 LATENCY_SAMPLE_IMAGES = 8  # evaluation images repeated or cut to each latency batch size
 
 
-def model_name(variant: str) -> str:
-    """Triton model name of a variant: ``mobilenet_v2_int8``."""
-    return f"{MODEL_PREFIX}_{variant}"
+def model_name(variant: str, prefix: str = MODEL_PREFIX) -> str:
+    """Triton model name of a variant of the model ``prefix``: ``mobilenet_v2_int8``, ``efficientnet_lite0_int8``."""
+    return f"{prefix}_{variant}"
 
 
 @dataclass
@@ -91,12 +91,14 @@ def measure(
     built: dict[str, BuiltVariant],
     eval_description: str,
     pairs: Sequence[Pair] = (),
+    prefix: str = MODEL_PREFIX,
 ) -> Measurements:
     """Logits of every built variant on the evaluation split, and latencies of all of them interleaved
     (:func:`~tcsched.build_tools.latency.measure_latency`, ``cfg.latency_repeats`` rounds per batch size).
 
     Every graph in ``built`` runs on ONNX Runtime; each of ``pairs`` (:mod:`tcsched.build_tools.recipes.pairs`)
-    is one of those graphs on another runtime, measured the same way, interleaved with the others."""
+    is one of those graphs on another runtime, measured the same way, interleaved with the others. The Triton
+    names are ``<prefix>_<variant>`` (:func:`model_name`)."""
     cfg = ctx.cfg
     runs: dict[str, tuple[BuiltVariant, str, tuple[str, ...]]] = {
         n: (v, ONNXRUNTIME, ()) for n, v in built.items()
@@ -123,13 +125,13 @@ def measure(
         return lambda: engine(n).predict(ctx.select_views, batch_size=PREDICT_BATCH)
 
     variants = {
-        model_name(n): Measured(v, model_name(n), logits[n], lat[n], selection(n), rt, req)
+        model_name(n, prefix): Measured(v, model_name(n, prefix), logits[n], lat[n], selection(n), rt, req)
         for n, (v, rt, req) in runs.items()
     }
     n_select = len(ctx.select)
     return Measurements(
         variants=variants,
-        reference=model_name(REFERENCE),
+        reference=model_name(REFERENCE, prefix),
         select_groups=np.tile(np.arange(n_select), len(ctx.select_views) // n_select),
         select_labels=ctx.select_labels,
         eval_labels=ctx.eval_labels,

@@ -175,11 +175,15 @@ class QDQTorchGraph:
                 continue
             ins = [self._value(i, env) if i else None for i in n.input]
             if op == "Conv":
-                pads = a.get("pads", [0, 0, 0, 0])
-                if pads[:2] != pads[2:]:
-                    raise ValueError(f"{n.name}: asymmetric pads {pads} not supported")
+                pads = list(a.get("pads", [0, 0, 0, 0]))
+                xin = ins[0]
+                if (
+                    pads[:2] != pads[2:]
+                ):  # ONNX [top, left, bottom, right]; F.pad takes (left, right, top, bottom)
+                    xin = F.pad(xin, (pads[1], pads[3], pads[0], pads[2]))
+                    pads = [0, 0, 0, 0]
                 y = F.conv2d(
-                    ins[0],
+                    xin,
                     ins[1],
                     ins[2] if len(ins) > 2 else None,
                     stride=tuple(a.get("strides", [1, 1])),

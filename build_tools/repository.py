@@ -203,8 +203,10 @@ def scheduler_config(opts: ServingOptions, chw: list[int], classes: int) -> mc.M
     return cfg
 
 
-def ensemble_config(opts: ServingOptions, classes: int) -> mc.ModelConfig:
-    cfg = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=opts.max_batch_size)
+def ensemble_config(opts: ServingOptions, classes: int, name: str = ENSEMBLE) -> mc.ModelConfig:
+    """The served classifier ``name`` (default ``classifier``): ``IMAGE`` -> preprocess -> scheduler ->
+    ``LOGITS`` (with the labels file), ``VARIANT``, ``DECISION``."""
+    cfg = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=opts.max_batch_size)
     cfg.input.append(_tensor(mc.ModelInput, IMAGE, mc.TYPE_STRING, [1]))
     cfg.output.append(_tensor(mc.ModelOutput, LOGITS, mc.TYPE_FP32, [classes], label_filename=LABELS_FILE))
     cfg.output.append(_tensor(mc.ModelOutput, VARIANT, mc.TYPE_STRING, [1]))
@@ -280,9 +282,14 @@ def write_variant(
 
 
 def write_pipeline(
-    repo: Path, labels: list[str], opts: ServingOptions, chw=(3, 224, 224), spec: PreprocessSpec = IMAGENET
+    repo: Path,
+    labels: list[str],
+    opts: ServingOptions,
+    chw=(3, 224, 224),
+    spec: PreprocessSpec = IMAGENET,
+    ensemble: str = ENSEMBLE,
 ) -> None:
-    """Write preprocess (making pixels by ``spec``), scheduler and the ``classifier`` ensemble, then the labels
+    """Write preprocess (making pixels by ``spec``), scheduler and the ensemble ``ensemble``, then the labels
     file of every model in ``repo`` whose config names one (:func:`write_labels`: the ensemble, the scheduler,
     the variants written before).
 
@@ -294,7 +301,7 @@ def write_pipeline(
         raise ValueError("labels must be non-empty single-line strings")
     write_model(repo, preprocess_config(opts, list(chw), spec), thin_model_source("preprocess"))
     write_model(repo, scheduler_config(opts, list(chw), len(labels)), thin_model_source("scheduler"))
-    write_model(repo, ensemble_config(opts, len(labels)))
+    write_model(repo, ensemble_config(opts, len(labels), ensemble))
     write_labels(repo, labels)
 
 

@@ -377,7 +377,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResu
     )
     raw = (Path(cfg.output) / "raw").resolve()
     raw.mkdir(parents=True, exist_ok=True)
-    data = make_input_data(items, raw)
+    data = make_input_data(items, raw, manifest.preprocess_spec)
     log(f"input data: {len(items)} real images from {cfg.data_dir or 'scikit-image default photos'}")
     run = _BenchRun(cfg, manifest, variants, targets, data, raw, pipelines, log)
     with _server(cfg, manifest, variants, raw) as server:

@@ -200,7 +200,7 @@ def run_eval(
     served_ref_top1: np.ndarray | None = None
     ref_compute: float | None = None
     top1s: dict[int, np.ndarray] = {}  # row index -> served top-1 of every image (rows without errors)
-    client = ClassifierClient(url, "http")
+    client = ClassifierClient(url, "http", model=manifest.ensemble)
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
         with Progress(*cols, console=console) as progress:

@@ -162,7 +162,7 @@ def run_ramp(
         manifest.variant(v)  # KeyError names the known ones
     output.mkdir(parents=True, exist_ok=True)
     items = pick_images(data_dir, n_images)
-    data = make_input_data(items, output / "raw")
+    data = make_input_data(items, output / "raw", manifest.preprocess_spec)
     extra = {} if min_agreement is None else {"min_agreement": float(min_agreement)}
     targets = ramp_targets(names, latency_budget_ms, **extra)
     points: list[RampPoint] = []

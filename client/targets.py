@@ -90,7 +90,7 @@ class InputData:
     variant_json: Path
     ensemble_json: Path
     images: list[str]
-    tensors: list  # numpy float32 [3, 224, 224] each
+    tensors: list  # numpy float32 [C, H, W] each (the repository's preprocessing)
     scheduler_json: Path | None = None
     blobs: list = field(default_factory=list)  # the encoded images, same order as ``tensors``
 
@@ -116,14 +116,18 @@ def pick_images(data_dir: str | os.PathLike | None, n: int) -> list:
     return items[::step][:n]
 
 
-def make_input_data(items: Sequence, folder: str | os.PathLike) -> InputData:
-    """Write both ``--input-data`` JSON files for ``items`` (``tcsched.data.ImageItem``) into ``folder``."""
+def make_input_data(items: Sequence, folder: str | os.PathLike, spec=None) -> InputData:
+    """Write both ``--input-data`` JSON files for ``items`` (``tcsched.data.ImageItem``) into ``folder``; the
+    tensors are made by ``spec`` (the repository's ``Manifest.preprocess_spec``; None: ImageNet's 256/224)."""
     from tcsched.imaging import preprocess_bytes
+    from tcsched.preprocessing import IMAGENET
+
+    spec = spec or IMAGENET
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     blobs = [it.read_bytes() for it in items]
-    tensors = [preprocess_bytes(b) for b in blobs]
+    tensors = [preprocess_bytes(b, spec=spec) for b in blobs]
     return InputData(
         variant_json=write_tensor_input_data(folder / "variant_input.json", VARIANT_INPUT, tensors),
         ensemble_json=write_bytes_input_data(folder / "ensemble_input.json", ENSEMBLE_INPUT, blobs),

