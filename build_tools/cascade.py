@@ -4,19 +4,20 @@ A cascade is an ordered chain of variants, fastest first (e.g. int8 > fp32). Eve
 the rows whose confidence margin (``tcsched.confidence.confidence_margin``) is below that stage's threshold run
 again on the next stage, and so on. :func:`calibrate_cascade` chooses, for each target agreement with the fp32
 reference, the thresholds with the lowest expected cost that reach the target on the calibration rows (the build's
-selection split, label-preserving views), and re-measures them on the evaluation split.
+calibration and selection splits, label-preserving views: ``tcsched.build_tools.serving``), and re-measures them
+on the evaluation split.
 
 Rule for the thresholds: conformal risk control (Angelopoulos et al., "Conformal Risk Control", ICLR 2024) with
-the image as the unit. An image's loss at thresholds ``t`` is 1 when any of its label-preserving views (flip,
-centre zoom) is served by a stage other than fp32 that *could* disagree with fp32 there: its margin is at most
+the image as the unit. An image's loss at thresholds ``t`` is 1 when any of its label-preserving views (flips,
+centre zooms) is served by a stage other than fp32 that *could* disagree with fp32 there: its margin is at most
 ``2 * max|softmax(stage) - softmax(fp32)|`` (:func:`could_disagree`; every real disagreement is such a row, and
 the stage's perturbation is measured on every row, not only on the few that flip). The cheapest ``t`` with
 ``(sum of losses + 1) / (n_images + 1) <= 1 - goal`` is chosen (``goal = 1 - (1 - target) * safety``): for
 images exchangeable with the calibration ones the expected disagreement rate is then at most ``1 - goal``. With
 n images a target above ``n / (n + 1)`` cannot be met (0.995 needs 199 images): the build calibrates on the
-calibration and the selection splits together (agreement with fp32 needs no label). A lower bootstrap bound on
-~130 images, the rule before, is 1.0 as soon as no view disagrees, and OpenVINO int8 then disagreed with fp32
-at margins up to 0.48 on evaluation images (README "Input-aware scheduling"). The evaluation-split check stored
+calibration and the selection splits together (agreement with fp32 needs no label). A bootstrap lower bound is
+1.0 as soon as no view disagrees and bounds no tail: on 130 images it let OpenVINO int8 serve rows where it
+disagreed with fp32 at margins up to 0.48 (README "Input-aware scheduling"). The evaluation-split check stored
 beside every operating point shows whether the target held on images the build never chose anything on.
 
 :func:`pareto_front` marks the variants the scheduler should never choose: another variant is faster at every
@@ -151,12 +152,6 @@ def risk_bound(image_losses: np.ndarray) -> float:
     if loss.ndim != 1 or len(loss) == 0:
         raise ValueError(f"expected one loss per image, [n >= 1], got shape {loss.shape}")
     return float((loss.sum() + 1.0) / (len(loss) + 1.0))
-
-
-def _image_losses(flagged: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """bool [n_images]: any row of the image is flagged (images in np.unique order of ``groups``)."""
-    _, inv = np.unique(groups, return_inverse=True)
-    return np.bincount(inv, weights=flagged.astype(np.float64)) > 0
 
 
 def _thresholds_for(

@@ -25,6 +25,11 @@ from tcsched.jsonio import atomic_write_json, atomic_write_text
 from tcsched.ort_runtime import OrtClassifier
 from tcsched.preprocessing import IMAGENET, PreprocessSpec
 
+# centre zooms (side fraction) added to the build's 4 views for the cascade calibration, with their flips: one
+# tighter and one looser than augment.DEFAULT_ZOOM (0.86); more views of an image make its loss (some view served
+# by a stage that could disagree with fp32) a stricter test of it (cross-validated: README "Input-aware scheduling")
+EXTRA_ZOOMS = (0.75, 0.93)
+VIEW_CHUNK = 32  # images whose views are made and run at once
 DRIFT_IMAGES = 96  # evaluation images the drift study corrupts (x 8 versions: ~15 s on 2 cores)
 DEFAULT_TARGET = (
     0.99  # the scheduler's default_min_agreement (tcsched.settings): the study's cascade threshold
@@ -44,46 +49,83 @@ def decide_serving(
     threads: int,
     progress=None,
     spec: PreprocessSpec = IMAGENET,
+    select_images: np.ndarray | None = None,
     calib_images: np.ndarray | None = None,
     calib_labels: np.ndarray | None = None,
 ) -> Serving:
     """The Pareto front and the cascades from ``measurements``, then the drift study on ``eval_items``.
 
-    The cascades are calibrated on the label-preserving views of the selection images and, when given, of
-    ``calib_images`` too (the calibration split: agreement with fp32 needs no label, and the conformal bound of
-    :mod:`tcsched.build_tools.cascade` needs at least 199 images to certify 0.995); every variant that may be a
-    stage runs on those views here.
+    The cascades are calibrated on 8 label-preserving views of each selection image and, when given, of each
+    of ``calib_images`` (the calibration split: agreement with fp32 needs no label, and the conformal bound of
+    :mod:`tcsched.build_tools.cascade` needs at least 199 images to certify 0.995): the build's 4 views
+    (:func:`~tcsched.build_tools.augment.label_preserving_views`) and the centre zooms of
+    :data:`EXTRA_ZOOMS` with their flips. Every variant that may be a stage runs on the views made here.
 
     Args:
         measurements: ``tcsched.build_tools.build.Measurements`` (logits on the selection views and the
             evaluation split, latency profiles, the reference's name).
         input_statistics: the calibration images' :class:`tcsched.manifest.InputStatistics` (the drift rule's).
         spec: the repository's preprocessing (the drift study makes its pixels with it).
+        select_images: float32 [N_sel, 3, H, W] the preprocessed selection images (those of
+            ``measurements.select_groups``; None: their 4 measured views only).
         calib_images: float32 [N_cal, 3, H, W] preprocessed calibration images, distinct from the selection
-            ones (None: the selection views only); calib_labels: int [N_cal] or None.
+            ones (None: the selection images only); calib_labels: int [N_cal] or None.
     """
     m = measurements
     servable = m.served_on_cpu_for_speed()
     front_candidates = [n for n, ok in servable.items() if ok]
     select = {n: m.variants[n].selection_logits for n in front_candidates}
     groups, labels = m.select_groups, m.select_labels
-    rows = f"selection split ({len(np.unique(groups))} images)"
+    n_sel = len(np.unique(groups))
+    # (images, first group id, labels, whether the build's 4 views are still to be made)
+    sources: list[tuple[np.ndarray, int, np.ndarray | None, bool]] = []
+    if select_images is not None and len(select_images):
+        y = None if labels is None else labels[: len(select_images)]
+        sources.append((select_images, 0, y, False))
     if calib_images is not None and len(calib_images):
-        views = label_preserving_views(calib_images)
-        task = progress.add_task("cascade calibration views", total=len(select)) if progress else None
-        for n in select:
-            v = m.variants[n]
-            eng = load_engine(v.runtime, v.variant.path, threads=threads, precision=v.variant.precision)
-            select[n] = np.concatenate([select[n], eng.predict(views, batch_size=16)])
-            if task is not None:
-                progress.advance(task)
-        n_cal = len(calib_images)
-        groups = np.concatenate([groups, groups.max() + 1 + np.tile(np.arange(n_cal), len(views) // n_cal)])
-        if labels is not None and calib_labels is not None:
-            labels = np.concatenate([labels, np.tile(np.asarray(calib_labels), len(views) // n_cal)])
-        else:
-            labels = None
-        rows = f"calibration and selection splits ({len(np.unique(groups))} images)"
+        y = None if calib_labels is None else np.asarray(calib_labels)
+        sources.append((calib_images, n_sel, y, True))
+    if sources:
+        engines = {
+            n: load_engine(
+                m.variants[n].runtime,
+                m.variants[n].variant.path,
+                threads=threads,
+                precision=m.variants[n].variant.precision,
+            )
+            for n in select
+        }
+        total = sum(len(x) for x, *_ in sources)
+        task = progress.add_task("cascade calibration views", total=total) if progress else None
+        parts: dict[str, list[np.ndarray]] = {n: [select[n]] for n in select}
+        more_groups, more_labels = [groups], [labels]
+        for x, first, y, base in sources:
+            for i in range(0, len(x), VIEW_CHUNK):  # a chunk of images at a time: 8 views of 266 are 1.3 GB
+                chunk = x[i : i + VIEW_CHUNK]
+                views = _zoom_views(chunk)
+                if base:
+                    views = np.concatenate([label_preserving_views(chunk), views])
+                k = len(views) // len(chunk)
+                for n, eng in engines.items():
+                    parts[n].append(eng.predict(views, batch_size=16))
+                more_groups.append(first + np.tile(np.arange(i, i + len(chunk)), k))
+                more_labels.append(None if y is None else np.tile(y[i : i + len(chunk)], k))
+                if task is not None:
+                    progress.advance(task, len(chunk))
+        select = {n: np.concatenate(p) for n, p in parts.items()}
+        groups = np.concatenate(more_groups)
+        labels = None if any(v is None for v in more_labels) else np.concatenate(more_labels)
+    n_img = len(np.unique(groups))
+    n_views = len(groups) // n_img if len(groups) % n_img == 0 else None
+    what = (
+        "calibration and selection splits"
+        if calib_images is not None and len(calib_images)
+        else "selection split"
+    )
+    description = (
+        f"{what}: {n_img} images x {n_views or 'up to 8'} label-preserving views (flip, centre zooms); "
+        "thresholds by conformal risk control over the images"
+    )
     plan = plan_serving(
         servable,
         m.reference,
@@ -91,7 +133,7 @@ def decide_serving(
         groups,
         m.eval_logits(),
         m.p50_ms_by_batch(),
-        f"{rows}, 4 label-preserving views of each image; thresholds by conformal risk control over the images",
+        description,
         m.eval_description,
         select_labels=labels,
     )
@@ -120,6 +162,12 @@ def decide_serving(
             on_step=(lambda i: progress.update(task, completed=i)) if task is not None else None,
         )
     return Serving(plan, drift)
+
+
+def _zoom_views(x: np.ndarray) -> np.ndarray:
+    """float32 [4N, ...]: for each of :data:`EXTRA_ZOOMS`, the centre zoom of every image, then its flips."""
+    n = len(x)
+    return np.concatenate([label_preserving_views(x, zoom=z)[2 * n :] for z in EXTRA_ZOOMS])
 
 
 def write_serving_reports(serving: Serving, measurements, report_dir: Path) -> None:

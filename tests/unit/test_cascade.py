@@ -334,3 +334,15 @@ def test_a_later_stage_is_loaded_only_by_the_rows_that_reach_it():
     assert p.predict(ref, 1, load) >= 100 * 5.0 - 1e-9  # alone: cannot keep up
     assert p.predict(ref, 1, load, share=d.reach_rates[1]) < 10.0
     assert p.escalation_allowance(d, 1, 1, spent_ms=5.0, load=load) == 1
+
+
+def test_zoom_views_of_the_cascade_calibration_are_centre_zooms_and_their_flips():
+    from tcsched.build_tools.augment import label_preserving_views
+    from tcsched.build_tools.serving import EXTRA_ZOOMS, _zoom_views
+
+    x = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    v = _zoom_views(x)
+    assert len(EXTRA_ZOOMS) == 2 and v.shape == (4 * 3, 3, 32, 32)
+    z0 = label_preserving_views(x, zoom=EXTRA_ZOOMS[0])
+    assert np.array_equal(v[:3], z0[6:9]) and np.array_equal(v[3:6], v[:3][..., ::-1])
+    assert not np.array_equal(v[:3], v[6:9])  # the two zooms differ
