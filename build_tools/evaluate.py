@@ -65,11 +65,14 @@ def reference_model(manifest=None, weights=None) -> Callable:
     if src is None or src.kind == "default":
         model = load_mobilenet_v2(weights if weights is not None else getattr(src, "weights_file", None))
     elif src.kind == "onnx":
+        from pathlib import Path
+
         import onnxruntime as ort
 
-        sess = ort.InferenceSession(src.onnx_file, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        return lambda x: sess.run(None, {name: x.numpy()})[0]
+        # the original file with its batch axis made dynamic (the build's rule), not the build's graph
+        model, *_ = ms.load_onnx_classifier(Path(src.onnx_file))
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return lambda x: sess.run(None, {ms.INPUT_NAME: x.numpy()})[0]
     else:
         w = weights if weights is not None else src.weights_file
         state = ms.load_state_dict(w) if w is not None else None

@@ -270,3 +270,41 @@ def test_the_build_refuses_before_any_work(tmp_path):
     with pytest.raises(ModelSourceError, match="has 7 names but the model's output has 10 classes"):
         build_mod.build(cfg, Console(quiet=True))
     assert not (tmp_path / "work").exists() and not (tmp_path / "repo").exists()
+
+
+def test_the_command_line_names_the_refusal(tmp_path):
+    import subprocess
+    import sys
+
+    path = onnx_classifier(tmp_path / "m.onnx")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tcsched.cli",
+            "build",
+            "--model",
+            str(path),
+            "--mean",
+            "0.5,0.5",
+            "--std",
+            "1,1",
+            "-o",
+            str(tmp_path / "repo"),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "mean/std have 2 values but the model's input has 3 channels" in out.stderr.replace("\n", " ")
+    assert not (tmp_path / "work").exists()
+    out = subprocess.run(
+        [sys.executable, "-m", "tcsched.cli", "build", "--crop-size", "2x3x4", "-o", str(tmp_path / "repo")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "expected S or H,W in px" in out.stderr.replace("\n", " ")
