@@ -52,6 +52,30 @@ def test_same_logits_fp32(graphs):
     assert ov.runtime_property("INFERENCE_PRECISION_HINT") in ("f32", "float32")
 
 
+def test_openvino_compiles_one_static_model_per_batch_size(graphs, monkeypatch):
+    from tcsched.engines import openvino as ov_engine
+
+    fp32, int8, x = graphs
+    for path, precision, tol in ((fp32, "fp32", 1e-4), (int8, "int8", 1e-4)):
+        ov = load_engine("openvino", path, threads=1, precision=precision)
+        ov.prepare([1, 3], dims=[3, 32, 32])
+        assert sorted(ov.static_requests) == [1, 3]
+        assert ov.compiled.input(0).get_partial_shape()[0].is_dynamic  # the graph's own model stays dynamic
+        ov.request.infer({0: x[:3]})
+        dynamic = np.array(ov.request.get_output_tensor(0).data)
+        np.testing.assert_allclose(ov(x[:3]), dynamic, rtol=tol, atol=tol)
+        np.testing.assert_allclose(ov(x[:1]), dynamic[:1], rtol=tol, atol=tol)
+    # above the limit: the dynamic-shape model, nothing compiled
+    monkeypatch.setattr(ov_engine, "MAX_STATIC_BATCH", 2)
+    ov = load_engine("openvino", fp32, threads=1)
+    ref = load_engine("onnxruntime", fp32, threads=1)(x)
+    np.testing.assert_allclose(ov(x), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ov(x[:2]), ref[:2], rtol=1e-4, atol=1e-4)
+    assert sorted(ov.static_requests) == [2]
+    # ONNX Runtime's prepare is one run at the largest size
+    load_engine("onnxruntime", fp32, threads=1).prepare(range(1, 5))
+
+
 def test_same_logits_int8_qdq(graphs):
     _, int8, x = graphs
     a = load_engine("onnxruntime", int8, threads=1, precision="int8")(x)

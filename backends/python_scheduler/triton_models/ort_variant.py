@@ -41,12 +41,12 @@ class TritonPythonModel:
         )
         self.input_name = cfg["input"][0]["name"]
         self.output_name = cfg["output"][0]["name"]
-        # warm up at this config's own max_batch_size: the config's model_warmup is batch 1 only, so that a
-        # config derived with a smaller max_batch_size (Model Analyzer's sweep) still loads (repository.py)
+        # ready for every batch size up to this config's own max_batch_size (OpenVINO compiles one model per
+        # batch size): the config's model_warmup is batch 1 only, so that a config derived with a smaller
+        # max_batch_size (Model Analyzer's sweep) still loads (repository.py)
         max_batch = int(cfg.get("max_batch_size", 0))
-        if max_batch > 1:
-            dims = [int(d) for d in cfg["input"][0]["dims"]]
-            self.model.run(np.zeros([max_batch, *dims], dtype=np.float32))
+        dims = [int(d) for d in cfg["input"][0]["dims"]]
+        self.model.prepare(range(1, max(1, max_batch) + 1), dims)
 
     def execute(self, requests):
         responses = [None] * len(requests)
