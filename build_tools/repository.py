@@ -17,6 +17,7 @@ Layout written (model names are fixed; the variant names come from the manifest)
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from importlib import resources
@@ -37,7 +38,7 @@ from tcsched.names import (
     SCHEDULER,
     VARIANT,
 )
-from tcsched.preprocessing import IMAGENET, PARAMETER_KEY, PreprocessSpec
+from tcsched.preprocessing import IMAGENET, METHOD_KEY, PARAMETER_KEY, Method, PreprocessSpec
 from tcsched.settings import SchedulerSettings
 
 __all__ = ["ENSEMBLE", "LABELS_FILE", "PREPROCESS", "SCHEDULER", "ServingOptions"]
@@ -56,8 +57,31 @@ class ServingOptions:
     max_queue_delay_microseconds: int = 0
     variant_backend: VariantBackend = "python"  # "onnxruntime": for the official Triton container
     intra_op_num_threads: int = 2
-    preprocess_instances: int = 1
+    #: instances of the ``preprocess`` model, each decoding one request at a time: by default one per core of the
+    #: build machine, at most 4 (:func:`default_preprocess_instances`)
+    preprocess_instances: int = field(default_factory=lambda: default_preprocess_instances())
+    #: how ``preprocess`` makes pixels (tcsched.preprocessing.Method): ``fast`` (JPEG DCT-domain downscaling,
+    #: one resize to the crop; its top-1 agreement with ``exact`` is measured by
+    #: ``python -m tcsched.build_tools.preprocess_bench``) or ``exact`` (torchvision's transform, bit for bit)
+    preprocess_method: Method = "fast"
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+
+
+#: the most ``preprocess`` instances by default: each is one Python-backend stub process, and the count is
+#: written at build time, so a many-core build machine must not fill a repository served elsewhere with them
+#: (measured on 2 cores: 2 instances 1.2-1.4x the ensemble's img/s of 1; README "Preprocessing")
+MAX_PREPROCESS_INSTANCES = 4
+
+
+def default_preprocess_instances(cpus: int | None = None) -> int:
+    """Instances of ``preprocess`` by default: one per CPU core this process may run on
+    (``os.sched_getaffinity``, else ``os.cpu_count``), 1 to :data:`MAX_PREPROCESS_INSTANCES`."""
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not on Linux
+            cpus = os.cpu_count() or 1
+    return max(1, min(MAX_PREPROCESS_INSTANCES, cpus))
 
 
 def _tensor(cls, name: str, dtype: int, dims: list[int], **kw):
@@ -173,8 +197,9 @@ def preprocess_config(
     opts: ServingOptions, chw: list[int], spec: PreprocessSpec = IMAGENET
 ) -> mc.ModelConfig:
     """The ``preprocess`` model: ``IMAGE`` (encoded bytes) -> ``INPUT`` float32 ``chw``, made by ``spec``, which
-    is written as the config parameter ``preprocessing`` (:meth:`PreprocessSpec.to_json`; read back by the
-    model's ``initialize``).
+    is written as the config parameter ``preprocessing`` (:meth:`PreprocessSpec.to_json`), and by
+    ``opts.preprocess_method`` (parameter ``preprocess_method``); both are read back by the model's
+    ``initialize``.
 
     Raises:
         PreprocessError: ``chw`` is not [len(spec.mean), *spec.crop_size].
@@ -187,7 +212,7 @@ def preprocess_config(
     cfg.instance_group.append(
         mc.ModelInstanceGroup(count=opts.preprocess_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     )
-    _set_params(cfg, {PARAMETER_KEY: spec.to_json()})
+    _set_params(cfg, {PARAMETER_KEY: spec.to_json(), METHOD_KEY: opts.preprocess_method})
     return cfg
 
 

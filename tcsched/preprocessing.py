@@ -30,6 +30,14 @@ Interpolation = Literal["nearest", "bilinear", "bicubic", "box", "hamming", "lan
 #: The key of the ``preprocess`` model's config.pbtxt parameter that holds :meth:`PreprocessSpec.to_json`.
 PARAMETER_KEY = "preprocessing"
 
+#: How the served ``preprocess`` model makes the pixels of a spec (tcsched.imaging): ``exact`` is torchvision's
+#: transform bit for bit; ``fast`` decodes a JPEG at 1/2, 1/4 or 1/8 scale in the DCT domain when its shorter
+#: side stays >= ``resize_size``, and resizes straight to the crop.
+Method = Literal["exact", "fast"]
+METHODS: tuple[str, ...] = ("exact", "fast")
+#: The key of the ``preprocess`` model's config.pbtxt parameter that holds the :data:`Method`.
+METHOD_KEY = "preprocess_method"
+
 
 class PreprocessError(ValueError):
     """A preprocessing spec that cannot be used; the message names the field, the value and what is expected."""

@@ -2,13 +2,14 @@
 ``initialize`` reads it (tcsched.imaging.spec_of_model_config on the config as JSON)."""
 
 import json
+import os
 
 import pytest
 from google.protobuf import json_format
 
 from tcsched.build_tools import repository as r
-from tcsched.imaging import spec_of_model_config
-from tcsched.preprocessing import IMAGENET, PARAMETER_KEY, PreprocessError, PreprocessSpec
+from tcsched.imaging import method_of_model_config, spec_of_model_config
+from tcsched.preprocessing import IMAGENET, METHOD_KEY, PARAMETER_KEY, PreprocessError, PreprocessSpec
 
 
 def _as_triton_passes_it(cfg) -> dict:
@@ -75,3 +76,26 @@ def test_output_dims_that_differ_from_the_spec_fail_the_load():
     cfg["output"][0]["dims"] = ["3", "256", "256"]
     with pytest.raises(PreprocessError, match=r"crop_size \[224, 224\] differs"):
         spec_of_model_config(cfg)
+
+
+def test_the_method_is_written_and_read_back():
+    for method in ("exact", "fast"):
+        cfg = r.preprocess_config(r.ServingOptions(preprocess_method=method), [3, 224, 224])
+        assert cfg.parameters[METHOD_KEY].string_value == method
+        assert method_of_model_config(_as_triton_passes_it(cfg)) == method
+    cfg = _as_triton_passes_it(r.preprocess_config(r.ServingOptions(), [3, 224, 224]))
+    del cfg["parameters"][METHOD_KEY]
+    assert method_of_model_config(cfg) == "exact"  # a config written before the parameter: as it served
+    cfg["parameters"][METHOD_KEY] = {"string_value": "turbo"}
+    with pytest.raises(
+        PreprocessError, match="preprocess_method: preprocessing method 'turbo': expected one of"
+    ):
+        method_of_model_config(cfg)
+
+
+def test_preprocess_instances_follow_the_cores():
+    assert [r.default_preprocess_instances(n) for n in (1, 2, 3, 4, 16, 64)] == [1, 2, 3, 4, 4, 4]
+    expected = min(r.MAX_PREPROCESS_INSTANCES, len(os.sched_getaffinity(0)))
+    assert r.ServingOptions().preprocess_instances == expected
+    cfg = r.preprocess_config(r.ServingOptions(), [3, 224, 224])
+    assert cfg.instance_group[0].count == expected

@@ -2,8 +2,10 @@
 
 Thin wrapper: the transform is ``tcsched.imaging`` (unit-tested against torchvision, bounded against hostile
 images) of the :class:`tcsched.preprocessing.PreprocessSpec` in the config's ``preprocessing`` parameter (the
-ImageNet defaults when absent); a spec that is not valid, or that does not match the config's output dims, fails
-the model's load with a message naming what is wrong. Each request of a dynamic batch is decoded on its own: a request whose bytes are not an acceptable
+ImageNet defaults when absent), made by the method of its ``preprocess_method`` parameter (``exact``:
+torchvision's transform bit for bit, the default when absent; ``fast``: JPEG DCT-domain downscaling). A spec or
+method that is not valid, or a spec that does not match the config's output dims, fails the model's load with a
+message naming what is wrong. Each request of a dynamic batch is decoded on its own: a request whose bytes are not an acceptable
 image gets its own ``INVALID_ARG`` response (HTTP 400, gRPC INVALID_ARGUMENT) naming the batch element and the
 reason; the other requests of the batch are served. An unexpected fault of this model is ``INTERNAL``
 (HTTP 500) for that request alone, its text cleaned of addresses and paths.
@@ -13,7 +15,13 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
-from tcsched.imaging import ImageDecodeError, client_safe_text, preprocess_batch, spec_of_model_config
+from tcsched.imaging import (
+    ImageDecodeError,
+    client_safe_text,
+    method_of_model_config,
+    preprocess_batch,
+    spec_of_model_config,
+)
 
 INPUT_NAME = "IMAGE"
 OUTPUT_NAME = "INPUT"
@@ -26,7 +34,9 @@ def _error(message: str, code) -> "pb_utils.InferenceResponse":
 class TritonPythonModel:
     def initialize(self, args):
         # a PreprocessError here fails the load; Triton logs and returns its message
-        self.spec = spec_of_model_config(json.loads(args["model_config"]))
+        cfg = json.loads(args["model_config"])
+        self.spec = spec_of_model_config(cfg)
+        self.method = method_of_model_config(cfg)
 
     def execute(self, requests):
         responses = []
@@ -38,7 +48,7 @@ class TritonPythonModel:
                         _error(f"missing input {INPUT_NAME!r}", pb_utils.TritonError.INVALID_ARG)
                     )
                     continue
-                out = preprocess_batch(tensor.as_numpy(), spec=self.spec)
+                out = preprocess_batch(tensor.as_numpy(), spec=self.spec, method=self.method)
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUT_NAME, out)]))
             except ImageDecodeError as e:
                 responses.append(_error(f"{INPUT_NAME}: {e}", pb_utils.TritonError.INVALID_ARG))
