@@ -7,7 +7,11 @@ What one run measures, interleaved so that every ratio is taken side by side on 
 2. the interleaved concurrency-1 overhead measurement (:mod:`tcsched.client.overhead`);
 3. concurrency sweep: for each level c, each variant's bare ONNX Runtime session in-process at batch c
    (:func:`~tcsched.client.bare.measure_bare`, same intra-op threads as serving), then every target in turn;
-4. request-rate sweep: for each rate, every target in turn (rates default to fractions of the slowest target's
+4. pair rounds: ``pair_rounds`` rounds of every variant called directly at the highest concurrency, the order
+   reversed every other round, so that each pair's img/s ratio to ONNX Runtime int8 is taken side by side
+   (median over rounds, paired bootstrap 95% interval), with the batch the dynamic batcher formed and the
+   per-request queue / compute times from Triton's statistics;
+5. request-rate sweep: for each rate, every target in turn (rates default to fractions of the slowest target's
    best concurrency throughput, so every target gets the same absolute load).
 
 Targets (:mod:`tcsched.client.targets`): each variant model directly, the ensemble forced to each variant
@@ -72,12 +76,14 @@ def plan(cfg: BenchConfig, variants: Sequence[str]) -> dict:
     per_point = (3 + 1) * cfg.measurement_interval_ms / 1000 + 1.0  # 3 windows, usually one more, startup
     est = points * per_point + bare * (3 * cfg.measurement_interval_ms / 1000 + 1) + n_targets * 3 + 25
     est += cfg.overhead_rounds * n_targets * 0.012  # one ~10 ms request per target per round
+    est += cfg.pair_rounds * len(variants) * (3 * cfg.measurement_interval_ms / 1000 + 1.5)
     return {"perf_analyzer_points": points, "bare_points": bare, "estimated_s": round(est)}
 
 
 def _select_variants(cfg: BenchConfig, manifest) -> list[str]:
     """``cfg.variants``, or by default the variants this machine serves for speed (an emulated precision, fp16
-    on a CPU, is never chosen by the scheduler there; name it with --variants to measure it anyway).
+    on a CPU, is never chosen by the scheduler there; name it with --variants to measure it anyway) and the
+    ONNX Runtime int8 variant, the baseline of the pairs' ratios.
 
     Raises:
         ValueError: a variant the repository does not have.
@@ -90,6 +96,13 @@ def _select_variants(cfg: BenchConfig, manifest) -> list[str]:
         or v.name == manifest.variant(manifest.reference_variant).name
         or (v.serve_on_cpu_for_speed and v.on_pareto_front)
     ]
+    if not cfg.variants:
+        # the ONNX Runtime int8 variant is the baseline of the pairs' img/s ratios: measured even off the front
+        base = next(
+            (v.name for v in manifest.variants if (v.runtime, v.precision) == ("onnxruntime", "int8")), None
+        )
+        if base is not None and base not in served:
+            served.append(base)
     variants = list(cfg.variants) if cfg.variants else served
     unknown = [v for v in variants if v not in known]
     if unknown:
@@ -157,6 +170,7 @@ class _BenchRun:
         self.bare: list[BarePoint] = []
         self.errors: list[str] = []
         self.overhead: list[OverheadResult] = []
+        self.pair_points: list[PerfPoint] = []
         self.rates: list[float] = []
         # progress of the perf_analyzer points: done of planned, and the time they took (the ETA of the rest)
         self.planned = plan(cfg, variants)["perf_analyzer_points"]
@@ -286,6 +300,45 @@ class _BenchRun:
             for t in self.targets:
                 self.measure(t, self.load(concurrency=c))
 
+    def pair_rounds(self) -> None:
+        """``cfg.pair_rounds`` rounds of every variant target at the highest concurrency, the order reversed every
+        other round; three windows each, taken as they are (the rounds, not perf_analyzer's stability rule,
+        average out the machine's drift). A failing point is recorded in ``errors``."""
+        c = max(self.cfg.concurrency)
+        direct = [t for t in self.targets if t.kind == "variant"]
+        if not direct or not self.cfg.pair_rounds:
+            return
+        self.log(f"pair rounds: {self.cfg.pair_rounds} rounds of every variant directly at concurrency {c}")
+        stats_models = list(self.known)
+        load = LoadSpec(
+            concurrency=c,
+            measurement_interval_ms=self.cfg.measurement_interval_ms,
+            stability_percentage=1000.0,
+            max_trials=3,
+        )
+        for r in range(self.cfg.pair_rounds):
+            for t in direct if r % 2 == 0 else direct[::-1]:
+                try:
+                    p = run_load(
+                        t.model,
+                        self.url,
+                        load,
+                        input_data=self.data.for_target(t),
+                        stats_models=stats_models,
+                        work_dir=self.raw,
+                        target=f"{t.name}#round{r}",
+                        timeout_s=self.cfg.timeout_s,
+                    )
+                except PerfAnalyzerError as e:
+                    self.errors.append(f"{t.name} pair round {r}: {str(e)[-600:]}")
+                    continue
+                self.pair_points.append(p)
+                st = p.server_stats.get(t.model)
+                batch = f"  batch {st.avg_batch_size:.2f}" if st and st.avg_batch_size else ""
+                self.log(
+                    f"  round {r} {t.name:34s} {p.throughput_infer_per_s:7.1f} img/s  p50 {p.p50_ms:7.1f} ms{batch}"
+                )
+
     def request_rates(self) -> list[float]:
         """``cfg.request_rates``, else ``cfg.rate_fractions`` x the slowest target's best throughput (needs a
         concurrency point of every target; else an error is recorded and there is no rate sweep)."""
@@ -317,6 +370,7 @@ class _BenchRun:
         if self.cfg.overhead_rounds:
             self.measure_overhead()
         self.concurrency_sweep()
+        self.pair_rounds()
         self.rates = self.request_rates()
         if self.rates:
             self.log("request-rate sweep (each rate: every target in turn)")
@@ -342,7 +396,15 @@ class _BenchRun:
             request_distribution="constant",
         )
         return BenchResult(
-            conf, env, self.targets, self.points, self.bare, self.errors, wall_s, self.overhead
+            conf,
+            env,
+            self.targets,
+            self.points,
+            self.bare,
+            self.errors,
+            wall_s,
+            self.overhead,
+            self.pair_points,
         )
 
 
@@ -448,10 +510,13 @@ def bench_command(
     measurement_interval_ms: int = typer.Option(2000, help="perf_analyzer measurement window, ms"),
     stability_percentage: float = typer.Option(15.0, help="perf_analyzer -s, %"),
     max_trials: int = typer.Option(6, help="perf_analyzer -r, windows per level at most"),
-    bare: bool = typer.Option(True, help="measure each variant's bare ONNX Runtime session"),
+    bare: bool = typer.Option(True, help="measure each variant's bare engine (ONNX Runtime or OpenVINO)"),
     warmup: bool = typer.Option(True, help="warm every target up before measuring"),
     overhead_rounds: int = typer.Option(
         200, help="rounds of the interleaved concurrency-1 overhead measurement (0: skip)"
+    ),
+    pair_rounds: int = typer.Option(
+        4, help="interleaved rounds of every variant directly at the highest concurrency (0: skip)"
     ),
 ):
     """perf_analyzer sweeps (concurrency, request rate) of every variant and the ensemble, bare ONNX Runtime
@@ -475,6 +540,7 @@ def bench_command(
         bare=bare,
         warmup=warmup,
         overhead_rounds=overhead_rounds,
+        pair_rounds=pair_rounds,
     )
     try:
         result = run_bench(cfg, log=lambda s: console.print(s, highlight=False, markup=False))

@@ -192,6 +192,40 @@ def _overhead_section(result: BenchResult) -> list[str]:
     ]
 
 
+def _pairs_section(result: BenchResult) -> list[str]:
+    rows = result.pair_summary()
+    if not rows:
+        return []
+    base = result.ort_int8_variant() or "the ONNX Runtime int8 variant"
+    c = rows[0]["concurrency"]
+    lines = [
+        f"## Pairs called directly at concurrency {c:g}, interleaved ({rows[0]['rounds']} rounds)",
+        "",
+        f"| variant | runtime | precision | img/s (median) | / {base} [95% CI] | p50 ms | p99 ms | avg batch "
+        "| queue ms | compute in ms | compute infer ms | compute out ms | img/s per round |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        o = r["over_ort_int8"]
+        ratio = f"{o['ratio']:.2f} [{o['low']:.2f}, {o['high']:.2f}]" if o else "–"
+        lines.append(
+            f"| {r['variant']} | {r['runtime'] or '–'} | {r['precision'] or '–'} | {_fmt(r['median_img_per_s'])} "
+            f"| {ratio} | {_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['avg_batch'], 2)} "
+            f"| {_fmt(r['queue_ms'], 2)} | {_fmt(r['compute_input_ms'], 2)} | {_fmt(r['compute_infer_ms'], 2)} "
+            f"| {_fmt(r['compute_output_ms'], 2)} | {' '.join(f'{x:.0f}' for x in r['img_per_s'])} |"
+        )
+    return lines + [
+        "",
+        "Each round measures every variant model once (perf_analyzer, tensor in, three windows), the order "
+        "reversed every other round, so the machine's drift falls on all pairs alike; ratio = median over "
+        "rounds / the baseline's median, paired bootstrap 95% interval over rounds. Avg batch = images / "
+        "executions (Triton's statistics): what the dynamic batcher formed from the concurrent requests. "
+        "Queue, compute in / infer / out: Triton's per-request averages, ms (compute infer is the execution "
+        "of the whole batch the request was in).",
+        "",
+    ]
+
+
 def _points_section(result: BenchResult) -> list[str]:
     variants = result.config.get("variants", [])
     lines = [
@@ -223,14 +257,16 @@ def _points_section(result: BenchResult) -> list[str]:
 
 def _bare_section(result: BenchResult) -> list[str]:
     lines = [
-        "## Bare ONNX Runtime sessions",
+        "## Bare engines (the variant's runtime in-process)",
         "",
-        "| variant | batch | threads | img/s | p50 ms/batch | p99 ms/batch | calls |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | runtime | batch | threads | img/s | p50 ms/batch | p99 ms/batch | calls |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    pairs = result.config.get("pairs") or {}
     for b in result.bare:
+        runtime = (pairs.get(b.variant) or ["–"])[0]
         lines.append(
-            f"| {b.variant} | {b.batch_size} | {b.threads} | {_fmt(b.img_per_s)} | {_fmt(b.p50_ms, 2)} "
+            f"| {b.variant} | {runtime} | {b.batch_size} | {b.threads} | {_fmt(b.img_per_s)} | {_fmt(b.p50_ms, 2)} "
             f"| {_fmt(b.p99_ms, 2)} | {b.calls} |"
         )
     return lines
@@ -241,6 +277,7 @@ def markdown(result: BenchResult, plots: Sequence[Path] = ()) -> str:
     lines = [
         *_header(result),
         *_summary_section(result),
+        *_pairs_section(result),
         *_overhead_section(result),
         *_points_section(result),
         *_bare_section(result),

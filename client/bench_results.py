@@ -7,8 +7,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from tcsched.client.bare import BarePoint
-from tcsched.client.overhead import OverheadResult
+from tcsched.client.overhead import OverheadResult, ratio_of_medians
 from tcsched.client.perf_analyzer import PerfPoint
 from tcsched.client.pipelines import pipeline_name
 from tcsched.client.targets import ENSEMBLE, SCHEDULER, Target
@@ -35,6 +37,9 @@ class BenchConfig:
     warmup: bool = True
     timeout_s: float = 240.0
     overhead_rounds: int = 200  # interleaved concurrency-1 overhead measurement (client/overhead.py); 0: skip
+    # interleaved rounds of every variant called directly at the highest concurrency (the pairs' img/s ratios
+    # side by side); 0: skip
+    pair_rounds: int = 4
 
     def validate(self) -> None:
         """Raises ValueError on any bad option, before anything starts."""
@@ -57,6 +62,8 @@ class BenchConfig:
             raise ValueError(f"stability percentage must be in (0, 1000], got {self.stability_percentage}")
         if self.overhead_rounds != 0 and self.overhead_rounds < 2:
             raise ValueError(f"overhead_rounds must be 0 (skip) or >= 2, got {self.overhead_rounds}")
+        if self.pair_rounds != 0 and self.pair_rounds < 2:
+            raise ValueError(f"pair_rounds must be 0 (skip) or >= 2, got {self.pair_rounds}")
         if self.max_trials < 3:
             raise ValueError(f"max_trials must be >= 3, got {self.max_trials}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
@@ -82,6 +89,8 @@ class BenchResult:
     errors: list[str]
     wall_s: float
     overhead: list[OverheadResult] = field(default_factory=list)
+    # the interleaved direct rounds (``pair_rounds``): one point per variant per round, in measuring order
+    pair_points: list[PerfPoint] = field(default_factory=list)
 
     def point(self, target: str, mode: str, load: float) -> PerfPoint | None:
         for p in self.points:
@@ -99,8 +108,7 @@ class BenchResult:
         rows = []
         max_b = int(self.config.get("max_batch_size", 8))
         pairs = self.config.get("pairs") or {}
-        # the ONNX Runtime int8 variant: the baseline of the served-pair ratio
-        ort_int8 = next((v for v, rp in pairs.items() if list(rp) == ["onnxruntime", "int8"]), None)
+        ort_int8 = self.ort_int8_variant()
         for t in self.targets:
             if t.kind != "variant":
                 continue
@@ -157,6 +165,59 @@ class BenchResult:
                 )
         return {"by_variant": rows}
 
+    def ort_int8_variant(self) -> str | None:
+        """The ONNX Runtime int8 variant: the baseline of the served-pair ratios."""
+        pairs = self.config.get("pairs") or {}
+        return next((v for v, rp in pairs.items() if list(rp) == ["onnxruntime", "int8"]), None)
+
+    def pair_summary(self) -> list[dict]:
+        """Per variant, from the interleaved direct rounds (``pair_points``): img/s per round and their median,
+        the median ratio to the ONNX Runtime int8 variant with a paired bootstrap 95% interval over rounds
+        (:func:`tcsched.client.overhead.ratio_of_medians`), p50/p99 ms (medians over rounds), and from Triton's
+        statistics the average batch the dynamic batcher formed and the per-request queue, compute input,
+        compute infer (the whole batch's execution) and compute output ms (medians over rounds)."""
+        by: dict[str, list[PerfPoint]] = {}
+        for p in self.pair_points:
+            by.setdefault(p.model, []).append(p)
+        base = by.get(self.ort_int8_variant() or "", [])
+        pairs = self.config.get("pairs") or {}
+        med = lambda xs: float(np.median(xs)) if xs else None  # noqa: E731
+        rows = []
+        for v, pts in by.items():
+            st = [p.server_stats[v] for p in pts if v in p.server_stats]
+            ips = [p.throughput_infer_per_s for p in pts]
+            ratio = None
+            n = min(len(pts), len(base))
+            if base and n >= 2:
+                ratio = ratio_of_medians(ips[:n], [b.throughput_infer_per_s for b in base[:n]])
+            runtime, precision = pairs.get(v, [None, None])
+            rows.append(
+                {
+                    "variant": v,
+                    "runtime": runtime,
+                    "precision": precision,
+                    "concurrency": pts[0].load,
+                    "rounds": len(pts),
+                    "img_per_s": ips,
+                    "median_img_per_s": med(ips),
+                    "over_ort_int8": asdict(ratio) if ratio else None,
+                    "p50_ms": med([p.p50_ms for p in pts if p.p50_ms is not None]),
+                    "p99_ms": med([p.p99_ms for p in pts if p.p99_ms is not None]),
+                    "avg_batch": med([s.avg_batch_size for s in st if s.avg_batch_size]),
+                    "queue_ms": med([s.avg_queue_ms for s in st if s.avg_queue_ms is not None]),
+                    "compute_input_ms": med(
+                        [s.avg_compute_input_ms for s in st if s.avg_compute_input_ms is not None]
+                    ),
+                    "compute_infer_ms": med(
+                        [s.avg_compute_infer_ms for s in st if s.avg_compute_infer_ms is not None]
+                    ),
+                    "compute_output_ms": med(
+                        [s.avg_compute_output_ms for s in st if s.avg_compute_output_ms is not None]
+                    ),
+                }
+            )
+        return rows
+
     def as_dict(self) -> dict:
         return {
             "config": self.config,
@@ -166,6 +227,8 @@ class BenchResult:
             "points": [p.as_dict() for p in self.points],
             "bare": [asdict(b) for b in self.bare],
             "overhead": [asdict(o) for o in self.overhead],
+            "pairs": self.pair_summary(),
+            "pair_points": [p.as_dict() for p in self.pair_points],
             "errors": self.errors,
             "wall_s": self.wall_s,
         }

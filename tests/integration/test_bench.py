@@ -79,9 +79,15 @@ def test_short_bench_writes_report_and_plots(server, built_repo, tmp_path):
         max_trials=4,
         warmup=True,
         overhead_rounds=0,
+        pair_rounds=2,
     )
     result = run_bench(cfg, log=lambda s: None)
     assert not result.errors, result.errors
+    # the interleaved direct rounds at the highest concurrency, with what the dynamic batcher formed
+    assert [(p.model, p.load) for p in result.pair_points] == [(FP32, 2.0), (FP32, 2.0)]
+    (pair,) = result.pair_summary()
+    assert pair["rounds"] == 2 and pair["median_img_per_s"] > 0 and 1.0 <= pair["avg_batch"] <= 2.0
+    assert pair["over_ort_int8"] is None  # the ONNX Runtime int8 variant was not measured
     targets = {p.target for p in result.points}
     assert targets == {FP32, f"classifier[{FP32}]", f"scheduler[{FP32}]"}
     sched = result.point(f"scheduler[{FP32}]", "concurrency", 1)
@@ -115,6 +121,7 @@ def test_short_bench_writes_report_and_plots(server, built_repo, tmp_path):
         assert data[:8] == PNG_MAGIC and len(data) > 5000
     md = (cfg.output / "report.md").read_text()
     assert "served / bare" in md and FP32 in md
+    assert "## Pairs called directly at concurrency 2, interleaved (2 rounds)" in md
 
 
 def test_bad_input_fails_before_any_work(built_repo, tmp_path):
