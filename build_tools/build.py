@@ -489,6 +489,7 @@ def build(cfg: BuildConfig, console: Console | None = None, source: Source | Non
             cfg.threads,
             progress,
             spec=source.preprocessing,
+            select_images=ctx.select,
             calib_images=None if splits.select is splits.calib else ctx.calib,
             calib_labels=np.array([it.label for it in splits.calib])
             if all(it.label is not None for it in splits.calib)

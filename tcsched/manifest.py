@@ -278,12 +278,6 @@ class Manifest(_Model):
         """The repository's preprocessing: ``preprocessing``, or ImageNet's (MobileNetV2's) in older manifests."""
         return self.preprocessing or IMAGENET
 
-    @property
-    def model_prefix(self) -> str:
-        """The variants' common name prefix with its ``_`` (``"efficientnet_lite0_"``); ``mobilenet_v2_`` before
-        1.3."""
-        return f"{self.model.name if self.model else 'mobilenet_v2'}_"
-
     @field_validator("variants")
     @classmethod
     def _unique(cls, v: list[VariantEntry]) -> list[VariantEntry]:

@@ -308,3 +308,30 @@ def test_the_command_line_names_the_refusal(tmp_path):
         timeout=120,
     )
     assert out.returncode == 2 and "expected S or H,W in px" in out.stderr.replace("\n", " ")
+
+
+def test_a_manifest_before_1_3_reads_as_mobilenet_v2_with_imagenet_preprocessing(tmp_path):
+    import json
+
+    from tcsched.manifest import Manifest
+    from tcsched.preprocessing import IMAGENET
+
+    old = {
+        "schema_version": "1.2",
+        "source_model": "torchvision mobilenet_v2 IMAGENET1K_V1",
+        "input": {"name": "input", "dtype": "float32", "shape": [3, 224, 224]},
+        "output": {"name": "logits", "dtype": "float32", "shape": [1000]},
+        "max_batch_size": 8,
+        "reference_variant": "mobilenet_v2_fp32",
+        "variants": [
+            {
+                "name": "mobilenet_v2_fp32",
+                "precision": "fp32",
+                "file": "mobilenet_v2_fp32/1/model.onnx",
+                "size_bytes": 1,
+            }
+        ],
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    m = Manifest.read(tmp_path / "manifest.json")
+    assert (m.model, m.preprocessing, m.preprocess_spec, m.ensemble) == (None, None, IMAGENET, "classifier")
