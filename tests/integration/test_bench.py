@@ -151,6 +151,7 @@ def test_bench_own_server_measures_the_pipeline_without_scheduler(built_repo, tm
         bare=False,
         warmup=False,
         overhead_rounds=6,
+        pair_rounds=0,
     )
     result = run_bench(cfg, log=lambda s: None)
     assert not result.errors, result.errors
