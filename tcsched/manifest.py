@@ -211,8 +211,8 @@ class OperatingPoint(_Model):
         default=None, description="fp32 top-1 minus the cascade's, if labeled"
     )
     met: bool = Field(
-        description="the lower end of agreement_ci95 >= target_agreement on the calibration set (the rule of "
-        "tcsched.build_tools.cascade); the scheduler uses met operating points only"
+        description="the conformal risk bound over the calibration images is <= 1 - target_agreement (the rule "
+        "of tcsched.build_tools.cascade); the scheduler uses met operating points only"
     )
     evaluation: CascadeCheck | None = None
 
