@@ -492,7 +492,7 @@ def plot_cascades(
     path,
 ) -> None:
     """PNG: evaluation-split agreement with fp32 against expected cost per image (x the reference's), for each
-    cascade's operating points and each single variant."""
+    cascade's met operating points (the ones the scheduler may use) and each single variant."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -505,7 +505,7 @@ def plot_cascades(
         pts = [
             (op.expected_latency_ms_by_batch[b] / ref_ms, op.evaluation.agreement, op.target_agreement)
             for op in c.operating_points
-            if op.evaluation is not None and b in op.expected_latency_ms_by_batch
+            if op.met and op.evaluation is not None and b in op.expected_latency_ms_by_batch
         ]
         if pts:
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=f"cascade {c.label}")
