@@ -19,7 +19,9 @@ def built_repo(tmp_path_factory) -> Path:
     cfg = BuildConfig(
         output=root / "model_repository",
         work_dir=root / "work",
-        eval_dir=SHARED if has_labels else None,
+        # labeled sample: its hash split, so that the cascades calibrate on 258 images (their conformal bound needs
+        # 99 for a target of 0.99); else scikit-image's 12 photos, which certify no cascade target
+        data_dir=SHARED if has_labels else None,
         eval_limit=48 if has_labels else None,
         latency_repeats=5,
         qat_steps=10,  # the default 200 takes ~4.5 min here; 10 runs the same path
