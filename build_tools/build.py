@@ -122,13 +122,18 @@ def make_splits(cfg: BuildConfig) -> Splits:
 
 
 def _load(
-    items: Sequence[ImageItem], progress: Progress, what: str, spec: PreprocessSpec = IMAGENET
+    items: Sequence[ImageItem],
+    progress: Progress,
+    what: str,
+    spec: PreprocessSpec = IMAGENET,
+    method: str = "exact",
 ) -> np.ndarray:
-    """float32 [N, C, crop_h, crop_w]: ``items`` preprocessed by ``spec``."""
+    """float32 [N, C, crop_h, crop_w]: ``items`` preprocessed by ``spec`` with ``method`` (the served
+    preprocess model's, so that calibration and the build's figures see the pixels the server makes)."""
     task = progress.add_task(f"preprocess {what}", total=len(items))
     out = np.empty((len(items), spec.channels, *spec.crop_size), dtype=np.float32)
     for i, it in enumerate(items):
-        out[i] = preprocess_bytes(it.read_bytes(), spec=spec)
+        out[i] = preprocess_bytes(it.read_bytes(), spec=spec, method=method)
         progress.advance(task)
     return out
 
@@ -236,10 +241,12 @@ def prepare(
     from tcsched.build_tools import analysis as an
 
     progress.update(step, description="load images")
-    spec = source.preprocessing
-    calib = _load(splits.calib, progress, f"calibration ({len(splits.calib)})", spec)
-    select = calib if splits.select is splits.calib else _load(splits.select, progress, "selection", spec)
-    evalx = calib if splits.eval == splits.calib else _load(splits.eval, progress, "evaluation", spec)
+    spec, method = source.preprocessing, cfg.serving.preprocess_method
+    calib = _load(splits.calib, progress, f"calibration ({len(splits.calib)})", spec, method)
+    select = (
+        calib if splits.select is splits.calib else _load(splits.select, progress, "selection", spec, method)
+    )
+    evalx = calib if splits.eval == splits.calib else _load(splits.eval, progress, "evaluation", spec, method)
     y_sel = (
         np.array([it.label for it in splits.select])
         if all(i.label is not None for i in splits.select)

@@ -100,6 +100,11 @@ def build(
     threads: int = typer.Option(
         _BUILD.threads, help="ONNX Runtime intra-op threads, for profiling and serving"
     ),
+    preprocess_method: str = typer.Option(
+        _BUILD.serving.preprocess_method,
+        help="fast (JPEG DCT-domain downscaling, one resize) | exact (torchvision bit for bit): the served "
+        "preprocess model's, also used for every pixel of the build",
+    ),
     work_dir: Path = typer.Option(_BUILD.work_dir, help="intermediate files"),
     report_dir: Path = typer.Option(_BUILD.report_dir, help="analysis.json and analysis.png"),
     target: str = typer.Option(
@@ -147,7 +152,12 @@ def _build_config(p: dict) -> BuildConfig:
     """The BuildConfig of `tcsched build`'s parsed options ``p``, validated (bad options: typer.BadParameter)."""
     from tcsched.build_tools.repository import ServingOptions, VariantBackend
     from tcsched.fsutil import check_replaceable_output
+    from tcsched.preprocessing import Method
 
+    if p["preprocess_method"] not in get_args(Method):
+        raise typer.BadParameter(
+            f"--preprocess-method must be 'fast' or 'exact', got {p['preprocess_method']!r}"
+        )
     backends = get_args(VariantBackend)
     if p["variant_backend"] not in backends:
         raise typer.BadParameter(
@@ -183,6 +193,7 @@ def _build_config(p: dict) -> BuildConfig:
             max_batch_size=p["max_batch_size"],
             variant_backend=p["variant_backend"],
             intra_op_num_threads=p["threads"],
+            preprocess_method=p["preprocess_method"],
         ),
     )
     try:
