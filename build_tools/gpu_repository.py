@@ -4,7 +4,8 @@
 writes a second one beside it::
 
     <gpu_repo>/manifest.json                     target "gpu"; every variant runtime "tensorrt" + EngineInfo
-    <gpu_repo>/classifier, preprocess, scheduler copied unchanged (same ensemble, same scheduler)
+    <gpu_repo>/<ensemble>, preprocess, scheduler  copied unchanged (the ensemble named by manifest.ensemble,
+                                                 default classifier; the same scheduler)
     <gpu_repo>/<variant>/config.pbtxt            platform "tensorrt_plan", KIND_GPU, dynamic batching, warmup,
                                                  CUDA graphs for every batch size (optional)
     <gpu_repo>/<variant>/1/model.plan            the engine
@@ -166,7 +167,7 @@ def _validate_cpu_repository(cpu_repo: Path, gpu_repo: Path) -> Manifest:
     for v in m.variants:
         if not v.file.endswith(".onnx") or not (cpu_repo / v.file).is_file():
             raise ValueError(f"variant {v.name}: expected its ONNX graph at {cpu_repo / v.file}")
-    for d in (repo_mod.PREPROCESS, repo_mod.SCHEDULER, repo_mod.ENSEMBLE):
+    for d in (repo_mod.PREPROCESS, repo_mod.SCHEDULER, m.ensemble):
         if not (cpu_repo / d / "config.pbtxt").is_file():
             raise ValueError(f"{cpu_repo} lacks the {d!r} model; rebuild it with `tcsched build`")
     return m
@@ -187,9 +188,10 @@ class _Target:
     workspace_bytes: int
 
 
-def _copy_pipeline(cpu_repo: Path, tmp: Path) -> None:
-    """The ensemble, preprocess and scheduler models (and the repository README), unchanged."""
-    for d in (repo_mod.PREPROCESS, repo_mod.SCHEDULER, repo_mod.ENSEMBLE):
+def _copy_pipeline(cpu_repo: Path, tmp: Path, ensemble: str) -> None:
+    """The ensemble (named ``ensemble``: the manifest's), preprocess and scheduler models (and the repository
+    README), unchanged."""
+    for d in (repo_mod.PREPROCESS, repo_mod.SCHEDULER, ensemble):
         shutil.copytree(cpu_repo / d, tmp / d, ignore=shutil.ignore_patterns("__pycache__"))
     if (cpu_repo / "README.md").is_file():
         shutil.copyfile(cpu_repo / "README.md", tmp / "README.md")
@@ -460,7 +462,7 @@ def convert_to_gpu_repository(
     clean_stale_temporaries(gpu_repo)
     t_start = time.perf_counter()
     with atomic_directory(gpu_repo) as tmp:
-        _copy_pipeline(cpu_repo, tmp)
+        _copy_pipeline(cpu_repo, tmp, src.ensemble)
         built = _build_engines(variants, sources, tmp, t, console)
         lat = _profile_engines(built, t, latency_repeats, console)
         p50 = {n: {b: x.p50_ms for b, x in by_b.items()} for n, by_b in lat.items()}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from tcsched.confidence import confidence_margin
 from tcsched.manifest import Manifest
-from tcsched.names import DECISION, ENSEMBLE, IMAGE, LOGITS, VARIANT
+from tcsched.names import DECISION, IMAGE, LOGITS, VARIANT
 
 MARGIN_MATCH = 2e-4  # a DECISION's margin (5 decimals) matches a probed image's within this
 
@@ -56,7 +56,10 @@ def probe_images(grpc_url: str, images: Sequence[bytes], manifest: Manifest) -> 
                 inp = tc.InferInput(IMAGE, [1, 1], "BYTES")
                 inp.set_data_from_numpy(np.array([[img]], dtype=np.object_))
                 r = client.infer(
-                    ENSEMBLE, [inp], outputs=[tc.InferRequestedOutput(LOGITS)], parameters={"variant": v.name}
+                    manifest.ensemble,
+                    [inp],
+                    outputs=[tc.InferRequestedOutput(LOGITS)],
+                    parameters={"variant": v.name},
                 )
                 logits = r.as_numpy(LOGITS).reshape(1, -1)
                 top1[v.name].append(int(logits.argmax()))

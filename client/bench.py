@@ -197,7 +197,7 @@ class _BenchRun:
     def measure(self, t: Target, load: LoadSpec) -> None:
         """One perf_analyzer point of ``t``; a failure is recorded in ``errors`` and the run goes on."""
         tag = _load_tag(load)
-        stats_models = [ENSEMBLE, "preprocess", "scheduler", *self.known]
+        stats_models = [self.manifest.ensemble, "preprocess", "scheduler", *self.known]
         if self.pipelines:
             stats_models += [pipeline_name(v) for v in self.variants]
         try:
@@ -383,6 +383,7 @@ class _BenchRun:
     def result(self, env: dict, wall_s: float) -> BenchResult:
         conf = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.cfg).items()}
         conf.update(
+            ensemble=self.manifest.ensemble,  # the served ensemble's name (manifest.ensemble)
             variants=self.variants,
             # variant -> [runtime, precision]: the (runtime, graph) pair of each, for the report's tables
             pairs={
@@ -424,14 +425,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResu
     find_perf_analyzer()
     pa_version = perf_analyzer_version()  # fails early without libb64 / libcudart.so.12
     if cfg.url is not None:
-        check_server(cfg.url, [*variants, ENSEMBLE])
+        check_server(cfg.url, [*variants, manifest.ensemble])
     items = pick_images(cfg.data_dir, cfg.n_images)
     # the plain pipelines are served beside the repository by the bench's own server; an external one
     # (--url) has them only if it was started with them
     pipelines = cfg.url is None or has_models(cfg.url, [pipeline_name(v) for v in variants])
     if not pipelines:
         log("no pipeline_<variant> models on the server at --url: ensemble vs pipeline not measured")
-    targets = bench_targets(variants, scheduler=cfg.scheduler, pipelines=pipelines)
+    targets = bench_targets(variants, manifest.ensemble, scheduler=cfg.scheduler, pipelines=pipelines)
     est = plan(cfg, variants)
     log(
         f"perf_analyzer {pa_version}: {est['perf_analyzer_points']} points over {len(targets)} targets, "

@@ -52,7 +52,7 @@ def _served(p: PerfPoint, variants: Sequence[str]) -> dict[str, int]:
     return {v: p.server_stats[v].inference_count for v in variants if v in p.server_stats}
 
 
-def point_row(p: PerfPoint, variants: Sequence[str] = ()) -> dict:
+def point_row(p: PerfPoint, variants: Sequence[str] = (), ensemble: str = ENSEMBLE) -> dict:
     """One flat CSV row of a perf_analyzer point (ms, img/s)."""
     return {
         "target": p.target,
@@ -77,7 +77,7 @@ def point_row(p: PerfPoint, variants: Sequence[str] = ()) -> dict:
         "stability_percentage": p.stability_percentage,
         "measurement_interval_ms": p.measurement_interval_ms,
         "wall_s": round(p.wall_s, 2),
-        "variants_served": json.dumps(_served(p, variants), sort_keys=True) if p.model == ENSEMBLE else "",
+        "variants_served": json.dumps(_served(p, variants), sort_keys=True) if p.model == ensemble else "",
     }
 
 
@@ -88,7 +88,7 @@ def write_points_csv(result: BenchResult, path: Path) -> Path:
         w = csv.DictWriter(f, fieldnames=POINT_COLUMNS)
         w.writeheader()
         for p in result.points:
-            w.writerow(point_row(p, variants))
+            w.writerow(point_row(p, variants, result.ensemble))
         for b in result.bare:
             w.writerow(
                 {
@@ -148,7 +148,7 @@ def _summary_section(result: BenchResult) -> list[str]:
         )
     return lines + [
         "",
-        f"Ensemble = `{ENSEMBLE}` (preprocess: JPEG decode + resize on the server, then scheduler → variant by BLS) "
+        f"Ensemble = `{result.ensemble}` (preprocess: JPEG decode + resize on the server, then scheduler → variant by BLS) "
         "forced to the variant with the request parameter `variant`; the direct variant gets the already "
         "preprocessed tensor, so the ratio includes decoding and preprocessing. Pipeline = `pipeline_<variant>`, "
         "the same ensemble without the scheduler (IMAGE -> preprocess -> variant), served beside the repository by "
@@ -237,7 +237,7 @@ def _points_section(result: BenchResult) -> list[str]:
     ]
     for p in result.points:
         load = f"c={p.load:g}" if p.mode == "concurrency" else f"{p.load:g} req/s"
-        served = _served(p, variants) if p.model == ENSEMBLE else {}
+        served = _served(p, variants) if p.model == result.ensemble else {}
         lines.append(
             f"| {p.target} | {load} | {_fmt(p.throughput_infer_per_s)} | {_fmt(p.p50_ms)} | {_fmt(p.p90_ms)} "
             f"| {_fmt(p.p99_ms)} | {_fmt(p.server.queue_ms, 2)} | {_fmt(p.server.compute_input_ms, 2)} "

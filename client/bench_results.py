@@ -98,6 +98,12 @@ class BenchResult:
                 return p
         return None
 
+    @property
+    def ensemble(self) -> str:
+        """The served ensemble's name (the repository manifest's ``ensemble``; results written before it was
+        recorded: ``classifier``, :data:`tcsched.names.ENSEMBLE`)."""
+        return str(self.config.get("ensemble") or ENSEMBLE)
+
     def bare_point(self, variant: str, batch_size: int) -> BarePoint | None:
         return next((b for b in self.bare if b.variant == variant and b.batch_size == batch_size), None)
 
@@ -114,7 +120,7 @@ class BenchResult:
                 continue
             for c in self.config["concurrency"]:
                 p = self.point(t.name, "concurrency", c)
-                ens = self.point(f"{ENSEMBLE}[{t.name}]", "concurrency", c)
+                ens = self.point(f"{self.ensemble}[{t.name}]", "concurrency", c)
                 sch = self.point(f"{SCHEDULER}[{t.name}]", "concurrency", c)
                 pipe = self.point(pipeline_name(t.name), "concurrency", c)
                 bare = self.bare_point(t.name, min(c, max_b))

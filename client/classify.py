@@ -1,4 +1,6 @@
-"""Client side: classify encoded images through the ``classifier`` ensemble with tritonclient (HTTP or gRPC).
+"""Client side: classify encoded images through a tcsched ensemble with tritonclient (HTTP or gRPC): ``classifier``
+(:data:`MODEL`) unless the repository was built with another name (``tcsched build --ensemble-name``,
+``manifest.ensemble``).
 
 Request knobs travel as Triton request parameters (``variant``, ``min_agreement``, ``accuracy_budget``,
 ``latency_budget_ms``, ``objective``); the top-k comes from Triton's classification extension (``class_count``), as
@@ -20,7 +22,7 @@ import numpy as np
 from tcsched.names import DECISION, ENSEMBLE, IMAGE, LOGITS, VARIANT
 
 Protocol = Literal["http", "grpc"]
-MODEL = ENSEMBLE
+MODEL = ENSEMBLE  # the default ensemble name (tcsched.names.ENSEMBLE)
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ _SCHEMES = {"http": ("http://",), "grpc": ("grpc://", "http://")}
 
 
 class ServerUnavailable(ConnectionError):
-    """No ready ensemble at the address: the server is unreachable, or up without a ready ``classifier``."""
+    """No ready ensemble at the address: the server is unreachable, or up without the model asked for ready."""
 
 
 def server_address(url: str | None, protocol: Protocol = "http") -> str:
@@ -160,12 +162,25 @@ class ClassifierClient:
         except Exception:  # noqa: BLE001 - not ready is the answer for any connection failure
             return False
 
+    def served_models(self) -> list[str] | None:
+        """The names of the models the server has ready (Triton's repository index, state ``READY``), sorted;
+        ``None`` when the server does not answer the index request."""
+        try:
+            index = self._client.get_model_repository_index()
+        except Exception:  # noqa: BLE001 - an index we cannot read is not an error of its own
+            return None
+        # HTTP: a list of {"name", "version", "state"}; gRPC: a RepositoryIndexResponse whose models have fields
+        entries = index if isinstance(index, list) else list(index.models)
+        get = (lambda e, k: e.get(k, "")) if isinstance(index, list) else (lambda e, k: getattr(e, k, ""))
+        return sorted({get(e, "name") for e in entries if get(e, "state") == "READY"})
+
     def check_ready(self) -> None:
-        """Raise unless the server answers and its ensemble is ready.
+        """Raise unless the server answers and its model ``self.model`` is ready.
 
         Raises:
             ServerUnavailable: the message says which: nothing answers at the address (over this protocol), or
-                the server is up without a ready model ``self.model``.
+                the server is up without a ready model ``self.model``; then it lists the models that are ready
+                there (a repository built with ``--ensemble-name`` serves its ensemble under that name).
         """
         where = f"{self.url} ({self.protocol})"
         try:
@@ -177,9 +192,14 @@ class ClassifierClient:
                 f"(HTTP on port {DEFAULT_PORTS['http']}, gRPC on {DEFAULT_PORTS['grpc']} by default)"
             ) from None
         if not live or not self.ready():
+            models = self.served_models() if live else None
+            there = ""
+            if models is not None:
+                there = f"; ready there: {', '.join(models)}" if models else "; no model is ready there"
             raise ServerUnavailable(
-                f"the server at {where} has no ready model {self.model!r}; serve a tcsched repository "
-                "(`tcsched serve --repo R`)"
+                f"the server at {where} has no ready model {self.model!r}{there}; name the ensemble with "
+                "`tcsched classify --model NAME` (the repository manifest's `ensemble`), or serve a tcsched "
+                "repository (`tcsched serve --repo R`)"
             )
 
     def classify(

@@ -1,7 +1,7 @@
 """``tcsched ramp``: the scheduler under load vs every static variant, side by side.
 
-A load ramp (perf_analyzer concurrency levels, or open-loop request rates) on the ``classifier`` ensemble with
-real images. At every level each target runs once per round (``rounds``, each round in a fresh random order,
+A load ramp (perf_analyzer concurrency levels, or open-loop request rates) on the repository's ensemble
+(``manifest.ensemble``) with real images. At every level each target runs once per round (``rounds``, each round in a fresh random order,
 pooled): the ensemble with ``latency_budget_ms`` (and ``min_agreement``) set, where the scheduler chooses, and the
 ensemble forced to each static variant.
 Per point: p50/p99 (perf_analyzer), the share of requests within the budget (per-request latencies from
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tcsched.client.agreement import Probe, measured_agreement, probe_images, served_accuracy
 from tcsched.manifest import Manifest
-from tcsched.names import DECISION, ENSEMBLE, VARIANT
+from tcsched.names import DECISION, VARIANT
 
 __all__ = ["Probe", "RampPoint", "pool_runs", "probe_images", "run_ramp", "served_accuracy"]
 
@@ -164,7 +164,7 @@ def run_ramp(
     items = pick_images(data_dir, n_images)
     data = make_input_data(items, output / "raw", manifest.preprocess_spec)
     extra = {} if min_agreement is None else {"min_agreement": float(min_agreement)}
-    targets = ramp_targets(names, latency_budget_ms, **extra)
+    targets = ramp_targets(names, latency_budget_ms, manifest.ensemble, **extra)
     points: list[RampPoint] = []
     ctx = (
         contextlib.nullcontext(None) if url else TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0)
@@ -309,7 +309,7 @@ def write_ramp_report(
         + " vs static variants",
         "",
         f"{'Open loop (perf_analyzer --request-rate --async, constant arrivals; each run starts on empty server queues)' if mode == 'request_rate' else 'Closed loop (perf_analyzer concurrency)'}, "
-        f"gRPC, real images, ensemble `{ENSEMBLE}`; {wall_s:.0f} s in all. "
+        f"gRPC, real images, ensemble `{manifest.ensemble}`; {wall_s:.0f} s in all. "
         "Served agreement: measured per response (each image classified by every variant before the ramp; a "
         "cascade's DECISION margin identifies the image). Escalated: share of a cascade's rows re-run on fp32.",
         "",

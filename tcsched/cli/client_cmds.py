@@ -24,11 +24,12 @@ from tcsched.cli.core import (
     console,
     err_console,
 )
+from tcsched.names import ENSEMBLE
 
 
-def _classify_table(paths, results) -> Table:
+def _classify_table(paths, results, model: str = ENSEMBLE) -> Table:
     k = max((len(r.topk) for r in results if not isinstance(r, Exception)), default=5)
-    t = Table(title="classifier ensemble (through tritonclient)")
+    t = Table(title=f"{escape(model)} ensemble (through tritonclient)")
     for c in ("image", f"top-{k} (score = logit)", "variant", "cascade", "why", "latency ms"):
         t.add_column(c)
     for p, r in zip(paths, results, strict=True):
@@ -63,9 +64,10 @@ def _cascade_text(d: dict) -> str:
     return text
 
 
-def _print_results(paths, results) -> None:
-    """The results table on stdout; each failed image's full error on stderr as `error: <path>: <message>`."""
-    console.print(_classify_table(paths, results))
+def _print_results(paths, results, model: str = ENSEMBLE) -> None:
+    """The results table (titled by the ensemble ``model``) on stdout; each failed image's full error on stderr
+    as `error: <path>: <message>`."""
+    console.print(_classify_table(paths, results, model))
     for p, r in zip(paths, results, strict=True):
         if isinstance(r, Exception):
             _error_line(f"{p}: {' '.join(str(r).split())}")
@@ -85,8 +87,9 @@ def _server_address(url: str | None, protocol: str) -> str:
         raise typer.BadParameter(str(e), param_hint="--url") from None
 
 
-def _connect(url: str, protocol: str):
-    """A :class:`~tcsched.client.classify.ClassifierClient` to a server whose ensemble is ready.
+def _connect(url: str, protocol: str, model: str | None = None):
+    """A :class:`~tcsched.client.classify.ClassifierClient` to a server whose ensemble ``model`` (default
+    ``classifier``, :data:`tcsched.names.ENSEMBLE`) is ready.
 
     Raises:
         CliError: tritonclient is missing (the client extra), or the server is unreachable or not ready.
@@ -95,7 +98,7 @@ def _connect(url: str, protocol: str):
         from tcsched.client.classify import ClassifierClient, ServerUnavailable
     except ImportError as e:  # the [client] extra
         raise CliError(f"{e}: install the client with `pip install 'tcsched[client]'`") from None
-    client = ClassifierClient(url, protocol)  # type: ignore[arg-type]
+    client = ClassifierClient(url, protocol, model=model or ENSEMBLE)  # type: ignore[arg-type]
     try:
         client.check_ready()
     except ServerUnavailable as e:
@@ -144,6 +147,12 @@ def classify(
     ),
     objective: _Objective = typer.Option(None),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table (everything it shows)"),
+    model: str = typer.Option(
+        ENSEMBLE,
+        "--model",
+        help="the ensemble to call: the name the repository was built with (`tcsched build --ensemble-name`, "
+        "the manifest's `ensemble`)",
+    ),
 ):
     """Classify images through a running server with tritonclient."""
     paths = _image_files(images)
@@ -152,7 +161,7 @@ def classify(
         variant, accuracy_budget, latency_budget_ms, objective.value if objective else None, min_agreement
     )
     results = []
-    with _connect(address, protocol.value) as client, _progress("classify", err_console) as progress:
+    with _connect(address, protocol.value, model) as client, _progress("classify", err_console) as progress:
         task = progress.add_task("classify", total=len(paths))
         for p in paths:
             try:
@@ -166,7 +175,7 @@ def classify(
             if isinstance(r, Exception):
                 _error_line(f"{p}: {' '.join(str(r).split())}")
     else:
-        _print_results(paths, results)
+        _print_results(paths, results, model)
     if any(isinstance(r, Exception) for r in results):
         raise typer.Exit(2)
 
@@ -194,10 +203,11 @@ def run(
         from tcsched.build_tools.build import BuildConfig
         from tcsched.build_tools.build import build as run_build
 
-        _print_manifest(run_build(BuildConfig(output=repo, data_dir=data_dir), console))
+        manifest = run_build(BuildConfig(output=repo, data_dir=data_dir), console)
     else:
         console.print(f"using the existing repository {repo} (--rebuild to rebuild)")
-        _print_manifest(Manifest.read(repo / "manifest.json"))
+        manifest = Manifest.read(repo / "manifest.json")
+    _print_manifest(manifest)
     paths = (
         _image_files(images)
         if images
@@ -209,7 +219,7 @@ def run(
         console.print(
             f"tritonserver ready at http://{server.http_url} (gRPC {server.grpc_url}); classifying ..."
         )
-        with ClassifierClient(url, protocol) as client:  # type: ignore[arg-type]
+        with ClassifierClient(url, protocol, model=manifest.ensemble) as client:  # type: ignore[arg-type]
             params = _params(variant, accuracy_budget, None, None)
             results = []
             for p in paths:
@@ -217,7 +227,7 @@ def run(
                     results.append(client.classify(Path(p).read_bytes(), 5, params))
                 except Exception as e:  # noqa: BLE001
                     results.append(e)
-        _print_results(paths, results)
+        _print_results(paths, results, manifest.ensemble)
         ok = [r for r in results if not isinstance(r, Exception)]
         cascaded = [r for r in ok if (r.decision or {}).get("cascade")]
         if cascaded:
@@ -350,7 +360,9 @@ def evaluate(
     address = None
     if url:
         address = _server_address(url, "http")
-        _connect(address, "http").close()  # fail now, in one line, when nothing serves there
+        _connect(
+            address, "http", manifest.ensemble
+        ).close()  # fail now, in one line, when nothing serves there
     from tcsched.client.evaluation import run_eval
 
     eager = None
