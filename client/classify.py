@@ -163,16 +163,29 @@ class ClassifierClient:
             return False
 
     def served_models(self) -> list[str] | None:
-        """The names of the models the server has ready (Triton's repository index, state ``READY``), sorted;
-        ``None`` when the server does not answer the index request."""
+        """The names of the models the server has loaded, sorted: from Triton's repository index (state
+        ``READY``), or, where that API is restricted (``tcsched serve`` keeps the ``model-repository`` group
+        behind its admin key), from the statistics extension, which lists every loaded model; ``None`` when the
+        server answers neither."""
         try:
             index = self._client.get_model_repository_index()
-        except Exception:  # noqa: BLE001 - an index we cannot read is not an error of its own
+        except Exception:  # noqa: BLE001 - restricted or unsupported: the statistics next
+            index = None
+        if index is not None:
+            # HTTP: a list of {"name", "version", "state"}; gRPC: a RepositoryIndexResponse
+            rows = (
+                index
+                if isinstance(index, list)
+                else [{"name": m.name, "state": m.state} for m in index.models]
+            )
+            return sorted({e.get("name", "") for e in rows if e.get("state") == "READY"})
+        try:
+            stats = self._client.get_inference_statistics()  # every loaded model (model_name "")
+        except Exception:  # noqa: BLE001 - a server without the statistics extension: nothing to list
             return None
-        # HTTP: a list of {"name", "version", "state"}; gRPC: a RepositoryIndexResponse whose models have fields
-        entries = index if isinstance(index, list) else list(index.models)
-        get = (lambda e, k: e.get(k, "")) if isinstance(index, list) else (lambda e, k: getattr(e, k, ""))
-        return sorted({get(e, "name") for e in entries if get(e, "state") == "READY"})
+        if not isinstance(stats, dict):  # gRPC: a ModelStatisticsResponse
+            return sorted({m.name for m in stats.model_stats})
+        return sorted({m.get("name", "") for m in stats.get("model_stats", [])})
 
     def check_ready(self) -> None:
         """Raise unless the server answers and its model ``self.model`` is ready.

@@ -3,6 +3,9 @@ normalisation) through ``tcsched build`` -> the real tritonserver -> the real tr
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +101,30 @@ def test_served_classes_carry_the_labels_and_match_the_model_on_its_own_transfor
         r = c.classify(photos[0].read_bytes(), top_k=CLASSES)
         assert sorted(q.label for q in r.topk) == sorted(LABELS)
         assert r.variant.startswith("tiny_cnn_")
+
+
+def test_classify_calls_the_ensemble_by_its_name(tiny_repo):
+    """`tcsched classify --model tiny` against the served repository (built with --ensemble-name tiny); without
+    --model it asks for `classifier`, which is not there: one error naming it and the models that are."""
+    repo, manifest, _ = tiny_repo
+    photo = default_photo("chelsea")
+    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0) as server:
+        ok = _cli("classify", photo, "--url", server.http_url, "--model", "tiny", "--top-k", "3", "--json")
+        missing = _cli("classify", photo, "--url", server.grpc_url, "--protocol", "grpc")
+    assert ok.returncode == 0, ok.stderr
+    (out,) = json.loads(ok.stdout)
+    assert out["variant"].startswith("tiny_cnn_") and len(out["topk"]) == 3
+    assert {q["label"] for q in out["topk"]} <= set(LABELS)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    err = " ".join(missing.stderr.split())
+    assert "no ready model 'classifier'" in err and "--model" in err
+    ready = err.split("ready there: ", 1)[1].split(";", 1)[0].split(", ")
+    assert {"tiny", "preprocess", "scheduler", *(v.name for v in manifest.variants)} <= set(ready)
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "tcsched"
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 def test_the_calibration_images_were_made_with_the_spec(tiny_repo):
