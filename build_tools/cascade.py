@@ -522,7 +522,8 @@ def plot_cascades(
     ax.set_ylabel("top-1 agreement with fp32, evaluation split (%)")
     ax.set_title("Confidence cascades: agreement vs cost (labels: target agreement)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no cascade met a target: nothing to name
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

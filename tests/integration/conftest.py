@@ -6,6 +6,7 @@ import pytest
 from rich.console import Console
 
 from tcsched.build_tools.build import BuildConfig, build
+from tcsched.build_tools.repository import ServingOptions
 from tcsched.server import TritonServer
 from tests.conftest import SHARED
 
@@ -26,6 +27,9 @@ def built_repo(tmp_path_factory) -> Path:
         latency_repeats=5,
         qat_steps=10,  # the default 200 takes ~4.5 min here; 10 runs the same path
         qat_min_images=1,  # calibration here is scikit-image's few photos
+        # one preprocess instance (the default is one per core): the tests that batch a bomb with a good image
+        # and that kill "the" preprocess stub need a single instance
+        serving=ServingOptions(preprocess_instances=1),
     )
     build(cfg, Console(quiet=True))
     return cfg.output
