@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -34,7 +34,7 @@ PARAMETER_KEY = "preprocessing"
 #: transform bit for bit; ``fast`` decodes a JPEG at 1/2, 1/4 or 1/8 scale in the DCT domain when its shorter
 #: side stays >= ``resize_size``, and resizes straight to the crop.
 Method = Literal["exact", "fast"]
-METHODS: tuple[str, ...] = ("exact", "fast")
+METHODS: tuple[str, ...] = get_args(Method)
 #: The key of the ``preprocess`` model's config.pbtxt parameter that holds the :data:`Method`.
 METHOD_KEY = "preprocess_method"
 
