@@ -22,6 +22,8 @@ beside every operating point shows whether the target held on images the build n
 
 :func:`pareto_front` marks the variants the scheduler should never choose: another variant is faster at every
 measured batch size and this one is not significantly more accurate (paired bootstrap over images, 95%).
+:func:`plan_serving` does both; the report of its cascades (table, plot):
+:mod:`tcsched.build_tools.cascade_report`.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class StageData:
     logits: np.ndarray
 
 
-def _label(stages: Sequence[str]) -> str:
+def chain_label(stages: Sequence[str]) -> str:
     """'mobilenet_v2_int8', 'mobilenet_v2_fp32' -> 'int8>fp32' (the common '_'-ended prefix removed)."""
     prefix = ""
     common = min(stages, key=len)
@@ -233,6 +235,25 @@ def _check(
     )
 
 
+def _flagged(stages: Sequence[StageData], reference: np.ndarray) -> list[np.ndarray]:
+    """Per stage, bool [N]: the rows where it could disagree with fp32 (:func:`could_disagree`); the reference
+    as last stage agrees with itself (all False)."""
+    return [
+        np.zeros(len(reference), bool)
+        if s is stages[-1] and np.array_equal(s.logits, reference)
+        else could_disagree(s.logits, reference)
+        for s in stages
+    ]
+
+
+def _top1_drop(
+    stage: np.ndarray, stages: Sequence[StageData], ref_top1: np.ndarray, labels: np.ndarray
+) -> float:
+    """Top-1 points lost against ``labels`` when row i is served by ``stages[stage[i]]`` instead of fp32."""
+    served_top1 = np.choose(stage, [s.logits.argmax(1) for s in stages])
+    return 100.0 * (float(np.mean(ref_top1 == labels)) - float(np.mean(served_top1 == labels)))
+
+
 def calibrate_cascade(
     stages: Sequence[StageData],
     reference: np.ndarray,
@@ -271,13 +292,7 @@ def calibrate_cascade(
     rng = np.random.default_rng(seed)
     ref_top1 = reference.argmax(1)
     agree = [s.logits.argmax(1) == ref_top1 for s in stages]
-    # the reference as last stage agrees with itself; any other stage is flagged where it could disagree
-    flagged = [
-        np.zeros(len(reference), bool)
-        if s is stages[-1] and np.array_equal(s.logits, reference)
-        else could_disagree(s.logits, reference)
-        for s in stages
-    ]
+    flagged = _flagged(stages, reference)
     margins = [confidence_margin(s.logits) for s in stages[:-1]]
     costs = [_per_image_cost(p50_ms_by_batch[s.name]) for s in stages]
     batch_sizes = sorted(set().union(*(p50_ms_by_batch[s.name].keys() for s in stages)))
@@ -289,10 +304,7 @@ def calibrate_cascade(
         stage = served_stage(margins, ts)
         ok = np.choose(stage, agree)
         reach = [float(np.mean(stage >= j)) for j in range(len(stages))]
-        drop = None
-        if labels is not None:
-            served_top1 = np.choose(stage, [s.logits.argmax(1) for s in stages])
-            drop = 100.0 * (float(np.mean(ref_top1 == labels)) - float(np.mean(served_top1 == labels)))
+        drop = None if labels is None else _top1_drop(stage, stages, ref_top1, labels)
         check = None if evaluation is None else _check(ts, *evaluation)
         points.append(
             OperatingPoint(
@@ -312,7 +324,9 @@ def calibrate_cascade(
             )
         )
     names = [s.name for s in stages]
-    return CascadeProfile(stages=names, label=_label(names), calibration=calibration, operating_points=points)
+    return CascadeProfile(
+        stages=names, label=chain_label(names), calibration=calibration, operating_points=points
+    )
 
 
 def candidate_chains(
@@ -447,83 +461,3 @@ def plan_serving(
             )
         )
     return ServingPlan(verdicts, cascades)
-
-
-def cascade_table(
-    plan: ServingPlan, p50_ms_by_batch: Mapping[str, Mapping[int, float]], reference: str
-) -> str:
-    """Markdown table of every operating point: thresholds, agreement (calibration and evaluation, 95% intervals),
-    escalation rates, expected ms per batch and its ratio to the reference's p50."""
-    head = (
-        "| cascade | target | threshold | calibration agreement [95%] | escalated | evaluation agreement [95%] | "
-        "escalated | " + " | ".join(f"b{b} ms (vs fp32)" for b in sorted(p50_ms_by_batch[reference])) + " |"
-    )
-    lines = [head, "|" + " --- |" * (7 + len(p50_ms_by_batch[reference]))]
-    for c in plan.cascades:
-        for op in c.operating_points:
-            ev = op.evaluation
-            lat = " | ".join(
-                f"{op.expected_latency_ms_by_batch[b]:.2f} ({op.expected_latency_ms_by_batch[b] / t:.2f}x)"
-                for b, t in sorted(p50_ms_by_batch[reference].items())
-                if b in op.expected_latency_ms_by_batch
-            )
-            lines.append(
-                f"| {c.label} | {op.target_agreement:g} | {', '.join(f'{t:.4f}' for t in op.thresholds)} | "
-                f"{100 * op.agreement:.2f}% [{100 * op.agreement_ci95[0]:.1f}, {100 * op.agreement_ci95[1]:.1f}] "
-                f"({op.n_images} images x {op.n_views // max(1, op.n_images)} views){'' if op.met else ' NOT met'} | "
-                f"{100 * op.escalation_rate:.1f}% | "
-                + (
-                    f"{100 * ev.agreement:.2f}% [{100 * ev.agreement_ci95[0]:.1f}, {100 * ev.agreement_ci95[1]:.1f}] "
-                    f"({ev.n_images}) | {100 * ev.escalation_rate:.1f}% | "
-                    if ev is not None
-                    else "- | - | "
-                )
-                + lat
-                + " |"
-            )
-    return "\n".join(lines)
-
-
-def plot_cascades(
-    plan: ServingPlan,
-    single_agreement: Mapping[str, float],
-    p50_ms_by_batch: Mapping[str, Mapping[int, float]],
-    reference: str,
-    path,
-) -> None:
-    """PNG: evaluation-split agreement with fp32 against expected cost per image (x the reference's), for each
-    cascade's met operating points (the ones the scheduler may use) and each single variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    b = max(p50_ms_by_batch[reference])
-    ref_ms = p50_ms_by_batch[reference][b]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for c in plan.cascades:
-        pts = [
-            (op.expected_latency_ms_by_batch[b] / ref_ms, op.evaluation.agreement, op.target_agreement)
-            for op in c.operating_points
-            if op.met and op.evaluation is not None and b in op.expected_latency_ms_by_batch
-        ]
-        if pts:
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=f"cascade {c.label}")
-            for x, y, t in pts:
-                ax.annotate(f"{t:g}", (x, 100 * y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    for n, a in single_agreement.items():
-        if n in p50_ms_by_batch and b in p50_ms_by_batch[n]:
-            x = p50_ms_by_batch[n][b] / ref_ms
-            ax.scatter([x], [100 * a], marker="s", color="gray")
-            ax.annotate(
-                _label([n, reference]).split(">")[0], (x, 100 * a), xytext=(4, 4), textcoords="offset points"
-            )
-    ax.set_xlabel(f"expected time per batch of {b} / fp32's (bare runtime p50)")
-    ax.set_ylabel("top-1 agreement with fp32, evaluation split (%)")
-    ax.set_title("Confidence cascades: agreement vs cost (labels: target agreement)")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # no cascade met a target: nothing to name
-        ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
