@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from tcsched.build_tools.augment import label_preserving_views
-from tcsched.build_tools.cascade import FrontVerdict, ServingPlan, cascade_table, plan_serving, plot_cascades
+from tcsched.build_tools.cascade import FrontVerdict, ServingPlan, plan_serving
+from tcsched.build_tools.cascade_report import cascade_table, plot_cascades
 from tcsched.build_tools.drift_study import DriftStudy, drift_study
 from tcsched.data import ImageItem
 from tcsched.engines import load_engine
@@ -73,8 +74,7 @@ def decide_serving(
     """
     m = measurements
     servable = m.served_on_cpu_for_speed()
-    front_candidates = [n for n, ok in servable.items() if ok]
-    select = {n: m.variants[n].selection_logits for n in front_candidates}
+    select = {n: m.variants[n].selection_logits for n, ok in servable.items() if ok}
     groups, labels = m.select_groups, m.select_labels
     n_sel = len(np.unique(groups))
     # (images, first group id, labels, whether the build's 4 views are still to be made)
@@ -86,46 +86,7 @@ def decide_serving(
         y = None if calib_labels is None else np.asarray(calib_labels)
         sources.append((calib_images, n_sel, y, True))
     if sources:
-        engines = {
-            n: load_engine(
-                m.variants[n].runtime,
-                m.variants[n].variant.path,
-                threads=threads,
-                precision=m.variants[n].variant.precision,
-            )
-            for n in select
-        }
-        total = sum(len(x) for x, *_ in sources)
-        task = progress.add_task("cascade calibration views", total=total) if progress else None
-        parts: dict[str, list[np.ndarray]] = {n: [select[n]] for n in select}
-        more_groups, more_labels = [groups], [labels]
-        for x, first, y, base in sources:
-            for i in range(0, len(x), VIEW_CHUNK):  # a chunk of images at a time: 8 views of 266 are 1.3 GB
-                chunk = x[i : i + VIEW_CHUNK]
-                views = _zoom_views(chunk)
-                if base:
-                    views = np.concatenate([label_preserving_views(chunk), views])
-                k = len(views) // len(chunk)
-                for n, eng in engines.items():
-                    parts[n].append(eng.predict(views, batch_size=16))
-                more_groups.append(first + np.tile(np.arange(i, i + len(chunk)), k))
-                more_labels.append(None if y is None else np.tile(y[i : i + len(chunk)], k))
-                if task is not None:
-                    progress.advance(task, len(chunk))
-        select = {n: np.concatenate(p) for n, p in parts.items()}
-        groups = np.concatenate(more_groups)
-        labels = None if any(v is None for v in more_labels) else np.concatenate(more_labels)
-    n_img = len(np.unique(groups))
-    n_views = len(groups) // n_img if len(groups) % n_img == 0 else None
-    what = (
-        "calibration and selection splits"
-        if calib_images is not None and len(calib_images)
-        else "selection split"
-    )
-    description = (
-        f"{what}: {n_img} images x {n_views or 'up to 8'} label-preserving views (flip, centre zooms); "
-        "thresholds by conformal risk control over the images"
-    )
+        select, groups, labels = _calibration_views(m, select, groups, labels, sources, threads, progress)
     plan = plan_serving(
         servable,
         m.reference,
@@ -133,35 +94,89 @@ def decide_serving(
         groups,
         m.eval_logits(),
         m.p50_ms_by_batch(),
-        description,
+        _calibration_description(groups, calib_images is not None and len(calib_images) > 0),
         m.eval_description,
         select_labels=labels,
     )
-    drift = None
+    drift = _drift(m, plan, eval_items, input_statistics, threads, progress, spec)
+    return Serving(plan, drift)
+
+
+def _calibration_views(m, select, groups, labels, sources, threads: int, progress):
+    """``select`` (per variant, logits on the measured selection views), ``groups`` and ``labels`` extended by
+    the views of ``sources`` (images, first group id, labels, whether the build's 4 views are to be made too),
+    each variant of ``select`` run on them: (logits per variant, groups, labels or None)."""
+    engines = {
+        n: load_engine(
+            m.variants[n].runtime,
+            m.variants[n].variant.path,
+            threads=threads,
+            precision=m.variants[n].variant.precision,
+        )
+        for n in select
+    }
+    total = sum(len(x) for x, *_ in sources)
+    task = progress.add_task("cascade calibration views", total=total) if progress else None
+    parts: dict[str, list[np.ndarray]] = {n: [select[n]] for n in select}
+    more_groups, more_labels = [groups], [labels]
+    for x, first, y, base in sources:
+        for i in range(0, len(x), VIEW_CHUNK):  # a chunk of images at a time: 8 views of 266 are 1.3 GB
+            chunk = x[i : i + VIEW_CHUNK]
+            views = _zoom_views(chunk)
+            if base:
+                views = np.concatenate([label_preserving_views(chunk), views])
+            k = len(views) // len(chunk)
+            for n, eng in engines.items():
+                parts[n].append(eng.predict(views, batch_size=16))
+            more_groups.append(first + np.tile(np.arange(i, i + len(chunk)), k))
+            more_labels.append(None if y is None else np.tile(y[i : i + len(chunk)], k))
+            if task is not None:
+                progress.advance(task, len(chunk))
+    select = {n: np.concatenate(p) for n, p in parts.items()}
+    labels = None if any(v is None for v in more_labels) else np.concatenate(more_labels)
+    return select, np.concatenate(more_groups), labels
+
+
+def _calibration_description(groups: np.ndarray, with_calibration_split: bool) -> str:
+    """The manifest's description of the cascades' calibration rows: the splits, images x views, the rule."""
+    n_img = len(np.unique(groups))
+    n_views = len(groups) // n_img if len(groups) % n_img == 0 else None
+    what = "calibration and selection splits" if with_calibration_split else "selection split"
+    return (
+        f"{what}: {n_img} images x {n_views or 'up to 8'} label-preserving views (flip, centre zooms); "
+        "thresholds by conformal risk control over the images"
+    )
+
+
+def _drift(
+    m, plan: ServingPlan, eval_items, input_statistics, threads: int, progress, spec
+) -> DriftStudy | None:
+    """The drift study of the int8 variant the scheduler serves (on the front) if any, else of the first int8
+    variant, on the first :data:`DRIFT_IMAGES` of ``eval_items``; None without an int8 variant or images."""
     # the rule guarded INT8 variants: study the int8 variant that the scheduler serves (on the front) if any
     int8s = [v for v in m.variants.values() if v.variant.precision == "int8"]
     on_front = [v for v in int8s if plan.verdicts.get(v.model_name, FrontVerdict(False)).on_front]
     int8 = (on_front or int8s or [None])[0]
-    if int8 is not None and eval_items:
-        threshold = None
-        for c in plan.cascades:
-            if c.stages == [int8.model_name, m.reference]:
-                op = next((o for o in c.operating_points if o.target_agreement == DEFAULT_TARGET), None)
-                threshold = op.thresholds[0] if op is not None else None
-        fp32 = OrtClassifier(m.variants[m.reference].variant.path, threads=threads)
-        q = load_engine(int8.runtime, int8.variant.path, threads=threads, precision=int8.variant.precision)
-        images = [decode_image(it.read_bytes()) for it in eval_items[:DRIFT_IMAGES]]
-        task = progress.add_task("drift-check study (corruptions)", total=8) if progress is not None else None
-        drift = drift_study(
-            images,
-            lambda im: preprocess_pil(im, spec=spec),
-            lambda x: fp32.predict(x, batch_size=16),
-            lambda x: q.predict(x, batch_size=16),
-            input_statistics,
-            cascade_threshold=threshold,
-            on_step=(lambda i: progress.update(task, completed=i)) if task is not None else None,
-        )
-    return Serving(plan, drift)
+    if int8 is None or not eval_items:
+        return None
+    threshold = None
+    for c in plan.cascades:
+        if c.stages == [int8.model_name, m.reference]:
+            op = next((o for o in c.operating_points if o.target_agreement == DEFAULT_TARGET), None)
+            threshold = op.thresholds[0] if op is not None else None
+    fp32 = OrtClassifier(m.variants[m.reference].variant.path, threads=threads)
+    q = load_engine(int8.runtime, int8.variant.path, threads=threads, precision=int8.variant.precision)
+    images = [decode_image(it.read_bytes()) for it in eval_items[:DRIFT_IMAGES]]
+    task = progress.add_task("drift-check study (corruptions)", total=8) if progress is not None else None
+    return drift_study(
+        images,
+        lambda im: preprocess_pil(im, spec=spec),
+        lambda x: fp32.predict(x, batch_size=16),
+        lambda x: q.predict(x, batch_size=16),
+        input_statistics,
+        cascade_threshold=threshold,
+        on_step=(lambda i: progress.update(task, completed=i)) if task is not None else None,
+    )
 
 
 def _zoom_views(x: np.ndarray) -> np.ndarray:
