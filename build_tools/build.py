@@ -4,7 +4,8 @@ Data splits (no image is used for two purposes): with ``data_dir`` (labeled) the
 their file names into calibration (25%: activation ranges and the per-layer ranking), selection (25%: choosing
 the calibration method, the mixed-precision layers and the pruned layers) and evaluation (50%: every figure in
 the manifest). Without it, calibration comes from ``calib_dir`` or the photos shipped in scikit-image, selection
-reuses the calibration images, and evaluation uses ``eval_dir`` (or the calibration images, unlabeled).
+reuses the calibration images, and evaluation uses ``eval_dir`` (or the calibration images, unlabeled). The
+splits, their preprocessing and their statistics: :mod:`tcsched.build_tools.splits`.
 
 The stages of :func:`build`: :func:`export_source` (the fp32 graph), :func:`prepare` (images, fp32 reference
 logits, per-layer analysis: the :class:`~tcsched.build_tools.recipes.BuildContext`), :func:`run_recipes` (each
@@ -54,13 +55,11 @@ from tcsched.build_tools.quantize import parse_calib_method
 from tcsched.build_tools.recipes import REGISTRY, BuildContext, BuiltVariant, Dropped, Recipe
 from tcsched.build_tools.recipes.pairs import ONNXRUNTIME, openvino_pairs
 from tcsched.build_tools.serving import Serving, decide_serving, write_serving_reports
-from tcsched.data import SPLIT_FRACTIONS, ImageItem, default_photos, list_images, split
+from tcsched.build_tools.splits import Splits, input_statistics, load_images, make_splits
 from tcsched.engines.capabilities import cpu_capabilities
 from tcsched.fsutil import atomic_directory, check_replaceable_output, clean_stale_temporaries
-from tcsched.imaging import preprocess_bytes
 from tcsched.manifest import (
     MANIFEST_FILENAME,
-    InputStatistics,
     LatencyReport,
     Manifest,
     ModelSource,
@@ -87,75 +86,6 @@ __all__ = [
 
 SUPPORTED_VARIANTS = DEFAULT_VARIANTS = REGISTRY.names  # the built-in recipes
 ANALYSIS_FILENAME = "analysis.json"
-
-
-@dataclass
-class Splits:
-    calib: list[ImageItem]
-    select: list[ImageItem]
-    eval: list[ImageItem]
-    description: str
-
-    @property
-    def labeled(self) -> bool:
-        return all(it.label is not None for it in self.eval)
-
-
-def make_splits(cfg: BuildConfig) -> Splits:
-    if cfg.data_dir is not None:
-        items = list_images(cfg.data_dir)
-        calib, select, evaluation = split(items, list(SPLIT_FRACTIONS))
-        desc = (
-            f"{cfg.data_dir}: hash split of {len(items)} images: calibration {len(calib)}, selection "
-            f"{len(select)}, evaluation {len(evaluation)}"
-        )
-        calib = calib[: cfg.calib_limit]
-    else:
-        calib = (list_images(cfg.calib_dir) if cfg.calib_dir else default_photos())[: cfg.calib_limit]
-        select = calib
-        evaluation = list_images(cfg.eval_dir) if cfg.eval_dir else list(calib)
-        src = cfg.calib_dir or "scikit-image photos"
-        desc = f"calibration and selection: {len(calib)} images from {src}; evaluation: {cfg.eval_dir or src}"
-    if cfg.eval_limit:
-        evaluation = evaluation[: cfg.eval_limit]
-    return Splits(calib, select, evaluation, desc)
-
-
-def _load(
-    items: Sequence[ImageItem],
-    progress: Progress,
-    what: str,
-    spec: PreprocessSpec = IMAGENET,
-    method: str = "exact",
-) -> np.ndarray:
-    """float32 [N, C, crop_h, crop_w]: ``items`` preprocessed by ``spec`` with ``method`` (the served
-    preprocess model's, so that calibration and the build's figures see the pixels the server makes)."""
-    task = progress.add_task(f"preprocess {what}", total=len(items))
-    out = np.empty((len(items), spec.channels, *spec.crop_size), dtype=np.float32)
-    for i, it in enumerate(items):
-        out[i] = preprocess_bytes(it.read_bytes(), spec=spec, method=method)
-        progress.advance(task)
-    return out
-
-
-def input_statistics(x: np.ndarray, spec: PreprocessSpec = IMAGENET) -> InputStatistics:
-    """Per-channel and per-image statistics of float32 [N, C, H, W] images preprocessed by ``spec`` (its
-    mean/std locate the saturated pixel values)."""
-    from tcsched.input_stats import saturated_fraction
-
-    per_img_mean = x.mean(axis=(1, 2, 3))
-    per_img_std = x.std(axis=(1, 2, 3))
-    sat = np.array([saturated_fraction(img, spec.mean, spec.std) for img in x])
-    return InputStatistics(
-        image_mean_p01_p99=tuple(float(v) for v in np.percentile(per_img_mean, [1, 99])),
-        image_std_p01_p99=tuple(float(v) for v in np.percentile(per_img_std, [1, 99])),
-        saturated_fraction_p99=float(np.percentile(sat, 99)),
-        n_images=len(x),
-        channel_mean=[float(v) for v in x.mean(axis=(0, 2, 3))],
-        channel_std=[float(v) for v in x.std(axis=(0, 2, 3))],
-        image_mean_range=(float(per_img_mean.min()), float(per_img_mean.max())),
-        image_std_range=(float(per_img_std.min()), float(per_img_std.max())),
-    )
 
 
 # ------------------------------------------------------------------------------------------ source and context
@@ -242,11 +172,17 @@ def prepare(
 
     progress.update(step, description="load images")
     spec, method = source.preprocessing, cfg.serving.preprocess_method
-    calib = _load(splits.calib, progress, f"calibration ({len(splits.calib)})", spec, method)
+    calib = load_images(splits.calib, progress, f"calibration ({len(splits.calib)})", spec, method)
     select = (
-        calib if splits.select is splits.calib else _load(splits.select, progress, "selection", spec, method)
+        calib
+        if splits.select is splits.calib
+        else load_images(splits.select, progress, "selection", spec, method)
     )
-    evalx = calib if splits.eval == splits.calib else _load(splits.eval, progress, "evaluation", spec, method)
+    evalx = (
+        calib
+        if splits.eval == splits.calib
+        else load_images(splits.eval, progress, "evaluation", spec, method)
+    )
     y_sel = (
         np.array([it.label for it in splits.select])
         if all(i.label is not None for i in splits.select)
