@@ -1,7 +1,8 @@
 """``--model`` parsed, and the checks every source kind shares: the model-name prefix, the class names, the
 preprocessing merged from its sources, and :class:`ModelSourceError`, the one error of every refusal.
 
-The forms of ``--model`` and the order in which the preprocessing fields are taken: :mod:`tcsched.build_tools.model_source`.
+The forms of ``--model`` and the order in which the preprocessing fields are taken:
+:mod:`tcsched.build_tools.model_source`.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 def parse_model_spec(text: str | None, name: str | None = None) -> ModelSpec:
-    """Parse ``--model`` (its forms: :mod:`tcsched.build_tools.model_source`); ``name`` overrides the model-name prefix.
+    """Parse ``--model`` (its forms: :mod:`tcsched.build_tools.model_source`); ``name`` overrides the
+    model-name prefix.
 
     Raises:
         ModelSourceError: a spec of none of the forms, an ONNX path that is not a file, an unknown torchvision

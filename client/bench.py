@@ -20,8 +20,8 @@ Targets (:mod:`tcsched.client.targets`): each variant model directly, the ensemb
 img/s / bare img/s, and ensemble-forced p50 / direct variant p50 at the same concurrency. Results:
 :mod:`tcsched.client.bench_results`; the written report: :mod:`tcsched.client.bench_report`.
 
-This module chooses the variants, starts the server and runs the steps (:class:`~tcsched.client.bench_run.BenchRun`),
-and holds the ``tcsched bench`` command.
+This module chooses the variants, starts the server and runs the steps
+(:class:`~tcsched.client.bench_run.BenchRun`), and holds the ``tcsched bench`` command.
 """
 
 from __future__ import annotations
