@@ -1,9 +1,16 @@
-"""The pipeline models the bench serves beside a repository: ``pipeline_<variant>`` = the classifier ensemble
-without the scheduler (IMAGE -> preprocess -> variant), to measure what the scheduler adds to the same request.
+"""The models the bench serves beside a repository, in a second ("overlay") model repository:
+
+- ``pipeline_<variant>`` = the classifier ensemble without the scheduler (IMAGE -> preprocess -> variant), to
+  measure what the scheduler adds to the same request;
+- today's path (:func:`write_exact_path`): ``preprocess_exact``, the repository's ``preprocess`` model with
+  method ``exact`` and one instance, and ``<ensemble>_exact_path``, the repository's ensemble with its
+  preprocessing step calling ``preprocess_exact``; the path rounds of the bench compare the ensemble as built
+  with it.
 
 The one module of ``tcsched.client`` that imports ``tcsched.build_tools`` (an exception declared in the
 import-linter contract of pyproject.toml): the configs must be written by the build's own ModelConfig writers
-(``tcsched.build_tools.repository``), so that a pipeline is exactly the served ensemble minus the scheduler.
+and parser (``tcsched.build_tools.repository``), so that a pipeline is exactly the served ensemble minus the
+scheduler, and today's path exactly the served ensemble with the old preprocessing.
 """
 
 from __future__ import annotations
@@ -12,14 +19,42 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from tcsched.build_tools.repository import ServingOptions, pipeline_config, pipeline_name, render
+from tcsched.build_tools.repository import (
+    ServingOptions,
+    parse,
+    pipeline_config,
+    pipeline_name,
+    render,
+)
+from tcsched.names import PREPROCESS
+from tcsched.preprocessing import METHOD_KEY
 
-__all__ = ["pipeline_name", "write_pipelines"]
+__all__ = [
+    "PREPROCESS_EXACT",
+    "exact_path_name",
+    "pipeline_name",
+    "preprocess_setup",
+    "write_exact_path",
+    "write_pipelines",
+]
+
+#: the ``preprocess`` model of today's path: method ``exact`` (torchvision's transform bit for bit), 1 instance
+PREPROCESS_EXACT = "preprocess_exact"
 
 
-def write_pipelines(folder: Path, manifest, variants: Sequence[str]) -> Path:
+def exact_path_name(ensemble: str) -> str:
+    """Name of today's path beside the ensemble ``ensemble``: ``<ensemble>_exact_path``."""
+    return f"{ensemble}_exact_path"
+
+
+def write_pipelines(folder: Path, manifest, variants: Sequence[str], repo: Path | None = None) -> Path:
     """Write a model repository holding one plain ensemble preprocess -> variant per variant (configs only; the
-    models they call live in the main repository). Returns ``folder``, replaced if it existed."""
+    models they call live in the main repository) and, with ``repo`` (the main repository), today's path
+    (:func:`write_exact_path`). Returns ``folder``, replaced if it existed.
+
+    Raises:
+        FileNotFoundError / ValueError: see :func:`write_exact_path`.
+    """
     if folder.exists():
         shutil.rmtree(folder)
     opts = ServingOptions(max_batch_size=manifest.max_batch_size)
@@ -28,4 +63,57 @@ def write_pipelines(folder: Path, manifest, variants: Sequence[str]) -> Path:
         cfg = pipeline_config(v, opts, classes, manifest.input.name, manifest.output.name)
         (folder / cfg.name / "1").mkdir(parents=True)
         (folder / cfg.name / "config.pbtxt").write_text(render(cfg))
+    if repo is not None:
+        write_exact_path(folder, Path(repo), manifest.ensemble)
     return folder
+
+
+def preprocess_setup(model_folder: Path) -> dict | None:
+    """``{"method", "instances"}`` of the preprocess model in ``model_folder`` (its config.pbtxt: parameter
+    ``preprocess_method``, ``exact`` when absent; the instance groups' counts summed), or None without one."""
+    path = Path(model_folder) / "config.pbtxt"
+    if not path.is_file():
+        return None
+    cfg = parse(path.read_text())
+    method = cfg.parameters[METHOD_KEY].string_value if METHOD_KEY in cfg.parameters else "exact"
+    return {"method": method, "instances": sum(g.count or 1 for g in cfg.instance_group) or 1}
+
+
+def _copy_model(src: Path, dst: Path) -> None:
+    """``src`` (a model folder: config.pbtxt, version folders, labels) copied to ``dst``, caches left out."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
+
+
+def write_exact_path(folder: Path, repo: Path, ensemble: str) -> tuple[str, str]:
+    """Write today's path into ``folder``: ``preprocess_exact`` = a copy of ``repo``'s ``preprocess`` model
+    folder (its ``1/model.py`` too) whose config is the repository's, parsed and rewritten with that name, one
+    instance group of count 1 (same kind) and parameter ``preprocess_method`` = ``exact``; and
+    ``<ensemble>_exact_path`` = a copy of ``repo``'s ensemble folder (labels file too) whose config is the
+    repository's with that name and its ``preprocess`` step calling ``preprocess_exact``. Returns the two model
+    names (preprocess, ensemble).
+
+    Raises:
+        FileNotFoundError: ``repo`` has no ``preprocess`` or ``ensemble`` config.
+        ValueError: the ensemble has no step calling ``preprocess``.
+        google.protobuf.text_format.ParseError: a config that is not a valid ModelConfig.
+    """
+    pre_src, ens_src = repo / PREPROCESS, repo / ensemble
+    pre_cfg = parse((pre_src / "config.pbtxt").read_text())
+    ens_cfg = parse((ens_src / "config.pbtxt").read_text())
+    steps = [s for s in ens_cfg.ensemble_scheduling.step if s.model_name == PREPROCESS]
+    if not steps:
+        raise ValueError(f"{ens_src / 'config.pbtxt'}: no ensemble step calls {PREPROCESS!r}")
+    kind = pre_cfg.instance_group[0].kind if pre_cfg.instance_group else None
+    del pre_cfg.instance_group[:]
+    group = pre_cfg.instance_group.add(count=1)
+    if kind is not None:
+        group.kind = kind
+    pre_cfg.name = PREPROCESS_EXACT
+    pre_cfg.parameters[METHOD_KEY].string_value = "exact"
+    for s in steps:
+        s.model_name = PREPROCESS_EXACT
+    ens_cfg.name = exact_path_name(ensemble)
+    for src, cfg in ((pre_src, pre_cfg), (ens_src, ens_cfg)):
+        _copy_model(src, folder / cfg.name)
+        (folder / cfg.name / "config.pbtxt").write_text(render(cfg))
+    return pre_cfg.name, ens_cfg.name

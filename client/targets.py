@@ -13,7 +13,7 @@ from typing import Literal
 
 from tcsched import names
 from tcsched.client.perf_analyzer import write_bytes_input_data, write_tensor_input_data
-from tcsched.client.pipelines import pipeline_name
+from tcsched.client.pipelines import exact_path_name, pipeline_name
 
 # model and tensor names of the repository that tcsched build writes (defined in tcsched.names)
 ENSEMBLE = names.ENSEMBLE
@@ -56,6 +56,29 @@ def bench_targets(
     if scheduler:
         out.append(Target(f"{ensemble}[scheduler]", ensemble, "ensemble", {}, None))
     return out
+
+
+def ort_int8_variant(manifest) -> str | None:
+    """The repository's ONNX Runtime int8 variant (the baseline of the pairs' and the paths' ratios), or None."""
+    return next(
+        (v.name for v in manifest.variants if (v.runtime, v.precision) == ("onnxruntime", "int8")), None
+    )
+
+
+#: what the path rounds' targets are, in the order of :func:`path_targets` (the first is the baseline)
+PATH_ROLES = ("today", "default", "fastest")
+
+
+def path_targets(ensemble: str, ort_int8: str, fastest: str) -> list[Target]:
+    """The path rounds' targets, JPEG in, in :data:`PATH_ROLES` order: today's path (``<ensemble>_exact_path``:
+    exact preprocessing, one instance, forced to the ONNX Runtime int8 variant ``ort_int8``), the ensemble as
+    built with the scheduler's own choice (no parameters), and the ensemble forced to ``fastest``."""
+    exact = exact_path_name(ensemble)
+    return [
+        Target(f"{exact}[{ort_int8}]", exact, "ensemble", {"variant": ort_int8}, ort_int8),
+        Target(f"{ensemble}[scheduler]", ensemble, "ensemble", {}, None),
+        Target(f"{ensemble}[{fastest}]", ensemble, "ensemble", {"variant": fastest}, fastest),
+    ]
 
 
 def ramp_targets(
