@@ -11,7 +11,12 @@ What one run measures, interleaved so that every ratio is taken side by side on 
    reversed every other round, so that each pair's img/s ratio to ONNX Runtime int8 is taken side by side
    (median over rounds, paired bootstrap 95% interval), with the batch the dynamic batcher formed and the
    per-request queue / compute times from Triton's statistics;
-5. request-rate sweep: for each rate, every target in turn (rates default to fractions of the slowest target's
+5. path rounds: ``path_rounds`` rounds, JPEG in at the highest concurrency, of today's path (the ensemble
+   ``<ensemble>_exact_path`` served beside the repository, :func:`~tcsched.client.pipelines.write_exact_path`:
+   exact preprocessing with one instance, forced to ONNX Runtime int8), the ensemble as built with the
+   scheduler's own choice, and the ensemble forced to the fastest pair of the pair rounds; the order reversed
+   every other round; each one's img/s ratio to today's path (median over rounds, paired bootstrap 95% interval);
+6. request-rate sweep: for each rate, every target in turn (rates default to fractions of the slowest target's
    best concurrency throughput, so every target gets the same absolute load).
 
 Targets (:mod:`tcsched.client.targets`): each variant model directly, the ensemble forced to each variant
@@ -37,7 +42,7 @@ from rich.console import Console
 
 from tcsched.client.bare import BarePoint, measure_bare, serving_threads
 from tcsched.client.bench_env import check_server, environment, has_models
-from tcsched.client.bench_report import write_report
+from tcsched.client.bench_report import paths_table, write_report
 from tcsched.client.bench_results import BenchConfig, BenchResult
 from tcsched.client.bench_run import BenchRun, plan
 from tcsched.client.perf_analyzer import (
@@ -47,7 +52,7 @@ from tcsched.client.perf_analyzer import (
     server_statistics,
     variant_usage_delta,
 )
-from tcsched.client.pipelines import pipeline_name, write_pipelines
+from tcsched.client.pipelines import exact_path_name, pipeline_name, write_pipelines
 from tcsched.client.targets import (
     ENSEMBLE,
     ENSEMBLE_INPUT,
@@ -59,6 +64,7 @@ from tcsched.client.targets import (
     TargetKind,
     bench_targets,
     make_input_data,
+    ort_int8_variant,
     pick_images,
     ramp_targets,
 )
@@ -82,9 +88,7 @@ def _select_variants(cfg: BenchConfig, manifest) -> list[str]:
     ]
     if not cfg.variants:
         # the ONNX Runtime int8 variant is the baseline of the pairs' img/s ratios: measured even off the front
-        base = next(
-            (v.name for v in manifest.variants if (v.runtime, v.precision) == ("onnxruntime", "int8")), None
-        )
+        base = ort_int8_variant(manifest)
         if base is not None and base not in served:
             served.append(base)
     variants = list(cfg.variants) if cfg.variants else served
@@ -96,12 +100,13 @@ def _select_variants(cfg: BenchConfig, manifest) -> list[str]:
 
 def _server(cfg: BenchConfig, manifest, variants: Sequence[str], raw: Path):
     """The server to measure: none to start with ``cfg.url``; else tritonserver on ``cfg.repo``, with the plain
-    pipelines served beside it from a second repository."""
+    pipelines and (``cfg.path_rounds``) today's path served beside it from a second repository."""
     from tcsched.server import TritonServer
 
     if cfg.url:
         return contextlib.nullcontext(None)
-    overlay = write_pipelines(raw / "pipelines_repository", manifest, variants)
+    exact_from = Path(cfg.repo) if cfg.path_rounds else None
+    overlay = write_pipelines(raw / "pipelines_repository", manifest, variants, repo=exact_from)
     return TritonServer(
         Path(cfg.repo),
         http_port=0,
@@ -135,6 +140,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResu
     pipelines = cfg.url is None or has_models(cfg.url, [pipeline_name(v) for v in variants])
     if not pipelines:
         log("no pipeline_<variant> models on the server at --url: ensemble vs pipeline not measured")
+    # today's path likewise (written only for path rounds)
+    exact_path = cfg.path_rounds > 0 and (
+        cfg.url is None or has_models(cfg.url, [exact_path_name(manifest.ensemble)])
+    )
     targets = bench_targets(variants, manifest.ensemble, scheduler=cfg.scheduler, pipelines=pipelines)
     est = plan(cfg, variants)
     log(
@@ -145,7 +154,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResu
     raw.mkdir(parents=True, exist_ok=True)
     data = make_input_data(items, raw, manifest.preprocess_spec)
     log(f"input data: {len(items)} real images from {cfg.data_dir or 'scikit-image default photos'}")
-    run = BenchRun(cfg, manifest, variants, targets, data, raw, pipelines, log)
+    run = BenchRun(cfg, manifest, variants, targets, data, raw, pipelines, log, exact_path=exact_path)
     with _server(cfg, manifest, variants, raw) as server:
         env = run.measure_all(cfg.url or server.grpc_url)
     return run.result(env, time.monotonic() - t_start)
@@ -222,6 +231,11 @@ def bench_command(
     pair_rounds: int = typer.Option(
         4, help="interleaved rounds of every variant directly at the highest concurrency (0: skip)"
     ),
+    path_rounds: int = typer.Option(
+        4,
+        help="interleaved rounds, JPEG in at the highest concurrency, of today's path (exact preprocessing, "
+        "1 instance, ONNX Runtime int8) and the ensemble as built, default and fastest pair (0: skip)",
+    ),
 ):
     """perf_analyzer sweeps (concurrency, request rate) of every variant and the ensemble, bare ONNX Runtime
     as the lower bound; writes JSON, CSV, markdown and PNG plots to OUTPUT."""
@@ -245,6 +259,7 @@ def bench_command(
         warmup=warmup,
         overhead_rounds=overhead_rounds,
         pair_rounds=pair_rounds,
+        path_rounds=path_rounds,
     )
     try:
         result = run_bench(cfg, log=lambda s: console.print(s, highlight=False, markup=False))
@@ -254,6 +269,8 @@ def bench_command(
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None
     files = write_report(result, output)
+    for line in paths_table(result):
+        console.print(line, highlight=False, markup=False)
     console.print(f"wrote {', '.join(str(f) for f in files)} ({result.wall_s:.0f} s)")
     if result.errors:
         console.print(f"[yellow]{len(result.errors)} error(s), see {output / 'bench.json'}[/yellow]")

@@ -226,6 +226,54 @@ def _pairs_section(result: BenchResult) -> list[str]:
     ]
 
 
+def paths_table(result: BenchResult) -> list[str]:
+    """The path rounds' table (markdown lines; none without path rounds): each path's img/s and its ratio to
+    today's path with the 95% interval, also printed by ``tcsched bench``."""
+    rows = result.path_summary()
+    if not rows or not rows[0]["rounds"]:
+        return []
+    prep = result.config.get("preprocess") or {}
+    lines = [
+        f"## Paths through the ensemble (JPEG in) at concurrency {_fmt(rows[0]['concurrency'], 0)}, "
+        f"interleaved ({rows[0]['rounds']} round{'s' if rows[0]['rounds'] != 1 else ''})",
+        "",
+        "| path | target | preprocess | img/s (median) | / today's path [95% CI] | p50 ms | p99 ms "
+        "| variants served (images) | img/s per round |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for r in rows:
+        o = r["over_today"]
+        ratio = "–" if not o else f"{o['ratio']:.2f}"
+        if o and o["low"] is not None:
+            ratio += f" [{o['low']:.2f}, {o['high']:.2f}]"
+        p = prep.get("today" if r["path"] == "today" else "default") or {}
+        pre = f"{p.get('method', '?')}, {p.get('instances', '?')} inst." if p else "–"
+        lines.append(
+            f"| {r['path']} | {r['target']} | {pre} | {_fmt(r['median_img_per_s'])} | {ratio} "
+            f"| {_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} "
+            f"| {', '.join(f'{k}: {v}' for k, v in r['served'].items()) or '–'} "
+            f"| {' '.join(f'{x:.0f}' for x in r['img_per_s'])} |"
+        )
+    return lines
+
+
+def _paths_section(result: BenchResult) -> list[str]:
+    lines = paths_table(result)
+    if not lines:
+        return []
+    return lines + [
+        "",
+        "Today's path: the repository's ensemble with its preprocessing step calling `preprocess_exact` (the "
+        "repository's `preprocess` with method `exact` and one instance), forced to the ONNX Runtime int8 "
+        "variant; served beside the repository. Default: the ensemble as built, the scheduler's own choice "
+        "(no request parameter); fastest: the same ensemble forced to the pair of the highest median img/s "
+        "in the pair rounds. Each round measures every path once (perf_analyzer, the same JPEGs, three "
+        "windows), the order reversed every other round; ratio = median over rounds / today's median, paired "
+        "bootstrap 95% interval over rounds.",
+        "",
+    ]
+
+
 def _points_section(result: BenchResult) -> list[str]:
     variants = result.config.get("variants", [])
     lines = [
@@ -278,6 +326,7 @@ def markdown(result: BenchResult, plots: Sequence[Path] = ()) -> str:
         *_header(result),
         *_summary_section(result),
         *_pairs_section(result),
+        *_paths_section(result),
         *_overhead_section(result),
         *_points_section(result),
         *_bare_section(result),

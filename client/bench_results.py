@@ -13,7 +13,7 @@ from tcsched.client.bare import BarePoint
 from tcsched.client.overhead import OverheadResult, ratio_of_medians
 from tcsched.client.perf_analyzer import PerfPoint
 from tcsched.client.pipelines import pipeline_name
-from tcsched.client.targets import ENSEMBLE, SCHEDULER, Target
+from tcsched.client.targets import ENSEMBLE, PATH_ROLES, SCHEDULER, Target
 
 
 @dataclass
@@ -40,6 +40,9 @@ class BenchConfig:
     # interleaved rounds of every variant called directly at the highest concurrency (the pairs' img/s ratios
     # side by side); 0: skip
     pair_rounds: int = 4
+    # interleaved rounds of today's path, the ensemble as built and the ensemble forced to the fastest pair at
+    # the highest concurrency, JPEG in (the paths' img/s ratios side by side); 0: skip
+    path_rounds: int = 4
 
     def validate(self) -> None:
         """Raises ValueError on any bad option, before anything starts."""
@@ -64,6 +67,8 @@ class BenchConfig:
             raise ValueError(f"overhead_rounds must be 0 (skip) or >= 2, got {self.overhead_rounds}")
         if self.pair_rounds != 0 and self.pair_rounds < 2:
             raise ValueError(f"pair_rounds must be 0 (skip) or >= 2, got {self.pair_rounds}")
+        if self.path_rounds < 0:
+            raise ValueError(f"path_rounds must be >= 0 (0: skip), got {self.path_rounds}")
         if self.max_trials < 3:
             raise ValueError(f"max_trials must be >= 3, got {self.max_trials}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
@@ -91,6 +96,10 @@ class BenchResult:
     overhead: list[OverheadResult] = field(default_factory=list)
     # the interleaved direct rounds (``pair_rounds``): one point per variant per round, in measuring order
     pair_points: list[PerfPoint] = field(default_factory=list)
+    # the path rounds (``path_rounds``): their targets in PATH_ROLES order (the first is the baseline) and one
+    # point per target per round, named ``<target>#path<round>``
+    path_targets: list[Target] = field(default_factory=list)
+    path_points: list[PerfPoint] = field(default_factory=list)
 
     def point(self, target: str, mode: str, load: float) -> PerfPoint | None:
         for p in self.points:
@@ -224,6 +233,54 @@ class BenchResult:
             )
         return rows
 
+    def path_summary(self) -> list[dict]:
+        """Per path target (:data:`~tcsched.client.targets.PATH_ROLES` order), from the path rounds: img/s per
+        round and their median, the median ratio to today's path (the first target) with a paired bootstrap 95%
+        interval over the rounds both measured (:func:`tcsched.client.overhead.ratio_of_medians`; one round: the
+        ratio without interval), p50/p99 ms (medians over rounds) and the images each variant served."""
+        by_round: dict[str, dict[int, PerfPoint]] = {t.name: {} for t in self.path_targets}
+        for p in self.path_points:
+            name, _, r = p.target.rpartition("#path")
+            if name in by_round and r.isdigit():
+                by_round[name][int(r)] = p
+        base = by_round.get(self.path_targets[0].name, {}) if self.path_targets else {}
+        known = set(self.config.get("repository_variants") or self.config.get("variants") or [])
+        med = lambda xs: float(np.median(xs)) if xs else None  # noqa: E731
+        rows = []
+        for role, t in zip(PATH_ROLES, self.path_targets, strict=False):
+            pts = by_round[t.name]
+            ips = [pts[r].throughput_infer_per_s for r in sorted(pts)]
+            paired = [r for r in sorted(pts) if r in base]
+            num = [pts[r].throughput_infer_per_s for r in paired]
+            den = [base[r].throughput_infer_per_s for r in paired]
+            ratio = None
+            if len(paired) >= 2:
+                ratio = asdict(ratio_of_medians(num, den))
+            elif paired and den[0]:
+                ratio = {"ratio": num[0] / den[0], "low": None, "high": None}
+            served: dict[str, int] = {}
+            for p in pts.values():
+                for m, st in p.server_stats.items():
+                    if m in known and st.inference_count:
+                        served[m] = served.get(m, 0) + st.inference_count
+            rows.append(
+                {
+                    "path": role,
+                    "target": t.name,
+                    "model": t.model,
+                    "request_parameters": dict(t.request_parameters),
+                    "concurrency": next(iter(pts.values())).load if pts else None,
+                    "rounds": len(pts),
+                    "img_per_s": ips,
+                    "median_img_per_s": med(ips),
+                    "over_today": ratio,
+                    "p50_ms": med([p.p50_ms for p in pts.values() if p.p50_ms is not None]),
+                    "p99_ms": med([p.p99_ms for p in pts.values() if p.p99_ms is not None]),
+                    "served": served,
+                }
+            )
+        return rows
+
     def as_dict(self) -> dict:
         return {
             "config": self.config,
@@ -235,6 +292,9 @@ class BenchResult:
             "overhead": [asdict(o) for o in self.overhead],
             "pairs": self.pair_summary(),
             "pair_points": [p.as_dict() for p in self.pair_points],
+            "path_targets": [asdict(t) for t in self.path_targets],
+            "paths": self.path_summary(),
+            "path_points": [p.as_dict() for p in self.path_points],
             "errors": self.errors,
             "wall_s": self.wall_s,
         }

@@ -1,7 +1,7 @@
 """The measuring steps of one ``tcsched bench`` run, in order, against a server that is up: warm-up, the
-concurrency-1 overhead, the concurrency sweep with the bare engines, the pair rounds and the request-rate sweep
-(what each measures and why they are interleaved: :mod:`tcsched.client.bench`), and :func:`plan`, the number of
-points a config runs and its rough duration.
+concurrency-1 overhead, the concurrency sweep with the bare engines, the pair rounds, the path rounds and the
+request-rate sweep (what each measures and why they are interleaved: :mod:`tcsched.client.bench`), and
+:func:`plan`, the number of points a config runs and its rough duration.
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from tcsched.client.bare import BarePoint, measure_bare, serving_threads
 from tcsched.client.bench_env import environment
 from tcsched.client.bench_results import BenchConfig, BenchResult
 from tcsched.client.overhead import OverheadResult, measure_overhead
 from tcsched.client.perf_analyzer import LoadSpec, PerfAnalyzerError, PerfPoint, run_load, warm_up
-from tcsched.client.pipelines import pipeline_name
-from tcsched.client.targets import InputData, Target, bench_targets
+from tcsched.client.pipelines import PREPROCESS_EXACT, exact_path_name, pipeline_name, preprocess_setup
+from tcsched.client.targets import SCHEDULER, InputData, Target, bench_targets, ort_int8_variant, path_targets
+from tcsched.names import PREPROCESS
 
 
 def plan(cfg: BenchConfig, variants: Sequence[str]) -> dict:
@@ -31,6 +34,8 @@ def plan(cfg: BenchConfig, variants: Sequence[str]) -> dict:
     est = points * per_point + bare * (3 * cfg.measurement_interval_ms / 1000 + 1) + n_targets * 3 + 25
     est += cfg.overhead_rounds * n_targets * 0.012  # one ~10 ms request per target per round
     est += cfg.pair_rounds * len(variants) * (3 * cfg.measurement_interval_ms / 1000 + 1.5)
+    if cfg.url is None:  # today's path is served by the bench's own server (or was started with it)
+        est += cfg.path_rounds * 3 * (3 * cfg.measurement_interval_ms / 1000 + 1.5)
     return {"perf_analyzer_points": points, "bare_points": bare, "estimated_s": round(est)}
 
 
@@ -67,9 +72,11 @@ class BenchRun:
         raw: Path,
         pipelines: bool,
         log: Callable[[str], None],
+        exact_path: bool = False,
     ) -> None:
         self.cfg, self.manifest, self.variants, self.targets = cfg, manifest, variants, targets
         self.data, self.raw, self.pipelines, self.log = data, raw, pipelines, log
+        self.exact_path = exact_path  # today's path (<ensemble>_exact_path) is on the server
         self.known = [v.name for v in manifest.variants]
         self.url = ""
         self.points: list[PerfPoint] = []
@@ -77,6 +84,8 @@ class BenchRun:
         self.errors: list[str] = []
         self.overhead: list[OverheadResult] = []
         self.pair_points: list[PerfPoint] = []
+        self.path_targets: list[Target] = []
+        self.path_points: list[PerfPoint] = []
         self.rates: list[float] = []
         # progress of the perf_analyzer points: done of planned, and the time they took (the ETA of the rest)
         self.planned = plan(cfg, variants)["perf_analyzer_points"]
@@ -133,15 +142,15 @@ class BenchRun:
             f"{used}  {self.progress()}"
         )
 
-    def warm_up(self) -> None:
-        """A short burst (4 requests per slot) at the highest concurrency on every target.
+    def warm_up(self, targets: Sequence[Target] | None = None) -> None:
+        """A short burst (4 requests per slot) at the highest concurrency on every target (or ``targets``).
 
         Raises:
             PerfAnalyzerError: a target fails its warm-up (the server cannot serve it).
         """
         self.log("warm-up")
         c_max = max(self.cfg.concurrency)
-        for t in self.targets:
+        for t in self.targets if targets is None else targets:
             warm_up(
                 t.model,
                 self.url,
@@ -206,44 +215,105 @@ class BenchRun:
             for t in self.targets:
                 self.measure(t, self.load(concurrency=c))
 
-    def pair_rounds(self) -> None:
-        """``cfg.pair_rounds`` rounds of every variant target at the highest concurrency, the order reversed every
-        other round; three windows each, taken as they are (the rounds, not perf_analyzer's stability rule,
-        average out the machine's drift). A failing point is recorded in ``errors``."""
-        c = max(self.cfg.concurrency)
-        direct = [t for t in self.targets if t.kind == "variant"]
-        if not direct or not self.cfg.pair_rounds:
-            return
-        self.log(f"pair rounds: {self.cfg.pair_rounds} rounds of every variant directly at concurrency {c}")
-        stats_models = list(self.known)
+    def rounds(
+        self, targets: Sequence[Target], n: int, tag: str, stats_models: Sequence[str]
+    ) -> list[PerfPoint]:
+        """``n`` rounds of ``targets`` at the highest concurrency, the order reversed every other round; three
+        windows each, taken as they are (the rounds, not perf_analyzer's stability rule, average out the
+        machine's drift). A target's point of round ``r`` is named ``<target>#<tag><r>``; a failing point is
+        recorded in ``errors`` and the rounds go on."""
         load = LoadSpec(
-            concurrency=c,
+            concurrency=max(self.cfg.concurrency),
             measurement_interval_ms=self.cfg.measurement_interval_ms,
             stability_percentage=1000.0,
             max_trials=3,
         )
-        for r in range(self.cfg.pair_rounds):
-            for t in direct if r % 2 == 0 else direct[::-1]:
+        out: list[PerfPoint] = []
+        for r in range(n):
+            for t in targets if r % 2 == 0 else targets[::-1]:
                 try:
                     p = run_load(
                         t.model,
                         self.url,
                         load,
                         input_data=self.data.for_target(t),
+                        request_parameters=t.request_parameters,
                         stats_models=stats_models,
                         work_dir=self.raw,
-                        target=f"{t.name}#round{r}",
+                        target=f"{t.name}#{tag}{r}",
                         timeout_s=self.cfg.timeout_s,
                     )
                 except PerfAnalyzerError as e:
-                    self.errors.append(f"{t.name} pair round {r}: {str(e)[-600:]}")
+                    self.errors.append(f"{t.name}#{tag}{r}: {str(e)[-600:]}")
                     continue
-                self.pair_points.append(p)
+                out.append(p)
                 st = p.server_stats.get(t.model)
-                batch = f"  batch {st.avg_batch_size:.2f}" if st and st.avg_batch_size else ""
+                if t.kind == "variant":
+                    extra = f"  batch {st.avg_batch_size:.2f}" if st and st.avg_batch_size else ""
+                else:
+                    use = {
+                        k: v["inference_count"]
+                        for k, v in _usage(p, self.known).items()
+                        if v["inference_count"]
+                    }
+                    extra = f"  served by {use}"
                 self.log(
-                    f"  round {r} {t.name:34s} {p.throughput_infer_per_s:7.1f} img/s  p50 {p.p50_ms:7.1f} ms{batch}"
+                    f"  round {r} {t.name:34s} {p.throughput_infer_per_s:7.1f} img/s  p50 {p.p50_ms:7.1f} ms{extra}"
                 )
+        return out
+
+    def pair_rounds(self) -> None:
+        """``cfg.pair_rounds`` :meth:`rounds` of every variant target called directly."""
+        direct = [t for t in self.targets if t.kind == "variant"]
+        if not direct or not self.cfg.pair_rounds:
+            return
+        c = max(self.cfg.concurrency)
+        self.log(f"pair rounds: {self.cfg.pair_rounds} rounds of every variant directly at concurrency {c}")
+        self.pair_points = self.rounds(direct, self.cfg.pair_rounds, "round", self.known)
+
+    def fastest_variant(self) -> str | None:
+        """The measured variant of the highest median img/s in the pair rounds; without pair rounds, the one
+        whose forced ensemble served the most img/s at the highest concurrency in the sweep; None: neither."""
+        c = max(self.cfg.concurrency)
+        score: dict[str, list[float]] = {}
+        for p in self.pair_points:
+            score.setdefault(p.model, []).append(p.throughput_infer_per_s)
+        if not score:
+            forced = {t.name: t.variant for t in self.targets if t.kind == "ensemble" and t.variant}
+            for p in self.points:
+                if p.target in forced and p.mode == "concurrency" and p.load == c:
+                    score[forced[p.target]] = [p.throughput_infer_per_s]
+        score = {v: xs for v, xs in score.items() if v in self.variants}
+        return max(score, key=lambda v: float(np.median(score[v]))) if score else None
+
+    def path_rounds(self) -> None:
+        """``cfg.path_rounds`` :meth:`rounds` of the path targets (:func:`path_targets`): today's path forced to
+        the ONNX Runtime int8 variant, the ensemble with the scheduler's choice, the ensemble forced to
+        :meth:`fastest_variant`; warmed up first (``cfg.warmup``). Skipped (logged) without today's path on the
+        server or without an ONNX Runtime int8 variant in the repository."""
+        if not self.cfg.path_rounds:
+            return
+        ort = ort_int8_variant(self.manifest)
+        if not self.exact_path or ort is None:
+            why = "no ONNX Runtime int8 variant" if ort is None else "today's path is not on the server"
+            self.log(f"no path rounds: {why}")
+            return
+        fastest = self.fastest_variant() or ort
+        self.path_targets = path_targets(self.manifest.ensemble, ort, fastest)
+        c = max(self.cfg.concurrency)
+        self.log(
+            f"path rounds: {self.cfg.path_rounds} rounds, JPEG in, at concurrency {c}: "
+            + ", ".join(t.name for t in self.path_targets)
+        )
+        try:
+            if self.cfg.warmup:
+                self.warm_up(self.path_targets)
+        except PerfAnalyzerError as e:
+            self.errors.append(f"path rounds warm-up: {str(e)[-600:]}")
+            return
+        ens = self.manifest.ensemble
+        stats = [ens, exact_path_name(ens), PREPROCESS, PREPROCESS_EXACT, SCHEDULER, *self.known]
+        self.path_points = self.rounds(self.path_targets, self.cfg.path_rounds, "path", stats)
 
     def request_rates(self) -> list[float]:
         """``cfg.request_rates``, else ``cfg.rate_fractions`` x the slowest target's best throughput (needs a
@@ -277,6 +347,7 @@ class BenchRun:
             self.measure_overhead()
         self.concurrency_sweep()
         self.pair_rounds()
+        self.path_rounds()
         self.rates = self.request_rates()
         if self.rates:
             self.log("request-rate sweep (each rate: every target in turn)")
@@ -297,6 +368,12 @@ class BenchRun:
                 for v in self.variants
             },
             request_rates_used=self.rates,
+            repository_variants=self.known,
+            # preprocessing of the ensemble as built and of today's path (the path rounds' table)
+            preprocess={
+                "default": preprocess_setup(Path(self.cfg.repo) / PREPROCESS),
+                "today": {"method": "exact", "instances": 1},
+            },
             max_batch_size=self.manifest.max_batch_size,
             images=self.data.images,
             protocol="grpc",
@@ -312,4 +389,6 @@ class BenchRun:
             wall_s,
             self.overhead,
             self.pair_points,
+            self.path_targets,
+            self.path_points,
         )
