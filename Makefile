@@ -41,7 +41,7 @@ lint: setup
 
 # Top-1/top-5 through the served ensemble on the labeled sample, per variant, vs torchvision eager.
 eval: setup
-	$(BIN)/tcsched eval $(SHARED_DATA) --concurrency 8 --output reports/eval.json
+	$(BIN)/tcsched eval $(SHARED_DATA) --concurrency 8 --rounds 5 --output reports/eval.json
 
 # perf_analyzer sweeps of every variant and the ensemble + bare ONNX Runtime lower bound -> reports/bench/
 # (JSON, CSV, report.md, PNG plots); about 6-8 min on 2 cores. Builds the repository first if it is missing.

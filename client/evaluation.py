@@ -5,6 +5,11 @@ Per configuration: top-1/top-5 with Wilson 95% intervals, top-1 agreement with t
 eager), the share of images a cascade escalated, and the variants' compute time per image from Triton's own
 statistics (``compute_infer`` of every variant model, delta over the configuration, divided by its images), with
 its ratio to static fp32's in the same run. Configurations run one after the other on the same server.
+
+With ``rounds`` > 1 every configuration runs again ``rounds - 1`` times, in reversed order every other round, so
+that each compute ratio is taken side by side with fp32 in each round: the ratio reported is the median over the
+rounds, with their range (one pass over 246 images takes ~1.5 s on 2 cores, short enough for a busy core to move
+one pass's figure by 0.1x). Accuracy, agreement and escalation come from the first round.
 """
 
 from __future__ import annotations
@@ -46,13 +51,23 @@ class EvalRow:
     manifest_escalation_rate: float | None = None
     manifest_calibration_escalation_rate: float | None = None
     compute_ms_per_image: float | None = None
-    compute_vs_fp32: float | None = None
+    compute_vs_fp32: float | None = None  # median over the rounds of the per-round ratio
+    compute_vs_fp32_rounds: list[float] = field(default_factory=list)  # each round's ratio, in round order
     errors: int = 0
     variants_used: dict[str, int] = field(default_factory=dict)
     mean_latency_ms: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _ratio_text(r: EvalRow) -> str:
+    if r.compute_vs_fp32 is None:
+        return "-"
+    rounds = r.compute_vs_fp32_rounds
+    if len(rounds) < 2:
+        return f"{r.compute_vs_fp32:.2f}x"
+    return f"{r.compute_vs_fp32:.2f}x [{min(rounds):.2f}, {max(rounds):.2f}] ({len(rounds)} rounds)"
 
 
 def row_from_topk(
@@ -121,7 +136,7 @@ class EvalResult:
                 pct(r.escalation_rate)
                 + ("" if r.manifest_escalation_rate is None else f" ({pct(r.manifest_escalation_rate)})"),
                 "-" if r.compute_ms_per_image is None else f"{r.compute_ms_per_image:.2f}",
-                "-" if r.compute_vs_fp32 is None else f"{r.compute_vs_fp32:.2f}x",
+                _ratio_text(r),
                 str(r.errors),
                 ", ".join(f"{short(k)}: {v}" for k, v in r.variants_used.items()) or "-",
             )
@@ -170,6 +185,14 @@ def _manifest_rates(row: EvalRow, res: list, manifest: Manifest) -> None:
                     row.manifest_escalation_rate = op.evaluation.escalation_rate
 
 
+def _pass(client, data, params, variant_names, concurrency, on_done) -> tuple[list, float]:
+    """One pass of ``data`` with ``params``: (results, the variants' compute ms over the pass)."""
+    before = compute_ns(client, variant_names)
+    res = client.classify_many(data, top_k=5, parameters=params, concurrency=concurrency, on_done=on_done)
+    after = compute_ns(client, variant_names)
+    return res, sum(after[n][0] - before[n][0] for n in variant_names) / 1e6
+
+
 def run_eval(
     items: Sequence[ImageItem],
     url: str,
@@ -178,13 +201,21 @@ def run_eval(
     *,
     eager: Callable[[Sequence[ImageItem]], np.ndarray] | None = None,
     concurrency: int = 4,
+    rounds: int = 1,
     console: Console | None = None,
 ) -> EvalResult:
     """Every configuration (name, request parameters) over ``items`` through the ensemble at ``url`` (HTTP).
 
     Args:
         eager: top-5 class indices [N, 5] of an independent reference (torchvision eager), or None.
+        rounds: passes of every configuration for the compute ratios (module docstring); >= 1. A row's
+            ``errors`` count the failed requests of all its passes.
+
+    Raises:
+        ValueError: ``rounds`` < 1.
     """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     console = console or Console()
     labels = np.array([it.label for it in items])
     data = [it.read_bytes() for it in items]
@@ -198,31 +229,35 @@ def run_eval(
         eager_top1 = top[:, 0]
         rows.append(row_from_topk("torchvision eager fp32", labels, top))
     served_ref_top1: np.ndarray | None = None
-    ref_compute: float | None = None
+    ref_config: int | None = None
+    row_of: dict[int, int] = {}  # configuration index -> its row
+    compute: dict[int, list[float]] = {}  # configuration index -> compute ms per image, one per round
     top1s: dict[int, np.ndarray] = {}  # row index -> served top-1 of every image (rows without errors)
     client = ClassifierClient(url, "http", model=manifest.ensemble)
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
         with Progress(*cols, console=console) as progress:
-            for name, params in configs:
+            for k, (name, params) in enumerate(configs):
                 task = progress.add_task(name, total=len(items))
-                before = compute_ns(client, variant_names)
-                res = client.classify_many(
-                    data,
-                    top_k=5,
-                    parameters=params,
-                    concurrency=concurrency,
-                    on_done=lambda task=task: progress.advance(task),
-                )
-                after = compute_ns(client, variant_names)
-                ms = sum(after[n][0] - before[n][0] for n in variant_names) / 1e6
+                advance = lambda task=task: progress.advance(task)  # noqa: E731
+                res, ms = _pass(client, data, params, variant_names, concurrency, advance)
                 row, top1 = _row(f"served: {name}", res, labels, eager_top1, ms)
                 _manifest_rates(row, res, manifest)
                 if top1 is not None:
                     top1s[len(rows)] = top1
                     if params.get("variant") in (ref_name, "fp32"):
-                        served_ref_top1, ref_compute = top1, row.compute_ms_per_image
+                        served_ref_top1, ref_config = top1, k
+                row_of[k], compute[k] = len(rows), [row.compute_ms_per_image]
                 rows.append(row)
+            for rnd in range(1, rounds):
+                order = list(range(len(configs)))[:: -1 if rnd % 2 else 1]
+                task = progress.add_task(f"compute round {rnd + 1}/{rounds}", total=len(order) * len(items))
+                for k in order:
+                    advance = lambda task=task: progress.advance(task)  # noqa: E731
+                    res, ms = _pass(client, data, configs[k][1], variant_names, concurrency, advance)
+                    served = sum(not isinstance(r, Exception) for r in res)
+                    compute[k].append(ms / max(1, served))
+                    rows[row_of[k]].errors += len(res) - served
     finally:
         client.close()
     # agreement with the served fp32 and compute ratios, once the reference configuration has run
@@ -231,7 +266,11 @@ def run_eval(
             hits = int((top1s[i] == served_ref_top1).sum())
             r.agreement_with_fp32 = hits / len(items)
             r.agreement_with_fp32_ci95 = wilson_interval(hits, len(items))
-        if ref_compute and r.compute_ms_per_image is not None:
-            r.compute_vs_fp32 = r.compute_ms_per_image / ref_compute
+    for k, i in row_of.items():
+        rows[i].compute_ms_per_image = float(np.median(compute[k]))
+        if ref_config is not None and all(compute[ref_config]):
+            ratios = [c / f for c, f in zip(compute[k], compute[ref_config], strict=True)]
+            rows[i].compute_vs_fp32 = float(np.median(ratios))
+            rows[i].compute_vs_fp32_rounds = ratios if rounds > 1 else []
     prefix = os.path.commonprefix(variant_names)
     return EvalResult(rows, len(items), prefix[: prefix.rfind("_") + 1] if len(variant_names) > 1 else "")

@@ -339,6 +339,12 @@ def evaluate(
         "calibrated or chose anything on)",
     ),
     concurrency: int = typer.Option(4, min=1),
+    rounds: int = typer.Option(
+        1,
+        min=1,
+        help="passes of every configuration, interleaved, for the compute ratios to fp32 (median over the "
+        "rounds, with their range); accuracy comes from the first",
+    ),
     output: Path = typer.Option(Path("reports/eval.json"), help="JSON results"),
 ):
     """Top-1/top-5 through the served ensemble, per variant and cascade target, vs torchvision eager, with 95%
@@ -380,6 +386,7 @@ def evaluate(
             configs,
             eager=eager,
             concurrency=concurrency,
+            rounds=rounds,
             console=console,
         )
     console.print(result.table(f"{data_dir} ({len(items)} images)"))

@@ -215,6 +215,8 @@ def test_eval_command_on_a_few_labeled_images(server, built_repo, imagenet_sampl
             server.http_url,
             "--limit",
             "12",
+            "--rounds",
+            "2",
             "--output",
             str(out),
         ],
@@ -233,6 +235,11 @@ def test_eval_command_on_a_few_labeled_images(server, built_repo, imagenet_sampl
     assert fp32["n_images"] == 12 and fp32["errors"] == 0
     assert fp32["agreement_with_reference"] == 1.0  # the served fp32 is torchvision eager
     assert fp32["agreement_with_fp32"] == 1.0 and fp32["compute_vs_fp32"] == 1.0
+    assert fp32["compute_vs_fp32_rounds"] == [1.0, 1.0]  # 2 rounds, each fp32 against its own pass
+    for row in rows.values():  # every served row: a ratio per round, the median of them reported
+        if row["name"].startswith("served"):
+            per = row["compute_vs_fp32_rounds"]
+            assert len(per) == 2 and all(x > 0 for x in per) and row["compute_vs_fp32"] == pytest.approx(sum(per) / 2)
     for (
         name
     ) in cascades:  # a cascade row: escalation share and compute time measured from Triton's statistics
