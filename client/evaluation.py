@@ -193,6 +193,18 @@ def _pass(client, data, params, variant_names, concurrency, on_done) -> tuple[li
     return res, sum(after[n][0] - before[n][0] for n in variant_names) / 1e6
 
 
+def _set_compute(
+    rows: list[EvalRow], row_of: dict[int, int], compute: dict[int, list[float]], ref_config: int | None
+) -> None:
+    """Each configuration's median compute per image and its per-round ratios to the reference's."""
+    for k, i in row_of.items():
+        rows[i].compute_ms_per_image = float(np.median(compute[k]))
+        if ref_config is not None and all(compute[ref_config]):
+            ratios = [c / f for c, f in zip(compute[k], compute[ref_config], strict=True)]
+            rows[i].compute_vs_fp32 = float(np.median(ratios))
+            rows[i].compute_vs_fp32_rounds = ratios if len(ratios) > 1 else []
+
+
 def run_eval(
     items: Sequence[ImageItem],
     url: str,
@@ -250,9 +262,8 @@ def run_eval(
                 row_of[k], compute[k] = len(rows), [row.compute_ms_per_image]
                 rows.append(row)
             for rnd in range(1, rounds):
-                order = list(range(len(configs)))[:: -1 if rnd % 2 else 1]
-                task = progress.add_task(f"compute round {rnd + 1}/{rounds}", total=len(order) * len(items))
-                for k in order:
+                task = progress.add_task(f"compute round {rnd + 1}/{rounds}", total=len(configs) * len(items))
+                for k in list(range(len(configs)))[:: -1 if rnd % 2 else 1]:
                     advance = lambda task=task: progress.advance(task)  # noqa: E731
                     res, ms = _pass(client, data, configs[k][1], variant_names, concurrency, advance)
                     served = sum(not isinstance(r, Exception) for r in res)
@@ -266,11 +277,6 @@ def run_eval(
             hits = int((top1s[i] == served_ref_top1).sum())
             r.agreement_with_fp32 = hits / len(items)
             r.agreement_with_fp32_ci95 = wilson_interval(hits, len(items))
-    for k, i in row_of.items():
-        rows[i].compute_ms_per_image = float(np.median(compute[k]))
-        if ref_config is not None and all(compute[ref_config]):
-            ratios = [c / f for c, f in zip(compute[k], compute[ref_config], strict=True)]
-            rows[i].compute_vs_fp32 = float(np.median(ratios))
-            rows[i].compute_vs_fp32_rounds = ratios if rounds > 1 else []
+    _set_compute(rows, row_of, compute, ref_config)
     prefix = os.path.commonprefix(variant_names)
     return EvalResult(rows, len(items), prefix[: prefix.rfind("_") + 1] if len(variant_names) > 1 else "")

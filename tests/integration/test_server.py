@@ -239,7 +239,11 @@ def test_eval_command_on_a_few_labeled_images(server, built_repo, imagenet_sampl
     for row in rows.values():  # every served row: a ratio per round, the median of them reported
         if row["name"].startswith("served"):
             per = row["compute_vs_fp32_rounds"]
-            assert len(per) == 2 and all(x > 0 for x in per) and row["compute_vs_fp32"] == pytest.approx(sum(per) / 2)
+            assert (
+                len(per) == 2
+                and all(x > 0 for x in per)
+                and row["compute_vs_fp32"] == pytest.approx(sum(per) / 2)
+            )
     for (
         name
     ) in cascades:  # a cascade row: escalation share and compute time measured from Triton's statistics
