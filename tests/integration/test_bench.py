@@ -136,7 +136,8 @@ def test_bad_input_fails_before_any_work(built_repo, tmp_path):
 
 def test_bench_own_server_measures_the_pipeline_without_scheduler(built_repo, tmp_path):
     """Without --url the bench serves pipeline_<variant> (preprocess -> variant) beside the repository, so the
-    ensemble is compared with the same JPEG request minus the scheduler."""
+    ensemble is compared with the same JPEG request minus the scheduler, and today's path (exact preprocessing,
+    one instance, ONNX Runtime int8) for the path rounds."""
     cfg = BenchConfig(
         repo=built_repo,
         output=tmp_path / "bench",
@@ -152,9 +153,23 @@ def test_bench_own_server_measures_the_pipeline_without_scheduler(built_repo, tm
         warmup=False,
         overhead_rounds=6,
         pair_rounds=0,
+        path_rounds=1,
     )
     result = run_bench(cfg, log=lambda s: None)
     assert not result.errors, result.errors
+    # one path round: today's path beside the repository, the ensemble's own choice, the fastest measured pair
+    rows = result.path_summary()
+    assert [r["target"] for r in rows] == [
+        "classifier_exact_path[mobilenet_v2_int8]",
+        "classifier[scheduler]",
+        f"classifier[{FP32}]",
+    ]
+    assert all(r["rounds"] == 1 and r["median_img_per_s"] > 0 for r in rows)
+    assert set(rows[0]["served"]) == {"mobilenet_v2_int8"} and rows[2]["served"].keys() == {FP32}
+    assert rows[1]["over_today"]["ratio"] > 0 and rows[1]["over_today"]["low"] is None
+    today = next(p for p in result.path_points if p.model == "classifier_exact_path")
+    assert today.server_stats["preprocess_exact"].inference_count >= 1
+    assert today.server_stats["preprocess"].inference_count == 0
     # the interleaved overhead measurement: every kind of target measured on the same rounds
     (oh,) = result.overhead
     assert oh.variant == FP32 and oh.rounds == 6
@@ -175,6 +190,7 @@ def test_bench_own_server_measures_the_pipeline_without_scheduler(built_repo, tm
     write_report(result, tmp_path / "report")
     md = (tmp_path / "report" / "report.md").read_text()
     assert "ensemble p50 / pipeline p50" in md and "targets interleaved (6 rounds)" in md
+    assert "## Paths through the ensemble (JPEG in) at concurrency 1, interleaved (1 round)" in md
 
 
 def test_open_loop_ramp_against_the_real_server(server, built_repo, tmp_path):
