@@ -1,4 +1,4 @@
-"""Test helpers: tiny ONNX graphs built with onnx.helper, and synthetic manifests."""
+"""Test helpers: tiny ONNX graphs built with onnx.helper, synthetic manifests and perf_analyzer points."""
 
 from __future__ import annotations
 
@@ -172,3 +172,31 @@ class FakeBLS:
         if variant in self.failing:
             raise RuntimeError(f"{variant} is down")
         return self.logits(variant, batch)
+
+
+def perf_point(target: str, model: str, served: dict[str, int], ips: float = 100.0, load: int = 1):
+    """A :class:`tcsched.client.perf_analyzer.PerfPoint` of ``target`` on ``model`` at ``ips`` img/s whose server
+    statistics say each model of ``served`` ran that many inferences (fixed latencies: p50 10 ms, p99 13 ms)."""
+    from tcsched.client.perf_analyzer import PerfPoint
+    from tcsched.client.perf_analyzer.parsers import ServerBreakdown
+    from tcsched.client.perf_analyzer.stats import StatsDelta
+
+    stats = {v: StatsDelta(n, n, n, 0, 1.0, 0.1, 0.1, 0.5, 0.1) for v, n in served.items()}
+    return PerfPoint(
+        target=target,
+        model=model,
+        mode="concurrency",
+        load=load,
+        request_parameters={},
+        throughput_infer_per_s=ips,
+        p50_ms=10.0,
+        p90_ms=11.0,
+        p95_ms=12.0,
+        p99_ms=13.0,
+        avg_latency_ms=10.0,
+        client_send_ms=0.1,
+        network_server_send_recv_ms=0.2,
+        client_recv_ms=0.1,
+        server=ServerBreakdown(1.0, 0.1, 5.0, 0.1),
+        server_stats=stats,
+    )

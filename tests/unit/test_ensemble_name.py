@@ -13,11 +13,8 @@ from tcsched.build_tools import repository as r
 from tcsched.client.bench import bench_targets, ramp_targets
 from tcsched.client.bench_report import markdown, write_points_csv
 from tcsched.client.bench_results import BenchResult
-from tcsched.client.perf_analyzer import PerfPoint
-from tcsched.client.perf_analyzer.parsers import ServerBreakdown
-from tcsched.client.perf_analyzer.stats import StatsDelta
 from tcsched.manifest import Manifest
-from tests.helpers import make_manifest, tiny_classifier
+from tests.helpers import make_manifest, perf_point, tiny_classifier
 from tests.unit.fake_gpu import FakeEngines, patch_engines
 
 NAME = "flowers"  # not tcsched.names.ENSEMBLE
@@ -34,28 +31,6 @@ def test_bench_and_ramp_targets_call_the_named_ensemble():
     assert ramp[0].request_parameters == {"min_agreement": 0.99, "latency_budget_ms": 25.0}
 
 
-def _point(target: str, model: str, served: dict[str, int]) -> PerfPoint:
-    stats = {v: StatsDelta(n, n, n, 0, 1.0, 0.1, 0.1, 0.5, 0.1) for v, n in served.items()}
-    return PerfPoint(
-        target=target,
-        model=model,
-        mode="concurrency",
-        load=1,
-        request_parameters={},
-        throughput_infer_per_s=100.0,
-        p50_ms=10.0,
-        p90_ms=11.0,
-        p95_ms=12.0,
-        p99_ms=13.0,
-        avg_latency_ms=10.0,
-        client_send_ms=0.1,
-        network_server_send_recv_ms=0.2,
-        client_recv_ms=0.1,
-        server=ServerBreakdown(1.0, 0.1, 5.0, 0.1),
-        server_stats=stats,
-    )
-
-
 @pytest.mark.parametrize("recorded", [True, False])
 def test_bench_report_names_the_ensemble_and_reads_its_points(tmp_path, recorded):
     """A run on a ``flowers`` repository: the summary pairs ``v32`` with ``flowers[v32]``, the report names
@@ -63,9 +38,9 @@ def test_bench_report_names_the_ensemble_and_reads_its_points(tmp_path, recorded
     read as ``classifier`` (and then find no ensemble point of ``flowers``)."""
     targets = bench_targets(["v32"], NAME, scheduler=True)
     points = [
-        _point("v32", "v32", {"v32": 40}),
-        _point("flowers[v32]", NAME, {"v32": 40}),
-        _point("flowers[scheduler]", NAME, {"v32": 30}),
+        perf_point("v32", "v32", {"v32": 40}),
+        perf_point("flowers[v32]", NAME, {"v32": 40}),
+        perf_point("flowers[scheduler]", NAME, {"v32": 30}),
     ]
     config = {"concurrency": [1], "variants": ["v32"], "pairs": {"v32": ["onnxruntime", "fp32"]}}
     if recorded:

@@ -11,11 +11,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tcsched.build_tools import repository as r
 from tcsched.client.bench_report import markdown, paths_table
 from tcsched.client.bench_results import BenchConfig, BenchResult
-from tcsched.client.perf_analyzer import PerfPoint
-from tcsched.client.perf_analyzer.parsers import ServerBreakdown
-from tcsched.client.perf_analyzer.stats import StatsDelta
 from tcsched.client.pipelines import preprocess_setup, write_exact_path, write_pipelines
 from tcsched.client.targets import path_targets
+from tests.helpers import perf_point
 
 LABELS = [f"class {i}" for i in range(10)]
 
@@ -90,26 +88,8 @@ def test_exact_path_needs_a_preprocess_step(repo, tmp_path):
         write_exact_path(tmp_path / "o", repo, "flowers")
 
 
-def _point(target: str, model: str, ips: float, served: dict[str, int]) -> PerfPoint:
-    stats = {v: StatsDelta(n, n, n, 0, 1.0, 0.1, 0.1, 0.5, 0.1) for v, n in served.items()}
-    return PerfPoint(
-        target=target,
-        model=model,
-        mode="concurrency",
-        load=8,
-        request_parameters={},
-        throughput_infer_per_s=ips,
-        p50_ms=10.0,
-        p90_ms=11.0,
-        p95_ms=12.0,
-        p99_ms=13.0,
-        avg_latency_ms=10.0,
-        client_send_ms=0.1,
-        network_server_send_recv_ms=0.2,
-        client_recv_ms=0.1,
-        server=ServerBreakdown(1.0, 0.1, 5.0, 0.1),
-        server_stats=stats,
-    )
+def _point(target: str, model: str, ips: float, served: dict[str, int]):
+    return perf_point(target, model, served, ips=ips, load=8)
 
 
 def test_path_summary_pairs_rounds_with_todays_path():
