@@ -109,14 +109,13 @@ class BenchRun:
             max_trials=cfg.max_trials,
         )
 
-    def measure(self, t: Target, load: LoadSpec) -> None:
-        """One perf_analyzer point of ``t``; a failure is recorded in ``errors`` and the run goes on."""
-        tag = _load_tag(load)
-        stats_models = [self.manifest.ensemble, "preprocess", "scheduler", *self.known]
-        if self.pipelines:
-            stats_models += [pipeline_name(v) for v in self.variants]
+    def _run(
+        self, t: Target, load: LoadSpec, stats_models: Sequence[str], name: str, label: str
+    ) -> PerfPoint | None:
+        """One perf_analyzer run of ``t`` recorded as target ``name``; None when it fails, its error recorded in
+        ``errors`` under ``label``."""
         try:
-            p = run_load(
+            return run_load(
                 t.model,
                 self.url,
                 load,
@@ -124,18 +123,29 @@ class BenchRun:
                 request_parameters=t.request_parameters,
                 stats_models=stats_models,
                 work_dir=self.raw,
-                target=t.name,
+                target=name,
                 timeout_s=self.cfg.timeout_s,
             )
         except PerfAnalyzerError as e:
-            self.errors.append(f"{t.name} {tag}: {str(e)[-600:]}")
+            self.errors.append(f"{label}: {str(e)[-600:]}")
+            return None
+
+    def _served_by(self, p: PerfPoint) -> dict[str, int]:
+        """Inferences per variant that served ``p`` (those with any)."""
+        return {k: v["inference_count"] for k, v in _usage(p, self.known).items() if v["inference_count"]}
+
+    def measure(self, t: Target, load: LoadSpec) -> None:
+        """One perf_analyzer point of ``t``; a failure is recorded in ``errors`` and the run goes on."""
+        tag = _load_tag(load)
+        stats_models = [self.manifest.ensemble, "preprocess", "scheduler", *self.known]
+        if self.pipelines:
+            stats_models += [pipeline_name(v) for v in self.variants]
+        p = self._run(t, load, stats_models, t.name, f"{t.name} {tag}")
+        if p is None:
             self.log(f"  {t.name:34s} {tag:>18s}  FAILED (see errors) {self.progress()}")
             return
         self.points.append(p)
-        used = ""
-        if t.kind == "ensemble" and t.variant is None:
-            use = {k: v["inference_count"] for k, v in _usage(p, self.known).items() if v["inference_count"]}
-            used = f"  served by {use}"
+        used = f"  served by {self._served_by(p)}" if t.kind == "ensemble" and t.variant is None else ""
         self.log(
             f"  {t.name:34s} {tag:>18s}  {p.throughput_infer_per_s:7.1f} img/s  p50 {p.p50_ms:7.1f} ms"
             f"  p99 {p.p99_ms:7.1f} ms{'' if p.stable else f'  (stable only at {p.stability_percentage:g}%)'}"
@@ -231,32 +241,16 @@ class BenchRun:
         out: list[PerfPoint] = []
         for r in range(n):
             for t in targets if r % 2 == 0 else targets[::-1]:
-                try:
-                    p = run_load(
-                        t.model,
-                        self.url,
-                        load,
-                        input_data=self.data.for_target(t),
-                        request_parameters=t.request_parameters,
-                        stats_models=stats_models,
-                        work_dir=self.raw,
-                        target=f"{t.name}#{tag}{r}",
-                        timeout_s=self.cfg.timeout_s,
-                    )
-                except PerfAnalyzerError as e:
-                    self.errors.append(f"{t.name}#{tag}{r}: {str(e)[-600:]}")
+                name = f"{t.name}#{tag}{r}"
+                p = self._run(t, load, stats_models, name, name)
+                if p is None:
                     continue
                 out.append(p)
                 st = p.server_stats.get(t.model)
                 if t.kind == "variant":
                     extra = f"  batch {st.avg_batch_size:.2f}" if st and st.avg_batch_size else ""
                 else:
-                    use = {
-                        k: v["inference_count"]
-                        for k, v in _usage(p, self.known).items()
-                        if v["inference_count"]
-                    }
-                    extra = f"  served by {use}"
+                    extra = f"  served by {self._served_by(p)}"
                 self.log(
                     f"  round {r} {t.name:34s} {p.throughput_infer_per_s:7.1f} img/s  p50 {p.p50_ms:7.1f} ms{extra}"
                 )
