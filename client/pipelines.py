@@ -69,13 +69,22 @@ def write_pipelines(folder: Path, manifest, variants: Sequence[str], repo: Path 
 
 
 def preprocess_setup(model_folder: Path) -> dict | None:
-    """``{"method", "instances"}`` of the preprocess model in ``model_folder`` (its config.pbtxt: parameter
-    ``preprocess_method``, ``exact`` when absent; the instance groups' counts summed), or None without one."""
+    """``{"method", "instances"}`` of the preprocess model in ``model_folder`` (its config.pbtxt: the method as
+    the preprocess model reads it, ``tcsched.imaging.method_of_model_config``; the instance groups' counts
+    summed), or None without one.
+
+    Raises:
+        tcsched.imaging.PreprocessError: a method that is not one of ``tcsched.preprocessing.METHODS``.
+    """
     path = Path(model_folder) / "config.pbtxt"
     if not path.is_file():
         return None
+    from google.protobuf.json_format import MessageToDict
+
+    from tcsched.imaging import method_of_model_config
+
     cfg = parse(path.read_text())
-    method = cfg.parameters[METHOD_KEY].string_value if METHOD_KEY in cfg.parameters else "exact"
+    method = method_of_model_config(MessageToDict(cfg, preserving_proto_field_name=True))
     return {"method": method, "instances": sum(g.count or 1 for g in cfg.instance_group) or 1}
 
 
