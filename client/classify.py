@@ -289,23 +289,25 @@ class ClassifierClient:
                 c.close()
 
 
-def compute_ns(client: ClassifierClient, models: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """Triton's cumulative statistics of ``models``: (compute_infer ns, inference count) each.
+def compute_ns(client: ClassifierClient, models: Sequence[str]) -> dict[str, tuple[int, int, int]]:
+    """Triton's cumulative statistics of ``models``: (compute_infer ns, inference count, execution count) each.
 
     ``compute_infer`` is the time a model's backend spent executing (Triton's statistics extension,
-    docs/protocol/extension_statistics.md); ``inference_count`` counts batch rows. Deltas between two calls give a
-    configuration's own compute time.
+    docs/protocol/extension_statistics.md); ``inference_count`` counts batch rows and ``execution_count`` the
+    executions (calls of the backend, one per batch). Deltas between two calls give a configuration's own compute
+    time, rows and calls.
     """
-    out: dict[str, tuple[int, int]] = {}
+    out: dict[str, tuple[int, int, int]] = {}
     for name in models:
         stats = client._client.get_inference_statistics(model_name=name)
         if client.protocol == "grpc":
             from google.protobuf.json_format import MessageToDict
 
             stats = MessageToDict(stats, preserving_proto_field_name=True)
-        ns = count = 0
+        ns = count = calls = 0
         for m in stats.get("model_stats", []):
             ns += int(m.get("inference_stats", {}).get("compute_infer", {}).get("ns", 0))
             count += int(m.get("inference_count", 0))
-        out[name] = (ns, count)
+            calls += int(m.get("execution_count", 0))
+        out[name] = (ns, count, calls)
     return out

@@ -15,6 +15,7 @@ one pass's figure by 0.1x). Accuracy, agreement and escalation come from the fir
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -34,7 +35,10 @@ class EvalRow:
     """One evaluated configuration. Fractions in [0, 1]; ``*_ci95`` are Wilson 95% intervals over ``n_images``.
 
     ``compute_ms_per_image``: the variants' compute time (Triton ``compute_infer``) per image of this
-    configuration; ``compute_vs_fp32``: its ratio to the static fp32 configuration's in the same run.
+    configuration; ``compute_vs_fp32``: its ratio to the static fp32 configuration's in the same run;
+    ``images_per_s``: the client's served images per second over a pass (at the run's concurrency);
+    ``stage_stats``: per variant that ran, ``calls`` (Triton executions, one per batch), ``rows``, ``ms_per_call``
+    and ``ms_per_image`` (its compute over every served image of the configuration), summed over all rounds.
     """
 
     name: str
@@ -53,6 +57,9 @@ class EvalRow:
     compute_ms_per_image: float | None = None
     compute_vs_fp32: float | None = None  # median over the rounds of the per-round ratio
     compute_vs_fp32_rounds: list[float] = field(default_factory=list)  # each round's ratio, in round order
+    images_per_s: float | None = None  # served images per second of wall time, median over the rounds
+    # per variant that ran: calls (executions), rows, compute ms per call and per served image, over all rounds
+    stage_stats: dict[str, dict[str, float]] = field(default_factory=dict)
     errors: int = 0
     variants_used: dict[str, int] = field(default_factory=dict)
     mean_latency_ms: float | None = None
@@ -102,6 +109,9 @@ class EvalResult:
     def as_dict(self) -> dict:
         return {"n_images": self.n_images, "rows": [r.as_dict() for r in self.rows]}
 
+    def _short(self, name: str) -> str:
+        return name.replace(self.model_prefix, "") if self.model_prefix else name
+
     def table(self, title: str) -> Table:
         t = Table(title=f"top-1/top-5 on {title}")
         cols = (
@@ -113,6 +123,7 @@ class EvalResult:
             "escalated (manifest: eval split)",
             "compute ms/img",
             "vs fp32",
+            "img/s",
             "errors",
             "variants used",
         )
@@ -122,13 +133,10 @@ class EvalResult:
         def pct(v):
             return "-" if v is None else f"{100 * v:.2f}%"
 
-        def short(name: str) -> str:
-            return name.replace(self.model_prefix, "") if self.model_prefix else name
-
         for r in self.rows:
             ci = r.agreement_with_fp32_ci95
             t.add_row(
-                short(r.name),
+                self._short(r.name),
                 f"{100 * r.top1:.2f}% [{100 * r.ci95_top1[0]:.1f}, {100 * r.ci95_top1[1]:.1f}]",
                 pct(r.top5),
                 "-" if ci is None else f"{pct(r.agreement_with_fp32)} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]",
@@ -137,9 +145,29 @@ class EvalResult:
                 + ("" if r.manifest_escalation_rate is None else f" ({pct(r.manifest_escalation_rate)})"),
                 "-" if r.compute_ms_per_image is None else f"{r.compute_ms_per_image:.2f}",
                 _ratio_text(r),
+                "-" if r.images_per_s is None else f"{r.images_per_s:.0f}",
                 str(r.errors),
-                ", ".join(f"{short(k)}: {v}" for k, v in r.variants_used.items()) or "-",
+                ", ".join(f"{self._short(k)}: {v}" for k, v in r.variants_used.items()) or "-",
             )
+        return t
+
+    def stage_table(self) -> Table:
+        """Where each configuration's compute goes: per variant that ran, its Triton calls, rows per call,
+        compute ms per call and per served image (all rounds together)."""
+        t = Table(title="compute per variant (Triton statistics, all rounds)")
+        for c in ("configuration", "variant", "calls", "rows/call", "ms/call", "ms/img"):
+            t.add_column(c)
+
+        for r in self.rows:
+            for name, st in r.stage_stats.items():
+                t.add_row(
+                    self._short(r.name),
+                    self._short(name),
+                    str(st["calls"]),
+                    f"{st['rows_per_call']:.2f}",
+                    f"{st['ms_per_call']:.2f}",
+                    f"{st['ms_per_image']:.2f}",
+                )
         return t
 
 
@@ -185,20 +213,59 @@ def _manifest_rates(row: EvalRow, res: list, manifest: Manifest) -> None:
                     row.manifest_escalation_rate = op.evaluation.escalation_rate
 
 
-def _pass(client, data, params, variant_names, concurrency, on_done) -> tuple[list, float]:
-    """One pass of ``data`` with ``params``: (results, the variants' compute ms over the pass)."""
+def _pass(client, data, params, variant_names, concurrency, on_done) -> tuple[list, dict, float]:
+    """One pass of ``data`` with ``params``: (results, per variant the (compute ns, rows, calls) of the pass,
+    served images per second of the pass's wall time)."""
     before = compute_ns(client, variant_names)
+    t0 = time.perf_counter()
     res = client.classify_many(data, top_k=5, parameters=params, concurrency=concurrency, on_done=on_done)
+    wall_s = time.perf_counter() - t0
     after = compute_ns(client, variant_names)
-    return res, sum(after[n][0] - before[n][0] for n in variant_names) / 1e6
+    served = sum(not isinstance(r, Exception) for r in res)
+    deltas = {n: tuple(a - b for a, b in zip(after[n], before[n], strict=True)) for n in variant_names}
+    return res, deltas, served / max(wall_s, 1e-9)
+
+
+def _compute_ms(deltas: Mapping[str, tuple[int, ...]]) -> float:
+    return sum(d[0] for d in deltas.values()) / 1e6
+
+
+def _add_deltas(acc: dict[str, list[int]], deltas: Mapping[str, tuple[int, ...]]) -> None:
+    """Add one pass's per-variant (compute ns, rows, calls) to the totals ``acc``."""
+    for name, d in deltas.items():
+        if d[2]:
+            tot = acc.setdefault(name, [0, 0, 0])
+            for j, v in enumerate(d):
+                tot[j] += v
+
+
+def stage_stats(acc: Mapping[str, Sequence[int]], images: int) -> dict[str, dict[str, float]]:
+    """Per variant, from its total (compute ns, rows, calls) over ``images`` served images: ``calls``,
+    ``rows``, ``rows_per_call``, ``ms_per_call`` and ``ms_per_image`` (compute ms over every served image)."""
+    return {
+        name: {
+            "calls": calls,
+            "rows": rows,
+            "rows_per_call": rows / calls,
+            "ms_per_call": ns / 1e6 / calls,
+            "ms_per_image": ns / 1e6 / max(1, images),
+        }
+        for name, (ns, rows, calls) in acc.items()
+        if calls
+    }
 
 
 def _set_compute(
-    rows: list[EvalRow], row_of: dict[int, int], compute: dict[int, list[float]], ref_config: int | None
+    rows: list[EvalRow],
+    row_of: dict[int, int],
+    compute: dict[int, list[float]],
+    ref_config: int | None,
+    rates: dict[int, list[float]],
 ) -> None:
-    """Each configuration's median compute per image and its per-round ratios to the reference's."""
+    """Each configuration's median compute per image and img/s, and its per-round ratios to the reference's."""
     for k, i in row_of.items():
         rows[i].compute_ms_per_image = float(np.median(compute[k]))
+        rows[i].images_per_s = float(np.median(rates[k]))
         if ref_config is not None and all(compute[ref_config]):
             ratios = [c / f for c, f in zip(compute[k], compute[ref_config], strict=True)]
             rows[i].compute_vs_fp32 = float(np.median(ratios))
@@ -244,6 +311,9 @@ def run_eval(
     ref_config: int | None = None
     row_of: dict[int, int] = {}  # configuration index -> its row
     compute: dict[int, list[float]] = {}  # configuration index -> compute ms per image, one per round
+    rates: dict[int, list[float]] = {}  # configuration index -> served img/s, one per round
+    stage_acc: dict[int, dict[str, list[int]]] = {}  # configuration index -> variant -> (ns, rows, calls)
+    served_acc: dict[int, int] = {}  # configuration index -> images served over all rounds
     top1s: dict[int, np.ndarray] = {}  # row index -> served top-1 of every image (rows without errors)
     client = ClassifierClient(url, "http", model=manifest.ensemble)
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -252,22 +322,29 @@ def run_eval(
             for k, (name, params) in enumerate(configs):
                 task = progress.add_task(name, total=len(items))
                 advance = lambda task=task: progress.advance(task)  # noqa: E731
-                res, ms = _pass(client, data, params, variant_names, concurrency, advance)
-                row, top1 = _row(f"served: {name}", res, labels, eager_top1, ms)
+                res, deltas, rate = _pass(client, data, params, variant_names, concurrency, advance)
+                row, top1 = _row(f"served: {name}", res, labels, eager_top1, _compute_ms(deltas))
+                stage_acc[k], served_acc[k] = {}, len(res) - row.errors
+                _add_deltas(stage_acc[k], deltas)
                 _manifest_rates(row, res, manifest)
                 if top1 is not None:
                     top1s[len(rows)] = top1
                     if params.get("variant") in (ref_name, "fp32"):
                         served_ref_top1, ref_config = top1, k
-                row_of[k], compute[k] = len(rows), [row.compute_ms_per_image]
+                row_of[k], compute[k], rates[k] = len(rows), [row.compute_ms_per_image], [rate]
                 rows.append(row)
             for rnd in range(1, rounds):
                 task = progress.add_task(f"compute round {rnd + 1}/{rounds}", total=len(configs) * len(items))
                 for k in list(range(len(configs)))[:: -1 if rnd % 2 else 1]:
                     advance = lambda task=task: progress.advance(task)  # noqa: E731
-                    res, ms = _pass(client, data, configs[k][1], variant_names, concurrency, advance)
+                    res, deltas, rate = _pass(
+                        client, data, configs[k][1], variant_names, concurrency, advance
+                    )
                     served = sum(not isinstance(r, Exception) for r in res)
-                    compute[k].append(ms / max(1, served))
+                    compute[k].append(_compute_ms(deltas) / max(1, served))
+                    rates[k].append(rate)
+                    _add_deltas(stage_acc[k], deltas)
+                    served_acc[k] += served
                     rows[row_of[k]].errors += len(res) - served
     finally:
         client.close()
@@ -277,6 +354,8 @@ def run_eval(
             hits = int((top1s[i] == served_ref_top1).sum())
             r.agreement_with_fp32 = hits / len(items)
             r.agreement_with_fp32_ci95 = wilson_interval(hits, len(items))
-    _set_compute(rows, row_of, compute, ref_config)
+    _set_compute(rows, row_of, compute, ref_config, rates)
+    for k, i in row_of.items():
+        rows[i].stage_stats = stage_stats(stage_acc[k], served_acc[k])
     prefix = os.path.commonprefix(variant_names)
     return EvalResult(rows, len(items), prefix[: prefix.rfind("_") + 1] if len(variant_names) > 1 else "")

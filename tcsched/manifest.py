@@ -289,15 +289,21 @@ class Manifest(_Model):
         return v
 
     def variant(self, name: str) -> VariantEntry:
-        """Return the variant called ``name``.
+        """Return the variant called ``name``: its full name (``mobilenet_v2_int8_openvino``), else the first
+        variant of that precision (``int8``: the ONNX Runtime one comes first), else the one variant whose name
+        ends in ``_<name>`` (``int8_openvino``: the name without the model's prefix).
 
         Raises:
-            KeyError: no such variant; the message lists the known ones.
+            KeyError: no such variant, or a suffix that several names end in; the message lists the known ones.
         """
         for e in self.variants:
             if e.name == name or e.precision == name:
                 return e
-        raise KeyError(f"unknown variant {name!r}; known: {', '.join(e.name for e in self.variants)}")
+        tail = [e for e in self.variants if e.name.endswith(f"_{name}")]
+        if len(tail) == 1:
+            return tail[0]
+        what = "ambiguous" if tail else "unknown"
+        raise KeyError(f"{what} variant {name!r}; known: {', '.join(e.name for e in self.variants)}")
 
     # --- I/O -----------------------------------------------------------------------------------------------
     def write(self, path: str | os.PathLike) -> None:

@@ -390,6 +390,7 @@ def evaluate(
             console=console,
         )
     console.print(result.table(f"{data_dir} ({len(items)} images)"))
+    console.print(result.stage_table())
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"data_dir": str(data_dir), **result.as_dict()}, indent=2))
     console.print(f"wrote {output}")

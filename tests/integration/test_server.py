@@ -250,6 +250,14 @@ def test_eval_command_on_a_few_labeled_images(server, built_repo, imagenet_sampl
         row = rows[name]
         assert row["errors"] == 0 and 0 <= row["escalation_rate"] <= 1 and row["compute_ms_per_image"] > 0
         assert set(row["variants_used"]) <= {v.name for v in m.variants}
+        # the per-variant statistics add up to the row's compute; every variant that served a row ran
+        st = row["stage_stats"]
+        assert set(row["variants_used"]) <= set(st) <= {v.name for v in m.variants}
+        assert all(s["calls"] >= 1 and s["rows"] >= s["calls"] for s in st.values())
+        assert sum(s["rows"] for s in st.values()) >= 2 * 12  # every image ran at least once per round
+    static = fp32["stage_stats"]
+    assert list(static) == [m.reference_variant] and static[m.reference_variant]["rows"] == 2 * 12
+    assert fp32["images_per_s"] > 0
     assert fp32["top1"] == rows["torchvision eager fp32"]["top1"]
     lo, hi = fp32["ci95_top1"]
     assert lo <= fp32["top1"] <= hi

@@ -24,6 +24,25 @@ def test_unknown_variant_lists_known():
         m.variant("bogus")
 
 
+def test_variant_by_name_precision_or_unique_suffix():
+    m = make_manifest(
+        {
+            "m_fp32": ("fp32", 0.0, {1: 5.0}),
+            "m_int8": ("int8", 1.0, {1: 3.0}),
+            "m_int8_openvino": ("int8", 1.0, {1: 2.0}),
+            "m_int8_mixed_openvino": ("int8_mixed", 1.0, {1: 2.0}),
+        }
+    )
+    assert m.variant("m_int8_openvino").name == "m_int8_openvino"
+    assert m.variant("int8").name == "m_int8"  # the precision: the first variant of it
+    assert m.variant("int8_openvino").name == "m_int8_openvino"  # the name without the model's prefix
+    assert m.variant("mixed_openvino").name == "m_int8_mixed_openvino"
+    with pytest.raises(KeyError, match="ambiguous variant 'openvino'; known: m_fp32, m_int8"):
+        m.variant("openvino")
+    with pytest.raises(KeyError, match="unknown variant 'int4'"):
+        m.variant("int4")
+
+
 def test_schema_version_mismatch_is_refused(tmp_path):
     m = make_manifest({"m_fp32": ("fp32", 0.0, {1: 5.0})})
     raw = json.loads(m.model_dump_json())
