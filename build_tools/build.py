@@ -49,6 +49,7 @@ from tcsched.build_tools.measure import (  # noqa: F401 - re-exported: the build
     _tensorrt_graph,
     measure,
     model_name,
+    pixel_graph_note,
 )
 from tcsched.build_tools.model_source import ResolvedModel, optimize_basic, resolve_model
 from tcsched.build_tools.quantize import parse_calib_method
@@ -282,6 +283,8 @@ def _entry(
     notes: list[str],
     verdict: FrontVerdict | None = None,
     chw: tuple[int, int, int] = (3, 224, 224),
+    ctx: BuildContext | None = None,
+    spec: PreprocessSpec = IMAGENET,
 ) -> VariantEntry:
     """The manifest entry of one measured variant, its model written under ``tmp``; ``verdict``: whether it is
     on the accuracy-latency front (:func:`tcsched.build_tools.cascade.pareto_front`)."""
@@ -295,7 +298,12 @@ def _entry(
         classes=classes,
         runtime=m.runtime,
         precision=m.variant.precision,
+        spec=spec,
     )
+    if cfg.serving.pixels == "uint8":
+        if ctx is None:
+            raise ValueError("a uint8-pixel repository needs the build context (its images check the graphs)")
+        notes = [*notes, pixel_graph_note(dst, m, ctx.eval_images, spec)]
     p50, ref_p50 = m.p50_ms_by_batch, ref.p50_ms_by_batch
     return VariantEntry(
         name=m.model_name,
@@ -344,7 +352,16 @@ def write_repository(
             if m is ref:
                 notes += [f"{d.name} dropped: " + " ".join(d.notes) for d in dropped]
             entry = _entry(
-                tmp, m, ref, measurements, cfg, notes, verdicts.get(m.model_name), source.input_chw
+                tmp,
+                m,
+                ref,
+                measurements,
+                cfg,
+                notes,
+                verdicts.get(m.model_name),
+                source.input_chw,
+                ctx,
+                source.preprocessing,
             )
             # a GPU build compiles each graph once, whatever CPU runtime a pair runs it on
             if m.runtime == ONNXRUNTIME:
@@ -355,7 +372,7 @@ def write_repository(
         )
         manifest = Manifest(
             source_model=source.description,
-            input=TensorSpec(name=ex.INPUT_NAME, dtype="float32", shape=list(source.input_chw)),
+            input=TensorSpec(name=ex.INPUT_NAME, dtype=cfg.serving.pixels, shape=list(source.input_chw)),
             output=TensorSpec(name=ex.OUTPUT_NAME, dtype="float32", shape=[len(ctx.labels)]),
             max_batch_size=cfg.serving.max_batch_size,
             labels_file=f"{cfg.ensemble_name}/{repo_mod.LABELS_FILE}",

@@ -162,6 +162,11 @@ def _validate_cpu_repository(cpu_repo: Path, gpu_repo: Path) -> Manifest:
             f"engines are built for input {te.INPUT_NAME!r} [3, 224, 224]; the manifest has "
             f"{m.input.name!r} {m.input.shape}"
         )
+    if m.input.dtype != "float32":
+        raise ValueError(
+            f"engines are built from float32-input graphs; {cpu_repo} was built with --pixels {m.input.dtype} "
+            "(its graphs take pixels): rebuild it with --pixels float32 for a GPU repository"
+        )
     if m.variant(m.reference_variant).runtime != "onnxruntime":
         raise ValueError(f"the reference variant {m.reference_variant} must be an ONNX Runtime graph")
     for v in m.variants:

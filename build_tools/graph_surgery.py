@@ -5,6 +5,8 @@
 - :func:`prune_onnx_2_4`: 2:4 magnitude pruning of named Conv/Gemm weights.
 - :func:`float_cost_macs`: the MACs that run in float when a node of a QDQ graph returns to float.
 - :func:`remove_dead`: drop Q/DQ nodes and initializers nothing reads any more.
+- :func:`add_pixel_input` / :func:`strip_pixel_input`: uint8 pixels in, the normalisation as the graph's first
+  nodes (a ``--pixels uint8`` repository), and back.
 """
 
 from __future__ import annotations
@@ -261,3 +263,86 @@ def float_cost_macs(qdq: onnx.ModelProto, node_name: str, macs: dict[str, int]) 
             if p is not None:
                 cost += macs.get(p.name, 0)
     return cost
+
+
+#: name prefix of the nodes and initializers :func:`add_pixel_input` adds
+PIXEL_PREFIX = "tcsched_pixels/"
+
+
+def add_pixel_input(model: onnx.ModelProto, mean: Sequence[float], std: Sequence[float]) -> onnx.ModelProto:
+    """A copy of ``model`` whose input takes uint8 pixels [N, C, H, W] (same name and shape) and normalises them
+    first: ``Cast`` to float, ``Div`` by 255, ``Sub`` ``mean``, ``Div`` by ``std``, each [1, C, 1, 1] float32:
+    torchvision's float32 operations in its order (``ToTensor`` then ``Normalize``;
+    :func:`tcsched.pixels.normalise`), so the graph computes what it computed on the float tensor.
+
+    Raises:
+        ValueError: the model does not have one float32 input of rank 4 with C = len(mean) = len(std), or
+            already takes pixels.
+    """
+    from onnx import TensorProto, helper
+
+    if len(model.graph.input) != 1:
+        raise ValueError(f"expected one graph input, got {len(model.graph.input)}")
+    inp = model.graph.input[0]
+    t = inp.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+    if any(n.name.startswith(PIXEL_PREFIX) for n in model.graph.node):
+        raise ValueError("the graph already takes uint8 pixels")
+    if t.elem_type != TensorProto.FLOAT or len(dims) != 4 or not (dims[1] == len(mean) == len(std)):
+        raise ValueError(
+            f"expected a float32 input [N, {len(mean)}, H, W], got element type {t.elem_type} and shape {dims}"
+        )
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    name, norm = inp.name, PIXEL_PREFIX + "normalised"
+    for node in g.node:
+        node.input[:] = [norm if x == name else x for x in node.input]
+    c = len(mean)
+    consts = {
+        "255": np.array(255.0, dtype=np.float32),
+        "mean": np.asarray(mean, dtype=np.float32).reshape(1, c, 1, 1),
+        "std": np.asarray(std, dtype=np.float32).reshape(1, c, 1, 1),
+    }
+    g.initializer.extend(numpy_helper.from_array(v, PIXEL_PREFIX + k) for k, v in consts.items())
+    p = PIXEL_PREFIX
+    first = [
+        helper.make_node("Cast", [name], [p + "float"], name=p + "Cast", to=TensorProto.FLOAT),
+        helper.make_node("Div", [p + "float", p + "255"], [p + "unit"], name=p + "Div255"),
+        helper.make_node("Sub", [p + "unit", p + "mean"], [p + "centred"], name=p + "SubMean"),
+        helper.make_node("Div", [p + "centred", p + "std"], [norm], name=p + "DivStd"),
+    ]
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend(first + nodes)
+    g.input[0].type.tensor_type.elem_type = TensorProto.UINT8
+    onnx.checker.check_model(out)
+    return out
+
+
+def strip_pixel_input(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The float32-input graph of a graph made by :func:`add_pixel_input` (its nodes and initializers removed).
+
+    Raises:
+        ValueError: ``model`` has no such nodes.
+    """
+    from onnx import TensorProto
+
+    g0 = model.graph
+    if not any(n.name.startswith(PIXEL_PREFIX) for n in g0.node):
+        raise ValueError("the graph does not take uint8 pixels (no tcsched_pixels/ nodes)")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    name, norm = g.input[0].name, PIXEL_PREFIX + "normalised"
+    keep = [n for n in g.node if not n.name.startswith(PIXEL_PREFIX)]
+    for node in keep:
+        node.input[:] = [name if x == norm else x for x in node.input]
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [i for i in g.initializer if not i.name.startswith(PIXEL_PREFIX)]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    g.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
+    onnx.checker.check_model(out)
+    return out

@@ -171,3 +171,43 @@ def _tensorrt_graph(
     logits = OrtClassifier(dest, threads=ctx.cfg.threads).predict(ctx.eval_images, batch_size=PREDICT_BATCH)
     accuracy = _accuracy(logits, ref.eval_logits, measurements)
     return TensorRTGraph(file=str(dest.relative_to(tmp)), accuracy=accuracy, note=form.note)
+
+
+#: evaluation images on which a variant written with uint8 pixels in is checked against the graph measured
+PIXEL_CHECK_IMAGES = 16
+
+
+def pixel_graph_note(served: Path, m: Measured, eval_images: np.ndarray, spec) -> str:
+    """A build note comparing the served uint8-input graph ``served`` (the measured graph with the normalisation
+    of ``spec`` as its first nodes, ``tcsched.build_tools.graph_surgery.add_pixel_input``) with the measured
+    float-input graph on the first :data:`PIXEL_CHECK_IMAGES` evaluation images: the pixels are recovered from
+    the float32 images (exactly: ``tcsched.pixels.normalise`` of them gives the images back, checked).
+
+    Raises:
+        ValueError: the images are not normalised 8-bit pixels of ``spec`` (normalising the recovered pixels
+            does not give them back), or the served graph's top-1 differs from the measured graph's.
+    """
+    from tcsched.pixels import normalisation, normalise
+
+    x = eval_images[:PIXEL_CHECK_IMAGES]
+    mean, std = normalisation(spec)
+    pixels = np.rint((x.astype(np.float64) * std + mean) * 255).clip(0, 255).astype(np.uint8)
+    if not np.array_equal(normalise(pixels, spec), x):
+        raise ValueError(
+            "the build's images are not normalised 8-bit pixels: --pixels uint8 cannot serve them"
+        )
+    got = load_engine(m.runtime, served, threads=1, precision=m.variant.precision).predict(
+        pixels, batch_size=8
+    )
+    ref = m.eval_logits[: len(x)]
+    same = int((got.argmax(1) == ref.argmax(1)).sum())
+    if same != len(x):
+        raise ValueError(
+            f"{m.model_name}: the uint8-input graph changes top-1 on {len(x) - same}/{len(x)} images"
+        )
+    diff = float(np.abs(got - ref).max())
+    return (
+        f"served with uint8 pixels in (the normalisation as its first nodes, tcsched_pixels/*): on {len(x)} "
+        f"evaluation images its logits are within {diff:.2g} of the measured float-input graph's, top-1 equal "
+        f"on {same}/{len(x)}"
+    )

@@ -33,9 +33,9 @@ import numpy as np
 from PIL import Image
 
 from tcsched.data import ImageItem, list_images
-from tcsched.imaging import MAX_SOURCE_PIXELS, decode_image, draft_scale, preprocess_bytes, softmax
+from tcsched.imaging import MAX_SOURCE_PIXELS, decode_image, draft_scale, preprocess_bytes
 from tcsched.jsonio import atomic_write_json, atomic_write_text
-from tcsched.metrics import wilson_interval
+from tcsched.metrics import softmax, wilson_interval
 from tcsched.preprocessing import IMAGENET, METHODS, PreprocessSpec
 
 #: a 12-Mpixel phone photo, 4:3

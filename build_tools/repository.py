@@ -38,6 +38,7 @@ from tcsched.names import (
     SCHEDULER,
     VARIANT,
 )
+from tcsched.pixels import PixelDtype
 from tcsched.preprocessing import IMAGENET, METHOD_KEY, PARAMETER_KEY, Method, PreprocessSpec
 from tcsched.settings import SchedulerSettings
 
@@ -64,6 +65,10 @@ class ServingOptions:
     #: one resize to the crop; its top-1 agreement with ``exact`` is measured by
     #: ``python -m tcsched.build_tools.preprocess_bench``) or ``exact`` (torchvision's transform, bit for bit)
     preprocess_method: Method = "fast"
+    #: what ``preprocess`` sends the variants (tcsched.pixels): ``float32`` normalised tensors, or ``uint8``
+    #: pixels with the normalisation as the first nodes of every variant graph (a quarter of the bytes through
+    #: the ensemble and the BLS calls; README "Preprocessing")
+    pixels: PixelDtype = "float32"
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
 
 
@@ -116,7 +121,13 @@ def _dynamic_batching(cfg: mc.ModelConfig, opts: ServingOptions) -> None:
 WARMUP_BATCH_SIZES = (1,)
 
 
-def _warmup(cfg: mc.ModelConfig, input_name: str, chw: list[int], batch_sizes: list[int]) -> None:
+#: pixel dtype (tcsched.pixels) -> model_config.proto DataType of the tensor preprocess -> scheduler -> variant
+PIXEL_TYPES = {"float32": mc.TYPE_FP32, "uint8": mc.TYPE_UINT8}
+
+
+def _warmup(
+    cfg: mc.ModelConfig, input_name: str, chw: list[int], batch_sizes: list[int], dtype: int = mc.TYPE_FP32
+) -> None:
     """Triton's ``model_warmup``: zero tensors at these batch sizes before the model is marked ready, so the
     first real requests (and the scheduler's latency observations) do not pay for a cold ONNX Runtime session.
 
@@ -128,7 +139,7 @@ def _warmup(cfg: mc.ModelConfig, input_name: str, chw: list[int], batch_sizes: l
     for b in batch_sizes:
         w = cfg.model_warmup.add(name=f"zeros_batch{b}", batch_size=b)
         spec = w.inputs[input_name]
-        spec.data_type = mc.TYPE_FP32
+        spec.data_type = dtype
         spec.dims.extend(chw)
         spec.zero_data = True
 
@@ -153,13 +164,14 @@ def variant_config(
     ``HINT_BF16`` ``NO`` the float layers run in the CPU device's default precision (bf16 on CPUs with
     native bf16), which the build did not measure for non-bf16 variants."""
     cfg = mc.ModelConfig(name=name, max_batch_size=opts.max_batch_size)
-    cfg.input.append(_tensor(mc.ModelInput, input_name, mc.TYPE_FP32, chw))
+    pixels = PIXEL_TYPES[opts.pixels]
+    cfg.input.append(_tensor(mc.ModelInput, input_name, pixels, chw))
     # labels beside every classifier model, so that class_count works wherever a client calls it
     cfg.output.append(
         _tensor(mc.ModelOutput, output_name, mc.TYPE_FP32, [classes], label_filename=LABELS_FILE)
     )
     _dynamic_batching(cfg, opts)
-    _warmup(cfg, input_name, chw, list(WARMUP_BATCH_SIZES))
+    _warmup(cfg, input_name, chw, list(WARMUP_BATCH_SIZES), pixels)
     if opts.variant_backend == "python":
         cfg.backend = "python"
         cfg.instance_group.append(mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.KIND_CPU))
@@ -196,7 +208,8 @@ def variant_config(
 def preprocess_config(
     opts: ServingOptions, chw: list[int], spec: PreprocessSpec = IMAGENET
 ) -> mc.ModelConfig:
-    """The ``preprocess`` model: ``IMAGE`` (encoded bytes) -> ``INPUT`` float32 ``chw``, made by ``spec``, which
+    """The ``preprocess`` model: ``IMAGE`` (encoded bytes) -> ``INPUT`` ``chw`` in ``opts.pixels`` (float32
+    normalised, or uint8 pixels: the output's data type, read back by the model), made by ``spec``, which
     is written as the config parameter ``preprocessing`` (:meth:`PreprocessSpec.to_json`), and by
     ``opts.preprocess_method`` (parameter ``preprocess_method``); both are read back by the model's
     ``initialize``.
@@ -207,7 +220,7 @@ def preprocess_config(
     spec.check_model_input(chw)
     cfg = mc.ModelConfig(name=PREPROCESS, backend="python", max_batch_size=opts.max_batch_size)
     cfg.input.append(_tensor(mc.ModelInput, IMAGE, mc.TYPE_STRING, [1]))
-    cfg.output.append(_tensor(mc.ModelOutput, PIXELS, mc.TYPE_FP32, chw))
+    cfg.output.append(_tensor(mc.ModelOutput, PIXELS, PIXEL_TYPES[opts.pixels], chw))
     _dynamic_batching(cfg, opts)
     cfg.instance_group.append(
         mc.ModelInstanceGroup(count=opts.preprocess_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
@@ -218,7 +231,7 @@ def preprocess_config(
 
 def scheduler_config(opts: ServingOptions, chw: list[int], classes: int) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=SCHEDULER, backend="python", max_batch_size=opts.max_batch_size)
-    cfg.input.append(_tensor(mc.ModelInput, PIXELS, mc.TYPE_FP32, chw))
+    cfg.input.append(_tensor(mc.ModelInput, PIXELS, PIXEL_TYPES[opts.pixels], chw))
     cfg.output.append(_tensor(mc.ModelOutput, LOGITS, mc.TYPE_FP32, [classes], label_filename=LABELS_FILE))
     cfg.output.append(_tensor(mc.ModelOutput, VARIANT, mc.TYPE_STRING, [1]))
     cfg.output.append(_tensor(mc.ModelOutput, DECISION, mc.TYPE_STRING, [1]))
@@ -296,13 +309,22 @@ def write_variant(
     classes: int = 1000,
     runtime: str = "onnxruntime",
     precision: str = "fp32",
+    spec: PreprocessSpec = IMAGENET,
 ) -> Path:
     """Copy ``onnx_path`` into the repository as variant ``name`` run by ``runtime`` (:func:`variant_config`);
-    returns the model file path."""
+    with ``opts.pixels`` ``uint8`` the copy takes uint8 pixels and normalises them by ``spec`` first
+    (:func:`tcsched.build_tools.graph_surgery.add_pixel_input`). Returns the model file path."""
     cfg = variant_config(name, opts, input_name, output_name, list(chw), classes, runtime, precision)
     d = write_model(repo, cfg, thin_model_source("ort_variant") if opts.variant_backend == "python" else None)
     dst = d / "1" / "model.onnx"
-    shutil.copyfile(onnx_path, dst)
+    if opts.pixels == "uint8":
+        import onnx
+
+        from tcsched.build_tools.graph_surgery import add_pixel_input
+
+        onnx.save(add_pixel_input(onnx.load(str(onnx_path)), spec.mean, spec.std), str(dst))
+    else:
+        shutil.copyfile(onnx_path, dst)
     return dst
 
 

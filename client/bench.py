@@ -106,7 +106,10 @@ def _server(cfg: BenchConfig, manifest, variants: Sequence[str], raw: Path):
     if cfg.url:
         return contextlib.nullcontext(None)
     exact_from = Path(cfg.repo) if cfg.path_rounds else None
-    overlay = write_pipelines(raw / "pipelines_repository", manifest, variants, repo=exact_from)
+    ort = ort_int8_variant(manifest)
+    overlay = write_pipelines(
+        raw / "pipelines_repository", manifest, variants, repo=exact_from, float_variants=[ort] if ort else []
+    )
     return TritonServer(
         Path(cfg.repo),
         http_port=0,
@@ -152,7 +155,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResu
     )
     raw = (Path(cfg.output) / "raw").resolve()
     raw.mkdir(parents=True, exist_ok=True)
-    data = make_input_data(items, raw, manifest.preprocess_spec)
+    data = make_input_data(items, raw, manifest.preprocess_spec, manifest.input.dtype)
     log(f"input data: {len(items)} real images from {cfg.data_dir or 'scikit-image default photos'}")
     run = BenchRun(cfg, manifest, variants, targets, data, raw, pipelines, log, exact_path=exact_path)
     with _server(cfg, manifest, variants, raw) as server:

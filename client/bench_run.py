@@ -19,7 +19,14 @@ from tcsched.client.bench_env import environment
 from tcsched.client.bench_results import BenchConfig, BenchResult
 from tcsched.client.overhead import OverheadResult, measure_overhead
 from tcsched.client.perf_analyzer import LoadSpec, PerfAnalyzerError, PerfPoint, run_load, warm_up
-from tcsched.client.pipelines import PREPROCESS_EXACT, exact_path_name, pipeline_name, preprocess_setup
+from tcsched.client.pipelines import (
+    FLOAT_SUFFIX,
+    PREPROCESS_EXACT,
+    SCHEDULER_EXACT,
+    exact_path_name,
+    pipeline_name,
+    preprocess_setup,
+)
 from tcsched.client.targets import SCHEDULER, InputData, Target, bench_targets, ort_int8_variant, path_targets
 from tcsched.names import PREPROCESS
 
@@ -293,7 +300,9 @@ class BenchRun:
             self.log(f"no path rounds: {why}")
             return
         fastest = self.fastest_variant() or ort
-        self.path_targets = path_targets(self.manifest.ensemble, ort, fastest)
+        # beside a uint8-pixel repository today's path runs the float-input copy of ort (client.pipelines)
+        today = ort if self.manifest.input.dtype == "float32" else ort + FLOAT_SUFFIX
+        self.path_targets = path_targets(self.manifest.ensemble, ort, fastest, today)
         c = max(self.cfg.concurrency)
         self.log(
             f"path rounds: {self.cfg.path_rounds} rounds, JPEG in, at concurrency {c}: "
@@ -307,6 +316,8 @@ class BenchRun:
             return
         ens = self.manifest.ensemble
         stats = [ens, exact_path_name(ens), PREPROCESS, PREPROCESS_EXACT, SCHEDULER, *self.known]
+        if today != ort:
+            stats += [SCHEDULER_EXACT, today]
         self.path_points = self.rounds(self.path_targets, self.cfg.path_rounds, "path", stats)
 
     def request_rates(self) -> list[float]:

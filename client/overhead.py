@@ -96,9 +96,11 @@ def _request_inputs(t: Target, tensor: np.ndarray, blob: bytes) -> list:
     import tritonclient.grpc as grpcclient
 
     if t.kind in ("variant", "scheduler"):
-        x = np.ascontiguousarray(tensor[None], dtype=np.float32)
+        x = np.ascontiguousarray(tensor[None])
         inp = grpcclient.InferInput(
-            VARIANT_INPUT if t.kind == "variant" else SCHEDULER_INPUT, list(x.shape), "FP32"
+            VARIANT_INPUT if t.kind == "variant" else SCHEDULER_INPUT,
+            list(x.shape),
+            "UINT8" if x.dtype == np.uint8 else "FP32",
         )
     else:
         x = np.array([[blob]], dtype=object)
@@ -121,7 +123,7 @@ def measure_overhead(
     variant, scheduler, pipeline, ensemble, each with a ``variant``), over gRPC at ``url``.
 
     Args:
-        tensors: preprocessed float32 [3, H, W] images (variant and scheduler targets).
+        tensors: preprocessed float32 (or uint8 pixels) [3, H, W] images (variant and scheduler targets).
         blobs: the same images encoded (ensemble and pipeline targets), ``len(blobs) == len(tensors)``.
         rounds: measured rounds; each sends one request to every target, in a fresh random order.
 

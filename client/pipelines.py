@@ -19,6 +19,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from tritonclient.grpc import model_config_pb2 as mc
+
 from tcsched.build_tools.repository import (
     ServingOptions,
     parse,
@@ -26,7 +28,7 @@ from tcsched.build_tools.repository import (
     pipeline_name,
     render,
 )
-from tcsched.names import PREPROCESS
+from tcsched.names import PREPROCESS, SCHEDULER
 from tcsched.preprocessing import METHOD_KEY
 
 __all__ = [
@@ -47,10 +49,17 @@ def exact_path_name(ensemble: str) -> str:
     return f"{ensemble}_exact_path"
 
 
-def write_pipelines(folder: Path, manifest, variants: Sequence[str], repo: Path | None = None) -> Path:
+def write_pipelines(
+    folder: Path,
+    manifest,
+    variants: Sequence[str],
+    repo: Path | None = None,
+    float_variants: Sequence[str] = (),
+) -> Path:
     """Write a model repository holding one plain ensemble preprocess -> variant per variant (configs only; the
     models they call live in the main repository) and, with ``repo`` (the main repository), today's path
-    (:func:`write_exact_path`). Returns ``folder``, replaced if it existed.
+    (:func:`write_exact_path`, with float-input copies of ``float_variants`` for a uint8-pixel repository).
+    Returns ``folder``, replaced if it existed.
 
     Raises:
         FileNotFoundError / ValueError: see :func:`write_exact_path`.
@@ -64,7 +73,7 @@ def write_pipelines(folder: Path, manifest, variants: Sequence[str], repo: Path 
         (folder / cfg.name / "1").mkdir(parents=True)
         (folder / cfg.name / "config.pbtxt").write_text(render(cfg))
     if repo is not None:
-        write_exact_path(folder, Path(repo), manifest.ensemble)
+        write_exact_path(folder, Path(repo), manifest.ensemble, float_variants)
     return folder
 
 
@@ -93,13 +102,19 @@ def _copy_model(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
 
 
-def write_exact_path(folder: Path, repo: Path, ensemble: str) -> tuple[str, str]:
+def write_exact_path(
+    folder: Path, repo: Path, ensemble: str, float_variants: Sequence[str] = ()
+) -> tuple[str, str]:
     """Write today's path into ``folder``: ``preprocess_exact`` = a copy of ``repo``'s ``preprocess`` model
     folder (its ``1/model.py`` too) whose config is the repository's, parsed and rewritten with that name, one
-    instance group of count 1 (same kind) and parameter ``preprocess_method`` = ``exact``; and
-    ``<ensemble>_exact_path`` = a copy of ``repo``'s ensemble folder (labels file too) whose config is the
+    instance group of count 1 (same kind), parameter ``preprocess_method`` = ``exact`` and a float32 output;
+    and ``<ensemble>_exact_path`` = a copy of ``repo``'s ensemble folder (labels file too) whose config is the
     repository's with that name and its ``preprocess`` step calling ``preprocess_exact``. Returns the two model
     names (preprocess, ensemble).
+
+    In a repository built with ``--pixels uint8`` today's path still sends float32 tensors: its ensemble calls
+    ``scheduler_exact`` (:func:`_float_scheduler`: float32 input, over float-input copies of the reference and
+    of ``float_variants``, named ``<variant>_float``) instead of ``scheduler``.
 
     Raises:
         FileNotFoundError: ``repo`` has no ``preprocess`` or ``ensemble`` config.
@@ -119,10 +134,66 @@ def write_exact_path(folder: Path, repo: Path, ensemble: str) -> tuple[str, str]
         group.kind = kind
     pre_cfg.name = PREPROCESS_EXACT
     pre_cfg.parameters[METHOD_KEY].string_value = "exact"
+    pixels = pre_cfg.output[0].data_type
+    pre_cfg.output[0].data_type = mc.TYPE_FP32
     for s in steps:
         s.model_name = PREPROCESS_EXACT
+    if pixels != mc.TYPE_FP32:
+        for s in ens_cfg.ensemble_scheduling.step:
+            if s.model_name == SCHEDULER:
+                s.model_name = _float_scheduler(folder, repo, float_variants)
     ens_cfg.name = exact_path_name(ensemble)
     for src, cfg in ((pre_src, pre_cfg), (ens_src, ens_cfg)):
         _copy_model(src, folder / cfg.name)
         (folder / cfg.name / "config.pbtxt").write_text(render(cfg))
     return pre_cfg.name, ens_cfg.name
+
+
+#: the scheduler of today's path beside a ``--pixels uint8`` repository (:func:`write_exact_path`)
+SCHEDULER_EXACT = "scheduler_exact"
+FLOAT_SUFFIX = "_float"
+
+
+def _float_scheduler(folder: Path, repo: Path, variants: Sequence[str]) -> str:
+    """Write ``scheduler_exact`` into ``folder``: ``repo``'s scheduler with a float32 input, reading its own
+    manifest (``repo``'s, with only the reference and ``variants``, renamed ``<name>_float``, input float32, no
+    cascades), and those variants as float-input models: ``repo``'s folders with float32 configs and graphs
+    without their pixel nodes (:func:`tcsched.build_tools.graph_surgery.strip_pixel_input`). A request forcing a
+    variant by name or precision reaches its copy (``Manifest.variant``). Returns the scheduler's name."""
+    import onnx
+
+    from tcsched.build_tools.graph_surgery import strip_pixel_input
+    from tcsched.manifest import MANIFEST_FILENAME, Manifest
+
+    m = Manifest.read(repo / MANIFEST_FILENAME)
+    keep = [m.variant(m.reference_variant), *(m.variant(v) for v in variants if v != m.reference_variant)]
+    entries = []
+    for v in keep:
+        name = v.name + FLOAT_SUFFIX
+        cfg = parse((repo / v.name / "config.pbtxt").read_text())
+        cfg.name = name
+        cfg.input[0].data_type = mc.TYPE_FP32
+        for w in cfg.model_warmup:
+            for spec in w.inputs.values():
+                spec.data_type = mc.TYPE_FP32
+        _copy_model(repo / v.name, folder / name)
+        (folder / name / "config.pbtxt").write_text(render(cfg))
+        graph = strip_pixel_input(onnx.load(str(repo / v.file)))
+        onnx.save(graph, str(folder / name / "1" / Path(v.file).name))
+        entries.append(v.model_copy(update={"name": name, "file": f"{name}/1/{Path(v.file).name}"}))
+    cfg = parse((repo / SCHEDULER / "config.pbtxt").read_text())
+    cfg.name = SCHEDULER_EXACT
+    cfg.input[0].data_type = mc.TYPE_FP32
+    cfg.parameters["manifest_file"].string_value = MANIFEST_FILENAME
+    _copy_model(repo / SCHEDULER, folder / SCHEDULER_EXACT)
+    (folder / SCHEDULER_EXACT / "config.pbtxt").write_text(render(cfg))
+    floats = m.model_copy(
+        update={
+            "variants": entries,
+            "reference_variant": entries[0].name,
+            "cascades": [],
+            "input": m.input.model_copy(update={"dtype": "float32"}),
+        }
+    )
+    floats.write(folder / SCHEDULER_EXACT / MANIFEST_FILENAME)
+    return SCHEDULER_EXACT

@@ -69,13 +69,17 @@ def ort_int8_variant(manifest) -> str | None:
 PATH_ROLES = ("today", "default", "fastest")
 
 
-def path_targets(ensemble: str, ort_int8: str, fastest: str) -> list[Target]:
+def path_targets(
+    ensemble: str, ort_int8: str, fastest: str, today_variant: str | None = None
+) -> list[Target]:
     """The path rounds' targets, JPEG in, in :data:`PATH_ROLES` order: today's path (``<ensemble>_exact_path``:
-    exact preprocessing, one instance, forced to the ONNX Runtime int8 variant ``ort_int8``), the ensemble as
-    built with the scheduler's own choice (no parameters), and the ensemble forced to ``fastest``."""
+    exact preprocessing, one instance, forced to the ONNX Runtime int8 variant ``ort_int8``, served as
+    ``today_variant`` when given: its float-input copy beside a uint8-pixel repository), the ensemble as built
+    with the scheduler's own choice (no parameters), and the ensemble forced to ``fastest``."""
     exact = exact_path_name(ensemble)
+    today = today_variant or ort_int8
     return [
-        Target(f"{exact}[{ort_int8}]", exact, "ensemble", {"variant": ort_int8}, ort_int8),
+        Target(f"{exact}[{ort_int8}]", exact, "ensemble", {"variant": today}, ort_int8),
         Target(f"{ensemble}[scheduler]", ensemble, "ensemble", {}, None),
         Target(f"{ensemble}[{fastest}]", ensemble, "ensemble", {"variant": fastest}, fastest),
     ]
@@ -113,7 +117,7 @@ class InputData:
     variant_json: Path
     ensemble_json: Path
     images: list[str]
-    tensors: list  # numpy float32 [C, H, W] each (the repository's preprocessing)
+    tensors: list  # numpy float32 (or uint8 pixels) [C, H, W] each (the repository's preprocessing)
     scheduler_json: Path | None = None
     blobs: list = field(default_factory=list)  # the encoded images, same order as ``tensors``
 
@@ -139,9 +143,12 @@ def pick_images(data_dir: str | os.PathLike | None, n: int) -> list:
     return items[::step][:n]
 
 
-def make_input_data(items: Sequence, folder: str | os.PathLike, spec=None) -> InputData:
+def make_input_data(
+    items: Sequence, folder: str | os.PathLike, spec=None, dtype: str = "float32"
+) -> InputData:
     """Write both ``--input-data`` JSON files for ``items`` (``tcsched.data.ImageItem``) into ``folder``; the
-    tensors are made by ``spec`` (the repository's ``Manifest.preprocess_spec``; None: ImageNet's 256/224)."""
+    tensors are made by ``spec`` (the repository's ``Manifest.preprocess_spec``; None: ImageNet's 256/224) in
+    ``dtype`` (the repository's ``Manifest.input.dtype``: float32, or uint8 pixels)."""
     from tcsched.imaging import preprocess_bytes
     from tcsched.preprocessing import IMAGENET
 
@@ -150,7 +157,7 @@ def make_input_data(items: Sequence, folder: str | os.PathLike, spec=None) -> In
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     blobs = [it.read_bytes() for it in items]
-    tensors = [preprocess_bytes(b, spec=spec) for b in blobs]
+    tensors = [preprocess_bytes(b, spec=spec, dtype=dtype) for b in blobs]
     return InputData(
         variant_json=write_tensor_input_data(folder / "variant_input.json", VARIANT_INPUT, tensors),
         ensemble_json=write_bytes_input_data(folder / "ensemble_input.json", ENSEMBLE_INPUT, blobs),

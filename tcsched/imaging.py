@@ -41,6 +41,8 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from tcsched.pixels import PixelDtype, normalise
+from tcsched.pixels import check_dtype as _check_dtype
 from tcsched.preprocessing import (
     IMAGENET,
     IMAGENET_MEAN,
@@ -69,10 +71,10 @@ __all__ = [
     "preprocess_bytes",
     "preprocess_pil",
     "resized_size",
-    "softmax",
     "spec_of_model_config",
     "to_rgb",
 ]
+
 
 RESIZE_SIZE = IMAGENET.resize_size  # 256
 CROP_SIZE = IMAGENET.crop_size[0]  # 224
@@ -311,17 +313,12 @@ def check_spec(spec: PreprocessSpec) -> None:
         )
 
 
-def _normalisation(spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) as float32 [C, 1, 1]: torchvision's Normalize makes float32 tensors of them."""
-    c = spec.channels
-    return (
-        np.asarray(spec.mean, dtype=np.float32).reshape(c, 1, 1),
-        np.asarray(spec.std, dtype=np.float32).reshape(c, 1, 1),
-    )
-
-
 def preprocess_pil(
-    img: Image.Image, *, spec: PreprocessSpec = IMAGENET, method: Method = "exact"
+    img: Image.Image,
+    *,
+    spec: PreprocessSpec = IMAGENET,
+    method: Method = "exact",
+    dtype: PixelDtype = "float32",
 ) -> np.ndarray:
     """The eval transform of ``spec`` on one image (converted to RGB by :func:`to_rgb` first).
 
@@ -332,7 +329,7 @@ def preprocess_pil(
 
     Returns:
         float32 array of shape (3, crop_h, crop_w) (``spec.crop_size``), normalised with ``spec.mean`` /
-        ``spec.std``.
+        ``spec.std``; with ``dtype`` ``uint8`` the crop's pixels, uint8 (3, crop_h, crop_w), not normalised.
 
     Raises:
         ImageDecodeError: the image is over the limits of :func:`check_image_size` (for ``spec.resize_size``).
@@ -340,17 +337,20 @@ def preprocess_pil(
     """
     check_spec(spec)
     _check_method(method)
+    _check_dtype(dtype)
     check_image_size(img.width, img.height, spec.resize_size)
     img = to_rgb(img)
     if method == "fast":
-        return _to_tensor(_resize_crop_fast(img, img.size, (float(img.width), float(img.height)), spec), spec)
+        return _finish(
+            _resize_crop_fast(img, img.size, (float(img.width), float(img.height)), spec), spec, dtype
+        )
     w, h = resized_size(img.width, img.height, spec.resize_size)
     img = img.resize((w, h), PIL_FILTERS[spec.interpolation])
     top, left = _crop_offsets(w, h, spec)
     crop_h, crop_w = spec.crop_size
     # the spec keeps crop <= resize, so the resized image always holds the crop (torchvision would pad)
     img = img.crop((left, top, left + crop_w, top + crop_h))
-    return _to_tensor(img, spec)
+    return _finish(img, spec, dtype)
 
 
 def _check_method(method: str) -> None:
@@ -385,19 +385,18 @@ def _resize_crop_fast(
     return img.resize((crop_w, crop_h), PIL_FILTERS[spec.interpolation], box=box, reducing_gap=REDUCING_GAP)
 
 
-def _to_tensor(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    # torchvision's order of float32 operations (ToTensor: CHW, .float().div(255); Normalize: .sub_(mean).div_(std)),
-    # in place on contiguous channel planes: the same IEEE results, ~3x faster than broadcasting over HWC
-    mean, std = _normalisation(spec)
-    x = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32, order="C")  # CHW copy
-    x /= np.float32(255.0)
-    x -= mean
-    x /= std
-    return x
+def _finish(img: Image.Image, spec: PreprocessSpec, dtype: PixelDtype) -> np.ndarray:
+    """The crop's pixels, uint8 (C, H, W) C-contiguous (ToTensor's layout), normalised unless ``dtype`` is uint8."""
+    pixels = np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+    return pixels if dtype == "uint8" else normalise(pixels, spec)
 
 
-def preprocess_bytes(data: bytes, *, spec: PreprocessSpec = IMAGENET, method: Method = "exact") -> np.ndarray:
-    """Decode and transform encoded image bytes: float32 (3, crop_h, crop_w) (see :func:`preprocess_pil`).
+def preprocess_bytes(
+    data: bytes, *, spec: PreprocessSpec = IMAGENET, method: Method = "exact", dtype: PixelDtype = "float32"
+) -> np.ndarray:
+    """Decode and transform encoded image bytes: float32 (3, crop_h, crop_w) (see :func:`preprocess_pil`), or
+    with ``dtype`` ``uint8`` the same crop's 8-bit pixels before normalisation (:func:`normalise` of them is the
+    float32 result, bit for bit).
 
     Args:
         method: ``exact``: torchvision's transform of the fully decoded image, bit-identical. ``fast``: a JPEG
@@ -408,14 +407,15 @@ def preprocess_bytes(data: bytes, *, spec: PreprocessSpec = IMAGENET, method: Me
 
     Raises:
         ImageDecodeError: see :func:`decode_image`.
-        PreprocessError: see :func:`check_spec`, or an unknown ``method``.
+        PreprocessError: see :func:`check_spec`, or an unknown ``method`` or ``dtype``.
     """
     check_spec(spec)
     _check_method(method)
+    _check_dtype(dtype)
     if method == "exact":
-        return preprocess_pil(decode_image(data, size=spec.resize_size), spec=spec)
+        return preprocess_pil(decode_image(data, size=spec.resize_size), spec=spec, dtype=dtype)
     img, source, extent = _decode(data, spec.resize_size, draft=True)
-    return _to_tensor(_resize_crop_fast(img, source, extent, spec), spec)
+    return _finish(_resize_crop_fast(img, source, extent, spec), spec, dtype)
 
 
 def spec_of_model_config(model_config: Mapping) -> PreprocessSpec:
@@ -464,21 +464,18 @@ def method_of_model_config(model_config: Mapping) -> Method:
     return value
 
 
-def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax (float64 internally), same shape as ``logits``."""
-    z = logits.astype(np.float64) - logits.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
-
-
 def preprocess_batch(
-    images: np.ndarray, *, spec: PreprocessSpec = IMAGENET, method: Method = "exact"
+    images: np.ndarray,
+    *,
+    spec: PreprocessSpec = IMAGENET,
+    method: Method = "exact",
+    dtype: PixelDtype = "float32",
 ) -> np.ndarray:
     """Transform a Triton BYTES tensor of encoded images, shape [B] or [B, 1] (object array of bytes), each
-    by :func:`preprocess_bytes` with ``spec`` and ``method``.
+    by :func:`preprocess_bytes` with ``spec``, ``method`` and ``dtype``.
 
     Returns:
-        float32 [B, 3, crop_h, crop_w] (``spec.crop_size``).
+        float32 (or ``dtype``) [B, 3, crop_h, crop_w] (``spec.crop_size``).
 
     Raises:
         ImageDecodeError: an element is not a decodable image; the message gives its index in the batch.
@@ -486,11 +483,12 @@ def preprocess_batch(
     """
     check_spec(spec)
     _check_method(method)
+    _check_dtype(dtype)
     flat = np.asarray(images, dtype=object).reshape(-1)
-    out = np.empty((len(flat), CHANNELS, *spec.crop_size), dtype=np.float32)
+    out = np.empty((len(flat), CHANNELS, *spec.crop_size), dtype=np.dtype(dtype))
     for i, data in enumerate(flat):
         try:
-            out[i] = preprocess_bytes(data, spec=spec, method=method)
+            out[i] = preprocess_bytes(data, spec=spec, method=method, dtype=dtype)
         except ImageDecodeError as e:
             raise ImageDecodeError(f"batch element {i}: {e}" if len(flat) > 1 else str(e)) from None
     return out

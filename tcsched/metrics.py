@@ -6,7 +6,12 @@ import math
 
 import numpy as np
 
-from tcsched.imaging import softmax
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax (float64 internally), same shape as ``logits``."""
+    z = logits.astype(np.float64) - logits.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
 
 
 def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:

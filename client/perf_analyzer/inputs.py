@@ -17,21 +17,23 @@ def _b64(data: bytes) -> str:
 
 
 def write_tensor_input_data(path: str | os.PathLike, input_name: str, tensors: Sequence) -> Path:
-    """perf_analyzer ``--input-data`` JSON for a float32 tensor input: one step per tensor (round robin).
+    """perf_analyzer ``--input-data`` JSON for a float32 (or uint8 pixels) tensor input: one step per tensor
+    (round robin); perf_analyzer sends the raw bytes as the input's config data type.
 
     Args:
-        tensors: numpy float32 arrays, each one request's data without the batch dimension (e.g. [3,224,224]).
+        tensors: numpy float32 or uint8 arrays, each one request's data without the batch dimension (e.g.
+            [3,224,224]), all of one dtype.
 
     Raises:
-        ValueError: no tensors, or a tensor that is not float32.
+        ValueError: no tensors, or a tensor that is neither float32 nor uint8, or mixed dtypes.
     """
 
     if not tensors:
         raise ValueError("need at least one tensor for --input-data")
     steps = []
     for t in tensors:
-        if str(t.dtype) != "float32":
-            raise ValueError(f"tensor input data must be float32, got {t.dtype}")
+        if str(t.dtype) not in ("float32", "uint8") or t.dtype != tensors[0].dtype:
+            raise ValueError(f"tensor input data must be all float32 or all uint8, got {t.dtype}")
         steps.append({input_name: {"b64": _b64(t.tobytes(order="C")), "shape": list(t.shape)}})
     return atomic_write_text(path, json.dumps({"data": steps}))
 

@@ -118,6 +118,13 @@ _PreprocessMethod = Annotated[
         "preprocess model's, also used for every pixel of the build"
     ),
 ]
+_Pixels = Annotated[
+    str,
+    typer.Option(
+        help="float32 (preprocess normalises) | uint8 (preprocess sends 8-bit pixels; every variant graph "
+        "normalises them first: a quarter of the bytes per hop)"
+    ),
+]
 _WorkDir = Annotated[Path, typer.Option(help="intermediate files")]
 _ReportDir = Annotated[Path, typer.Option(help="analysis.json and analysis.png")]
 _Target = Annotated[
@@ -169,6 +176,7 @@ def build(
     variant_backend: _VariantBackend = _BUILD.serving.variant_backend,
     threads: _Threads = _BUILD.threads,
     preprocess_method: _PreprocessMethod = _BUILD.serving.preprocess_method,
+    pixels: _Pixels = _BUILD.serving.pixels,
     work_dir: _WorkDir = _BUILD.work_dir,
     report_dir: _ReportDir = _BUILD.report_dir,
     target: _Target = "cpu",
@@ -213,6 +221,10 @@ def _build_config(p: dict) -> BuildConfig:
         raise typer.BadParameter(
             f"--preprocess-method must be 'fast' or 'exact', got {p['preprocess_method']!r}"
         )
+    from tcsched.pixels import PIXEL_DTYPES
+
+    if p["pixels"] not in PIXEL_DTYPES:
+        raise typer.BadParameter(f"--pixels must be 'float32' or 'uint8', got {p['pixels']!r}")
     backends = get_args(VariantBackend)
     if p["variant_backend"] not in backends:
         raise typer.BadParameter(
@@ -249,6 +261,7 @@ def _build_config(p: dict) -> BuildConfig:
             variant_backend=p["variant_backend"],
             intra_op_num_threads=p["threads"],
             preprocess_method=p["preprocess_method"],
+            pixels=p["pixels"],
         ),
     )
     try:

@@ -48,7 +48,8 @@ def perf_data(
         False,
         "--tensor/--bytes",
         help="--bytes (default): the encoded files, for the ensemble's BYTES input; --tensor: each image "
-        "preprocessed as the ensemble of --repo does (float32 [3,H,W]), for a variant or the scheduler called directly "
+        "preprocessed as the ensemble of --repo does (float32 [3,H,W], or uint8 pixels for a --pixels uint8 "
+        "repository), for a variant or the scheduler called directly "
         "(perf_analyzer's random data is mostly NaN as float32, which the variants refuse)",
     ),
     input_name: str = typer.Option(
@@ -65,7 +66,7 @@ def perf_data(
 ):
     """Write a perf_analyzer --input-data file of real images, one per step (round robin): for the ensemble's
     BYTES input each element is base64 of Triton's raw BYTES encoding (a 4-byte little-endian length, then the
-    file); with --tensor, the preprocessed float32 tensor."""
+    file); with --tensor, the preprocessed tensor (the repository's dtype: float32, or uint8 pixels)."""
     from tcsched.client.perf_analyzer import write_bytes_input_data, write_tensor_input_data
     from tcsched.manifest import MANIFEST_FILENAME, Manifest
     from tcsched.names import ENSEMBLE, IMAGE
@@ -74,6 +75,7 @@ def perf_data(
     manifest = Manifest.read(repo / MANIFEST_FILENAME) if (repo / MANIFEST_FILENAME).is_file() else None
     spec = manifest.preprocess_spec if manifest is not None else IMAGENET
     ensemble = manifest.ensemble if manifest is not None else ENSEMBLE
+    dtype = manifest.input.dtype if manifest is not None else "float32"
 
     paths = _image_files(images)[:limit]
     if tensor:
@@ -83,12 +85,12 @@ def perf_data(
         tensors = []
         for p in paths:
             try:
-                tensors.append(preprocess_bytes(p.read_bytes(), spec=spec))
+                tensors.append(preprocess_bytes(p.read_bytes(), spec=spec, dtype=dtype))
             except ImageDecodeError as e:
                 raise CliError(f"{p}: {e}") from None
         write_tensor_input_data(output, name, tensors)
         shape = "x".join(str(d) for d in tensors[0].shape)
-        print(f"wrote {output}: {len(paths)} preprocessed images (float32 {shape}) for input {name}")
+        print(f"wrote {output}: {len(paths)} preprocessed images ({dtype} {shape}) for input {name}")
         print(
             f"  tcsched perf-analyzer -m MODEL -u 127.0.0.1:8001 -i grpc --input-data {output} --concurrency-range 1:4"
         )

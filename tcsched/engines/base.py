@@ -63,10 +63,12 @@ def expected_values() -> str:
 class Engine(ABC):
     """One classifier graph loaded by one runtime: float32 [N, 3, H, W] in, float32 [N, classes] logits out.
 
-    Subclasses set ``input_shape`` (the graph's input shape, batch first; symbolic dimensions as strings) and
-    implement :meth:`run` and :meth:`describe`."""
+    Subclasses set ``input_shape`` (the graph's input shape, batch first; symbolic dimensions as strings), and
+    ``input_dtype`` when the graph takes other than float32 (``uint8``: the pixels of a ``--pixels uint8`` build,
+    :func:`tcsched.build_tools.graph_surgery.add_pixel_input`), and implement :meth:`run` and :meth:`describe`."""
 
     input_shape: list
+    input_dtype: np.dtype = np.dtype(np.float32)
 
     @abstractmethod
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -82,7 +84,7 @@ class Engine(ABC):
         the graph's, which must then be fixed)."""
         sizes = [int(b) for b in batch_sizes if int(b) >= 1]
         if sizes:
-            self.run(np.zeros([max(sizes), *self._dims(dims)], dtype=np.float32))
+            self.run(np.zeros([max(sizes), *self._dims(dims)], dtype=self.input_dtype))
 
     def _dims(self, dims: list[int] | None) -> list[int]:
         if dims is not None:
@@ -92,18 +94,18 @@ class Engine(ABC):
         return list(self.input_shape[1:])
 
     def check_input(self, x: np.ndarray) -> None:
-        """Refuse what the graph must not run on. Costs one ``np.isfinite`` pass: 0.18 ms for [8, 3, 224, 224]
-        on the project's 2-core machine (fp32 b8 ``session.run``: ~42 ms).
+        """Refuse what the graph must not run on. A float input costs one ``np.isfinite`` pass: 0.18 ms for
+        [8, 3, 224, 224] on the project's 2-core machine (fp32 b8 ``session.run``: ~42 ms).
 
         Raises:
-            InvalidInputError: ``x`` is not a float32 array of rank 4 with the model's C, H, W, or holds NaN or
-                infinite values; the message says what was received (no values echoed beyond a count and an
-                index) and what is expected.
+            InvalidInputError: ``x`` is not an array of the graph's dtype (:attr:`input_dtype`) and rank 4 with
+                the model's C, H, W, or (float) holds NaN or infinite values; the message says what was received
+                (no values echoed beyond a count and an index) and what is expected.
         """
         if not isinstance(x, np.ndarray):
             raise InvalidInputError(f"input must be a numpy array, got {type(x).__name__}")
-        if x.dtype != np.float32:
-            raise InvalidInputError(f"input must be float32, got {x.dtype}")
+        if x.dtype != self.input_dtype:
+            raise InvalidInputError(f"input must be {self.input_dtype}, got {x.dtype}")
         expected = self.input_shape[1:]
         if x.ndim != 4 or any(
             isinstance(e, int) and e != s for e, s in zip(expected, x.shape[1:], strict=False)
@@ -112,7 +114,7 @@ class Engine(ABC):
             raise InvalidInputError(
                 f"input must have shape [N, {', '.join(map(str, expected))}], got {shape}"
             )
-        if not np.isfinite(x).all():
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
             bad = ~np.isfinite(x)
             first = [int(i) for i in np.argwhere(bad)[0]]
             raise InvalidInputError(
@@ -147,6 +149,8 @@ def nonfinite_output_error(x: np.ndarray, logits: np.ndarray) -> tuple[str, bool
     """
     if np.isfinite(logits).all():
         return None
+    if x.dtype.kind != "f":  # pixels are always in range: the fault is the model's
+        return "the model produced non-finite logits for uint8 pixels", False
     lo, hi = float(x.min()), float(x.max())
     low, high = normalised_range()
     inside = low - 1e-3 <= lo and hi <= high + 1e-3

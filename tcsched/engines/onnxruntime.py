@@ -50,6 +50,8 @@ class OrtClassifier(Engine):
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = list(inp.shape)
+        if inp.type == "tensor(uint8)":
+            self.input_dtype = np.dtype(np.uint8)
         self.output_name = self.session.get_outputs()[0].name
         self.threads = threads
         self.precision = precision

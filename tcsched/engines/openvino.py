@@ -100,6 +100,8 @@ class OpenVinoEngine(Engine):
         self.request = self.compiled.create_infer_request()
         inp = self.compiled.input(0)
         self.input_shape = [d.get_length() if d.is_static else str(d) for d in inp.get_partial_shape()]
+        if inp.get_element_type() == ov.Type.u8:
+            self.input_dtype = np.dtype(np.uint8)
         # batch size -> infer request of the model compiled for exactly that batch
         self.static_requests: dict[int, object] = {}
         self.threads = threads
@@ -129,7 +131,7 @@ class OpenVinoEngine(Engine):
         shape = self._dims(dims)
         for n in sorted({int(b) for b in batch_sizes}):
             if 1 <= n <= MAX_STATIC_BATCH:
-                self.run(np.zeros([n, *shape], dtype=np.float32))
+                self.run(np.zeros([n, *shape], dtype=self.input_dtype))
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Logits of an input already checked by :meth:`check_input` (one synchronous ``infer`` on the model

@@ -280,3 +280,37 @@ def test_variant_configs_per_runtime():
         }
     ort = repo.variant_config("m", official, "input", "logits", [3, 224, 224], 1000)
     assert ort.backend == "onnxruntime"
+
+
+@pytest.mark.parametrize("which", ["fp32", "int8"])
+def test_pixel_input_graph_equals_the_float_graph_on_normalised_pixels(graphs, tmp_path, which):
+    """add_pixel_input: uint8 pixels in, the normalisation inside the graph; both runtimes give the float graph's
+    logits on the float tensor; the engines refuse float input to it; strip_pixel_input returns the float graph."""
+    import onnx
+
+    from tcsched.build_tools.graph_surgery import add_pixel_input, strip_pixel_input
+    from tcsched.pixels import normalise
+    from tcsched.preprocessing import IMAGENET
+
+    fp32, int8, _ = graphs
+    src = {"fp32": fp32, "int8": int8}[which]
+    px_path = tmp_path / "pixels.onnx"
+    onnx.save(add_pixel_input(onnx.load(src), IMAGENET.mean, IMAGENET.std), px_path)
+    pixels = np.random.default_rng(1).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
+    x = normalise(pixels, IMAGENET)
+    for runtime in ("onnxruntime", "openvino"):
+        ref = load_engine(runtime, src, threads=1)(x)
+        eng = load_engine(runtime, px_path, threads=1)
+        assert eng.input_dtype == np.uint8
+        got = eng(pixels)
+        if runtime == "onnxruntime" and which == "fp32":  # the same float32 operations: the same logits
+            np.testing.assert_array_equal(got, ref)
+        else:  # OpenVINO folds the normalisation into the first layer; a Q/DQ graph rounds at its inputs
+            np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+        with pytest.raises(InvalidInputError, match="input must be uint8, got float32"):
+            eng(x)
+    back = strip_pixel_input(onnx.load(px_path))
+    assert back.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert not any(n.name.startswith("tcsched_pixels/") for n in back.graph.node)
+    with pytest.raises(ValueError, match="already takes uint8 pixels"):
+        add_pixel_input(onnx.load(px_path), IMAGENET.mean, IMAGENET.std)

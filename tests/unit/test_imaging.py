@@ -25,6 +25,7 @@ from tcsched.imaging import (
     resized_size,
     to_rgb,
 )
+from tcsched.pixels import dtype_of_model_config, normalise
 from tcsched.preprocessing import IMAGENET
 
 
@@ -496,3 +497,26 @@ def test_fast_decodes_a_12_mpixel_jpeg_several_times_faster(imagenet_sample):
             preprocess_bytes(big, method=m)
             times[m].append(time.perf_counter() - t0)
     assert min(times["exact"]) > 3 * min(times["fast"]), times
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_uint8_pixels_normalised_are_the_float32_tensor_bit_for_bit(method, imagenet_sample):
+    items = list_images(imagenet_sample)[:6]
+    data = np.array([it.read_bytes() for it in items], dtype=object)
+    pixels = preprocess_batch(data, method=method, dtype="uint8")
+    assert pixels.dtype == np.uint8 and pixels.shape == (6, 3, 224, 224) and pixels.flags["C_CONTIGUOUS"]
+    floats = preprocess_batch(data, method=method)
+    np.testing.assert_array_equal(normalise(pixels), floats)
+    if method == "exact":  # and so torchvision's eval transform too
+        np.testing.assert_array_equal(normalise(pixels[0]), torchvision_reference(items[0].path))
+
+
+def test_pixel_dtype_of_the_preprocess_config_and_bad_dtypes():
+    assert dtype_of_model_config({"output": [{"data_type": "TYPE_UINT8", "dims": [3, 224, 224]}]}) == "uint8"
+    assert dtype_of_model_config({"output": [{"data_type": "TYPE_FP32", "dims": [3, 224, 224]}]}) == "float32"
+    with pytest.raises(
+        PreprocessError, match="output data_type 'TYPE_FP16': expected one of TYPE_FP32, TYPE_UINT8"
+    ):
+        dtype_of_model_config({"output": [{"data_type": "TYPE_FP16"}]})
+    with pytest.raises(PreprocessError, match="pixel dtype 'int8': expected one of float32, uint8"):
+        preprocess_bytes(default_photo("chelsea").read_bytes(), dtype="int8")

@@ -1,12 +1,14 @@
-"""Triton Python-backend model ``preprocess``: encoded image bytes -> float32 [3, crop_h, crop_w].
+"""Triton Python-backend model ``preprocess``: encoded image bytes -> float32 [3, crop_h, crop_w], or uint8 pixels.
 
 Thin wrapper: the transform is ``tcsched.imaging`` (unit-tested against torchvision, bounded against hostile
 images) of the :class:`tcsched.preprocessing.PreprocessSpec` in the config's ``preprocessing`` parameter (the
 ImageNet defaults when absent), made by the method of its ``preprocess_method`` parameter (``exact``:
-torchvision's transform bit for bit, the default when absent; ``fast``: JPEG DCT-domain downscaling). A spec or
-method that is not valid, or a spec that does not match the config's output dims, fails the model's load with a
-message naming what is wrong. Each request of a dynamic batch is decoded on its own: a request whose bytes are not an acceptable
-image gets its own ``INVALID_ARG`` response (HTTP 400, gRPC INVALID_ARGUMENT) naming the batch element and the
+torchvision's transform bit for bit, the default when absent; ``fast``: JPEG DCT-domain downscaling), in the
+dtype of its output (``TYPE_FP32``: normalised; ``TYPE_UINT8``: the crop's pixels, which the variant graphs of a
+``--pixels uint8`` build normalise themselves, ``tcsched.pixels``). A spec, method or dtype that is not valid,
+or a spec that does not match the config's output dims, fails the model's load with a message naming what is
+wrong. Each request of a dynamic batch is decoded on its own: a request whose bytes are not an acceptable image
+gets its own ``INVALID_ARG`` response (HTTP 400, gRPC INVALID_ARGUMENT) naming the batch element and the
 reason; the other requests of the batch are served. An unexpected fault of this model is ``INTERNAL``
 (HTTP 500) for that request alone, its text cleaned of addresses and paths.
 """
@@ -22,6 +24,7 @@ from tcsched.imaging import (
     preprocess_batch,
     spec_of_model_config,
 )
+from tcsched.pixels import dtype_of_model_config
 
 INPUT_NAME = "IMAGE"
 OUTPUT_NAME = "INPUT"
@@ -37,6 +40,7 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         self.spec = spec_of_model_config(cfg)
         self.method = method_of_model_config(cfg)
+        self.dtype = dtype_of_model_config(cfg)
 
     def execute(self, requests):
         responses = []
@@ -48,7 +52,9 @@ class TritonPythonModel:
                         _error(f"missing input {INPUT_NAME!r}", pb_utils.TritonError.INVALID_ARG)
                     )
                     continue
-                out = preprocess_batch(tensor.as_numpy(), spec=self.spec, method=self.method)
+                out = preprocess_batch(
+                    tensor.as_numpy(), spec=self.spec, method=self.method, dtype=self.dtype
+                )
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUT_NAME, out)]))
             except ImageDecodeError as e:
                 responses.append(_error(f"{INPUT_NAME}: {e}", pb_utils.TritonError.INVALID_ARG))
