@@ -312,11 +312,33 @@ def add_pixel_input(model: onnx.ModelProto, mean: Sequence[float], std: Sequence
         helper.make_node("Sub", [p + "unit", p + "mean"], [p + "centred"], name=p + "SubMean"),
         helper.make_node("Div", [p + "centred", p + "std"], [norm], name=p + "DivStd"),
     ]
-    nodes = list(g.node)
+    nodes = _topological(first + list(g.node), {i.name for i in g.initializer} | {name})
     del g.node[:]
-    g.node.extend(first + nodes)
+    g.node.extend(nodes)
     g.input[0].type.tensor_type.elem_type = TensorProto.UINT8
     onnx.checker.check_model(out)
+    return out
+
+
+def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where every node comes after the producers of its inputs (stable: a node keeps its
+    place when it can). ONNX requires it (onnx.checker); the fp16 converter appends its input Casts at the end.
+
+    Raises:
+        ValueError: some node's input is produced by no node and is no graph input or initializer.
+    """
+    have, out, pending = set(available) | {""}, [], list(nodes)
+    while pending:
+        rest = []
+        for n in pending:
+            if all(x in have for x in n.input):
+                out.append(n)
+                have.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ValueError(f"node {rest[0].name!r} reads a tensor nothing produces: {list(rest[0].input)}")
+        pending = rest
     return out
 
 

@@ -282,7 +282,7 @@ def test_variant_configs_per_runtime():
     assert ort.backend == "onnxruntime"
 
 
-@pytest.mark.parametrize("which", ["fp32", "int8"])
+@pytest.mark.parametrize("which", ["fp32", "int8", "fp16"])
 def test_pixel_input_graph_equals_the_float_graph_on_normalised_pixels(graphs, tmp_path, which):
     """add_pixel_input: uint8 pixels in, the normalisation inside the graph; both runtimes give the float graph's
     logits on the float tensor; the engines refuse float input to it; strip_pixel_input returns the float graph."""
@@ -292,8 +292,10 @@ def test_pixel_input_graph_equals_the_float_graph_on_normalised_pixels(graphs, t
     from tcsched.pixels import normalise
     from tcsched.preprocessing import IMAGENET
 
+    from tcsched.build_tools.graph_surgery import convert_fp16
+
     fp32, int8, _ = graphs
-    src = {"fp32": fp32, "int8": int8}[which]
+    src = {"fp32": fp32, "int8": int8}.get(which) or convert_fp16(fp32, tmp_path / "fp16.onnx")
     px_path = tmp_path / "pixels.onnx"
     onnx.save(add_pixel_input(onnx.load(src), IMAGENET.mean, IMAGENET.std), px_path)
     pixels = np.random.default_rng(1).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
@@ -305,7 +307,7 @@ def test_pixel_input_graph_equals_the_float_graph_on_normalised_pixels(graphs, t
         got = eng(pixels)
         if runtime == "onnxruntime" and which == "fp32":  # the same float32 operations: the same logits
             np.testing.assert_array_equal(got, ref)
-        else:  # OpenVINO folds the normalisation into the first layer; a Q/DQ graph rounds at its inputs
+        else:  # OpenVINO folds the normalisation into the first layer; Q/DQ and fp16 graphs round their inputs
             np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
         with pytest.raises(InvalidInputError, match="input must be uint8, got float32"):
             eng(x)
