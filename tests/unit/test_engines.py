@@ -288,11 +288,9 @@ def test_pixel_input_graph_equals_the_float_graph_on_normalised_pixels(graphs, t
     logits on the float tensor; the engines refuse float input to it; strip_pixel_input returns the float graph."""
     import onnx
 
-    from tcsched.build_tools.graph_surgery import add_pixel_input, strip_pixel_input
+    from tcsched.build_tools.graph_surgery import add_pixel_input, convert_fp16, strip_pixel_input
     from tcsched.pixels import normalise
     from tcsched.preprocessing import IMAGENET
-
-    from tcsched.build_tools.graph_surgery import convert_fp16
 
     fp32, int8, _ = graphs
     src = {"fp32": fp32, "int8": int8}.get(which) or convert_fp16(fp32, tmp_path / "fp16.onnx")
