@@ -65,10 +65,10 @@ class ServingOptions:
     #: one resize to the crop; its top-1 agreement with ``exact`` is measured by
     #: ``python -m tcsched.build_tools.preprocess_bench``) or ``exact`` (torchvision's transform, bit for bit)
     preprocess_method: Method = "fast"
-    #: what ``preprocess`` sends the variants (tcsched.pixels): ``float32`` normalised tensors, or ``uint8``
-    #: pixels with the normalisation as the first nodes of every variant graph (a quarter of the bytes through
-    #: the ensemble and the BLS calls; README "Preprocessing")
-    pixels: PixelDtype = "float32"
+    #: what ``preprocess`` sends the variants (tcsched.pixels): ``uint8`` pixels with the normalisation as the
+    #: first nodes of every variant graph (a quarter of the bytes through the ensemble and the BLS calls), or
+    #: ``float32`` normalised tensors (what a GPU repository is built from); README "Pixels: uint8 or float32"
+    pixels: PixelDtype = "uint8"
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
 
 

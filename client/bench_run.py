@@ -85,6 +85,11 @@ class BenchRun:
         self.data, self.raw, self.pipelines, self.log = data, raw, pipelines, log
         self.exact_path = exact_path  # today's path (<ensemble>_exact_path) is on the server
         self.known = [v.name for v in manifest.variants]
+        # the models whose inferences count as "served by": beside a uint8-pixel repository, today's path serves
+        # float-input copies of the variants (client.pipelines)
+        self.counted = self.known + (
+            [v + FLOAT_SUFFIX for v in self.known] if manifest.input.dtype != "float32" else []
+        )
         self.url = ""
         self.points: list[PerfPoint] = []
         self.bare: list[BarePoint] = []
@@ -139,7 +144,7 @@ class BenchRun:
 
     def _served_by(self, p: PerfPoint) -> dict[str, int]:
         """Inferences per variant that served ``p`` (those with any)."""
-        return {k: v["inference_count"] for k, v in _usage(p, self.known).items() if v["inference_count"]}
+        return {k: v["inference_count"] for k, v in _usage(p, self.counted).items() if v["inference_count"]}
 
     def measure(self, t: Target, load: LoadSpec) -> None:
         """One perf_analyzer point of ``t``; a failure is recorded in ``errors`` and the run goes on."""
@@ -373,7 +378,7 @@ class BenchRun:
                 for v in self.variants
             },
             request_rates_used=self.rates,
-            repository_variants=self.known,
+            repository_variants=self.counted,
             # preprocessing of the ensemble as built and of today's path (the path rounds' table)
             preprocess={
                 "default": preprocess_setup(Path(self.cfg.repo) / PREPROCESS),

@@ -119,10 +119,11 @@ _PreprocessMethod = Annotated[
     ),
 ]
 _Pixels = Annotated[
-    str,
+    str | None,
     typer.Option(
-        help="float32 (preprocess normalises) | uint8 (preprocess sends 8-bit pixels; every variant graph "
-        "normalises them first: a quarter of the bytes per hop)"
+        help="uint8 (preprocess sends 8-bit pixels; every variant graph normalises them first: a quarter of the "
+        "bytes per hop) | float32 (preprocess normalises). Default: uint8, float32 with --target gpu (TensorRT "
+        "engines are built from float32-input graphs)"
     ),
 ]
 _WorkDir = Annotated[Path, typer.Option(help="intermediate files")]
@@ -176,7 +177,7 @@ def build(
     variant_backend: _VariantBackend = _BUILD.serving.variant_backend,
     threads: _Threads = _BUILD.threads,
     preprocess_method: _PreprocessMethod = _BUILD.serving.preprocess_method,
-    pixels: _Pixels = _BUILD.serving.pixels,
+    pixels: _Pixels = None,
     work_dir: _WorkDir = _BUILD.work_dir,
     report_dir: _ReportDir = _BUILD.report_dir,
     target: _Target = "cpu",
@@ -223,8 +224,14 @@ def _build_config(p: dict) -> BuildConfig:
         )
     from tcsched.pixels import PIXEL_DTYPES
 
-    if p["pixels"] not in PIXEL_DTYPES:
-        raise typer.BadParameter(f"--pixels must be 'float32' or 'uint8', got {p['pixels']!r}")
+    gpu = p.get("target") == "gpu"
+    pixels = p["pixels"] or ("float32" if gpu else _BUILD.serving.pixels)
+    if pixels not in PIXEL_DTYPES:
+        raise typer.BadParameter(f"--pixels must be 'uint8' or 'float32', got {pixels!r}")
+    if gpu and pixels != "float32":
+        raise typer.BadParameter(
+            f"--target gpu needs --pixels float32 (TensorRT engines are built from float32-input graphs), got {pixels}"
+        )
     backends = get_args(VariantBackend)
     if p["variant_backend"] not in backends:
         raise typer.BadParameter(
@@ -261,7 +268,7 @@ def _build_config(p: dict) -> BuildConfig:
             variant_backend=p["variant_backend"],
             intra_op_num_threads=p["threads"],
             preprocess_method=p["preprocess_method"],
-            pixels=p["pixels"],
+            pixels=pixels,
         ),
     )
     try:

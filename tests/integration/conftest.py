@@ -28,8 +28,9 @@ def built_repo(tmp_path_factory) -> Path:
         qat_steps=10,  # the default 200 takes ~4.5 min here; 10 runs the same path
         qat_min_images=1,  # calibration here is scikit-image's few photos
         # one preprocess instance (the default is one per core): the tests that batch a bomb with a good image
-        # and that kill "the" preprocess stub need a single instance
-        serving=ServingOptions(preprocess_instances=1),
+        # and that kill "the" preprocess stub need a single instance; float32 pixels: the tests call the variants
+        # with the normalised tensors of tcsched.imaging (test_pixels.py builds and serves the uint8 default)
+        serving=ServingOptions(preprocess_instances=1, pixels="float32"),
     )
     build(cfg, Console(quiet=True))
     return cfg.output

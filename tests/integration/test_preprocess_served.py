@@ -66,8 +66,11 @@ def test_served_preprocess_follows_its_config(served):
     assert rect.shape == (3, 200, 232)
     np.testing.assert_array_equal(rect, preprocess_bytes(data, spec=RECT, method="exact"))
     default = _infer(served, "pre_default", data)
-    method = r.ServingOptions().preprocess_method
-    np.testing.assert_array_equal(default, preprocess_bytes(data, method=method))
+    opts = r.ServingOptions()
+    assert default.dtype == np.dtype(opts.pixels)
+    np.testing.assert_array_equal(
+        default, preprocess_bytes(data, method=opts.preprocess_method, dtype=opts.pixels)
+    )
 
 
 def test_a_bad_spec_fails_the_load_naming_it(served):

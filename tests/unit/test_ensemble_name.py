@@ -59,7 +59,7 @@ def test_bench_report_names_the_ensemble_and_reads_its_points(tmp_path, recorded
 def _cpu_repo(root: Path, ensemble: str) -> Path:
     """A CPU repository (a tiny ONNX graph as fp32 and int8; named as the FAKE engines expect) whose ensemble is named ``ensemble``."""
     repo = root / "cpu"
-    opts = r.ServingOptions(max_batch_size=8)
+    opts = r.ServingOptions(max_batch_size=8, pixels="float32")  # TensorRT engines take float32 graphs
     onnx_path = tiny_classifier(root / "tiny.onnx")
     for p in ("fp32", "int8"):
         r.write_variant(repo, f"mobilenet_v2_{p}", Path(onnx_path), opts)

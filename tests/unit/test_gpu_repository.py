@@ -334,7 +334,7 @@ PRECISIONS = {"fp32": 0.0, "fp16": 0.1, "int8": 0.8, "sparse24": 1.5}
 
 def _cpu_repo(root: Path) -> Path:
     repo = root / "cpu"
-    opts = r.ServingOptions(max_batch_size=8, max_queue_delay_microseconds=1500)
+    opts = r.ServingOptions(max_batch_size=8, max_queue_delay_microseconds=1500, pixels="float32")
     onnx_path = tiny_classifier(root / "tiny.onnx")
     for p in PRECISIONS:
         r.write_variant(repo, f"mobilenet_v2_{p}", Path(onnx_path), opts)

@@ -22,7 +22,10 @@ LABELS = [f"class {i}" for i in range(10)]
 def repo(tmp_path):
     """A repository's serving models as ``tcsched build`` writes them (fast preprocessing, 2 instances)."""
     root = tmp_path / "repo"
-    opts = r.ServingOptions(max_batch_size=4, preprocess_instances=2, preprocess_method="fast")
+    # float32 pixels: the exact path of a uint8 repository also needs its manifest (tests/integration/test_pixels.py)
+    opts = r.ServingOptions(
+        max_batch_size=4, preprocess_instances=2, preprocess_method="fast", pixels="float32"
+    )
     r.write_pipeline(root, LABELS, opts, ensemble="flowers")
     return root
 

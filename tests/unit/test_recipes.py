@@ -156,13 +156,14 @@ def test_a_registered_recipe_is_built_measured_and_written(tmp_path, toy_recipe)
     toy = manifest.variant("mobilenet_v2_int8_percentile")
     assert toy.precision == "int8" and toy.serve_on_cpu_for_speed
     assert set(toy.layer_precision.values()) == {"int8"} and len(toy.layer_precision) == 4
-    (note,) = toy.build_notes
+    note, pixel_note = toy.build_notes  # the recipe's, then the default uint8 pixel input's check
     assert note.startswith("percentile 99.99 on ") and "selection agreement" in note
+    assert pixel_note.startswith("served with uint8 pixels in") and "top-1 equal on" in pixel_note
     graph = onnx.load(str(cfg.output / toy.file))
     assert any(n.op_type == "QuantizeLinear" for n in graph.graph.node)
     assert toy.latency is not None and set(toy.latency.p50_ms_by_batch) == {1, 8}
     # the written manifest is the returned one, and the fp32 reference is measured against itself
-    assert Manifest.read(cfg.output / "manifest.json").variants[1].build_notes == [note]
+    assert Manifest.read(cfg.output / "manifest.json").variants[1].build_notes == [note, pixel_note]
     fp32 = manifest.variant("mobilenet_v2_fp32")
     assert fp32.accuracy.agreement_with_fp32 == 1.0 and fp32.build_notes[0].startswith("ONNX export opset")
     assert json.loads((cfg.output / "analysis.json").read_text())["layers"]

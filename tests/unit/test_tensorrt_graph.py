@@ -157,7 +157,7 @@ def test_build_measures_the_tensorrt_graph_and_the_gpu_manifest_records_it(
     those figures, not the uint8 graph's."""
     fp32, q = residual_int8
     repo = tmp_path / "cpu"
-    opts = r.ServingOptions(max_batch_size=8)
+    opts = r.ServingOptions(max_batch_size=8, pixels="float32")  # TensorRT engines take float32 graphs
     for name, path in (("mobilenet_v2_fp32", fp32), ("mobilenet_v2_int8", q)):
         r.write_variant(repo, name, path, opts, classes=10)
     r.write_pipeline(repo, [f"class {i}" for i in range(10)], opts)
