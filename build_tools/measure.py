@@ -208,6 +208,6 @@ def pixel_graph_note(served: Path, m: Measured, eval_images: np.ndarray, spec) -
     diff = float(np.abs(got - ref).max())
     return (
         f"served with uint8 pixels in (the normalisation as its first nodes, tcsched_pixels/*): on {len(x)} "
-        f"evaluation images its logits are within {diff:.2g} of the measured float-input graph's, top-1 equal "
-        f"on {same}/{len(x)}"
+        f"evaluation images its logits differ from the measured float-input graph's by at most {diff:.2g}, "
+        f"top-1 equal on {same}/{len(x)}"
     )
