@@ -62,11 +62,11 @@ def _infer(server, model, data: bytes) -> np.ndarray:
 
 def test_served_preprocess_follows_its_config(served):
     data = default_photo("chelsea").read_bytes()
-    rect = _infer(served, "pre_rect_exact", data)
-    assert rect.shape == (3, 200, 232)
-    np.testing.assert_array_equal(rect, preprocess_bytes(data, spec=RECT, method="exact"))
-    default = _infer(served, "pre_default", data)
     opts = r.ServingOptions()
+    rect = _infer(served, "pre_rect_exact", data)
+    assert rect.shape == (3, 200, 232) and rect.dtype == np.dtype(opts.pixels)
+    np.testing.assert_array_equal(rect, preprocess_bytes(data, spec=RECT, method="exact", dtype=opts.pixels))
+    default = _infer(served, "pre_default", data)
     assert default.dtype == np.dtype(opts.pixels)
     np.testing.assert_array_equal(
         default, preprocess_bytes(data, method=opts.preprocess_method, dtype=opts.pixels)
