@@ -212,6 +212,26 @@ def _check_gpu_stack() -> None:
         raise typer.BadParameter(f"--target gpu: {e}") from None
 
 
+def pixels_for(target: str, pixels: str | None) -> str:
+    """``--pixels`` resolved: as given, else ServingOptions' default (uint8), float32 for ``--target gpu``
+    (TensorRT engines are built from float32-input graphs: tcsched.build_tools.gpu_repository).
+
+    Raises:
+        typer.BadParameter: an unknown dtype, or a dtype other than float32 with ``--target gpu``.
+    """
+    from tcsched.pixels import PIXEL_DTYPES
+
+    gpu = target == "gpu"
+    out = pixels or ("float32" if gpu else _BUILD.serving.pixels)
+    if out not in PIXEL_DTYPES:
+        raise typer.BadParameter(f"--pixels must be 'uint8' or 'float32', got {out!r}")
+    if gpu and out != "float32":
+        raise typer.BadParameter(
+            f"--target gpu needs --pixels float32 (TensorRT engines are built from float32-input graphs), got {out}"
+        )
+    return out
+
+
 def _build_config(p: dict) -> BuildConfig:
     """The BuildConfig of `tcsched build`'s parsed options ``p``, validated (bad options: typer.BadParameter)."""
     from tcsched.build_tools.repository import ServingOptions, VariantBackend
@@ -222,16 +242,7 @@ def _build_config(p: dict) -> BuildConfig:
         raise typer.BadParameter(
             f"--preprocess-method must be 'fast' or 'exact', got {p['preprocess_method']!r}"
         )
-    from tcsched.pixels import PIXEL_DTYPES
-
-    gpu = p.get("target") == "gpu"
-    pixels = p["pixels"] or ("float32" if gpu else _BUILD.serving.pixels)
-    if pixels not in PIXEL_DTYPES:
-        raise typer.BadParameter(f"--pixels must be 'uint8' or 'float32', got {pixels!r}")
-    if gpu and pixels != "float32":
-        raise typer.BadParameter(
-            f"--target gpu needs --pixels float32 (TensorRT engines are built from float32-input graphs), got {pixels}"
-        )
+    pixels = pixels_for(p.get("target", "cpu"), p["pixels"])
     backends = get_args(VariantBackend)
     if p["variant_backend"] not in backends:
         raise typer.BadParameter(

@@ -152,6 +152,8 @@ def test_classify_of_a_folder_takes_its_images(labeled):
         (["serve", "--log-info=true"], ["tritonserver options go after --"]),
         (["serve", "--repo", "{dir}"], ["not a tcsched model repository"]),
         (["perf-data", "{dir}"], ["--output"]),
+        (["build", "--pixels", "int4"], ["--pixels must be 'uint8' or 'float32'", "'int4'"]),
+        (["build", "--pixels", "uint8", "--target", "gpu"], ["--target gpu needs --pixels float32"]),
         (["nosuchcommand"], ["No such command"]),
     ],
 )
@@ -166,3 +168,15 @@ def test_version_and_help_exit_zero():
     out = run_cli("--version")
     assert out.returncode == 0 and out.stdout.strip() == f"tcsched {__version__}"
     assert run_cli("classify", "--help").returncode == 0
+
+
+def test_build_pixels_default_uint8_and_float32_for_the_gpu():
+    import typer
+
+    from tcsched.build_tools.repository import ServingOptions
+    from tcsched.cli.build_cmd import pixels_for
+
+    assert ServingOptions().pixels == "uint8" and pixels_for("cpu", None) == "uint8"
+    assert pixels_for("gpu", None) == "float32" and pixels_for("cpu", "float32") == "float32"
+    with pytest.raises(typer.BadParameter, match="--target gpu needs --pixels float32"):
+        pixels_for("gpu", "uint8")
