@@ -20,10 +20,10 @@ from tcsched.client.bench_results import BenchConfig, BenchResult
 from tcsched.client.overhead import OverheadResult, measure_overhead
 from tcsched.client.perf_analyzer import LoadSpec, PerfAnalyzerError, PerfPoint, run_load, warm_up
 from tcsched.client.pipelines import (
-    FLOAT_SUFFIX,
     PREPROCESS_EXACT,
     SCHEDULER_EXACT,
     exact_path_name,
+    float_copy_name,
     pipeline_name,
     preprocess_setup,
 )
@@ -85,11 +85,8 @@ class BenchRun:
         self.data, self.raw, self.pipelines, self.log = data, raw, pipelines, log
         self.exact_path = exact_path  # today's path (<ensemble>_exact_path) is on the server
         self.known = [v.name for v in manifest.variants]
-        # the models whose inferences count as "served by": beside a uint8-pixel repository, today's path serves
-        # float-input copies of the variants (client.pipelines)
-        self.counted = self.known + (
-            [v + FLOAT_SUFFIX for v in self.known] if manifest.input.dtype != "float32" else []
-        )
+        # the models whose inferences count as "served by": the variants and what serves them on today's path
+        self.counted = list(dict.fromkeys([*self.known, *map(self._today_model, self.known)]))
         self.url = ""
         self.points: list[PerfPoint] = []
         self.bare: list[BarePoint] = []
@@ -141,6 +138,11 @@ class BenchRun:
         except PerfAnalyzerError as e:
             self.errors.append(f"{label}: {str(e)[-600:]}")
             return None
+
+    def _today_model(self, variant: str) -> str:
+        """The model that serves ``variant`` on today's path: itself, or beside a uint8-pixel repository its
+        float-input copy (client.pipelines)."""
+        return variant if self.manifest.input.dtype == "float32" else float_copy_name(variant)
 
     def _served_by(self, p: PerfPoint) -> dict[str, int]:
         """Inferences per variant that served ``p`` (those with any)."""
@@ -305,8 +307,7 @@ class BenchRun:
             self.log(f"no path rounds: {why}")
             return
         fastest = self.fastest_variant() or ort
-        # beside a uint8-pixel repository today's path runs the float-input copy of ort (client.pipelines)
-        today = ort if self.manifest.input.dtype == "float32" else ort + FLOAT_SUFFIX
+        today = self._today_model(ort)
         self.path_targets = path_targets(self.manifest.ensemble, ort, fastest, today)
         c = max(self.cfg.concurrency)
         self.log(

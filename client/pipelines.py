@@ -154,6 +154,11 @@ SCHEDULER_EXACT = "scheduler_exact"
 FLOAT_SUFFIX = "_float"
 
 
+def float_copy_name(variant: str) -> str:
+    """The Triton name of ``variant``'s float-input copy beside a uint8-pixel repository (:func:`_float_scheduler`)."""
+    return variant + FLOAT_SUFFIX
+
+
 def _float_scheduler(folder: Path, repo: Path, variants: Sequence[str]) -> str:
     """Write ``scheduler_exact`` into ``folder``: ``repo``'s scheduler with a float32 input, reading its own
     manifest (``repo``'s, with only the reference and ``variants``, renamed ``<name>_float``, input float32, no
@@ -169,7 +174,7 @@ def _float_scheduler(folder: Path, repo: Path, variants: Sequence[str]) -> str:
     keep = [m.variant(m.reference_variant), *(m.variant(v) for v in variants if v != m.reference_variant)]
     entries = []
     for v in keep:
-        name = v.name + FLOAT_SUFFIX
+        name = float_copy_name(v.name)
         cfg = parse((repo / v.name / "config.pbtxt").read_text())
         cfg.name = name
         cfg.input[0].data_type = mc.TYPE_FP32
