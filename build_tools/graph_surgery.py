@@ -323,6 +323,8 @@ def add_pixel_input(model: onnx.ModelProto, mean: Sequence[float], std: Sequence
 def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
     """``nodes`` in an order where every node comes after the producers of its inputs (stable: a node keeps its
     place when it can). ONNX requires it (onnx.checker); the fp16 converter appends its input Casts at the end.
+    onnxruntime's ``ONNXModel.topological_sort`` is not stable (it moves every Constant to the front), and the
+    pixel nodes must stay the graph's first nodes.
 
     Raises:
         ValueError: some node's input is produced by no node and is no graph input or initializer.
