@@ -433,7 +433,10 @@ def build(cfg: BuildConfig, console: Console | None = None, source: Source | Non
         outcome = run_recipes(ctx, recipes, step)
         progress.update(step, description="measure accuracy (evaluation split) and latency (interleaved)")
         pairs, pair_notes = openvino_pairs(
-            outcome.built, cpu_capabilities(), importlib.util.find_spec("openvino") is not None
+            outcome.built,
+            cpu_capabilities(),
+            importlib.util.find_spec("openvino") is not None,
+            two_model_variants=cfg.serving.variant_backend == "python",
         )
         if pair_notes:
             outcome.dropped.append(Dropped("openvino pairs", pair_notes))

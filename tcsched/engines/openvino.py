@@ -23,6 +23,14 @@ gains (batch 3 padded to 4, 6 to 8: measured no faster than the dynamic model), 
 
 ``bf16`` is only compiled where the CPU runs it natively (:func:`tcsched.engines.capabilities.native_bf16`):
 elsewhere the CPU device would refuse it or emulate it, and neither is what the build measured.
+
+``bf16_mixed`` is bf16 with the network's stem in f32: the graph is cut after its first
+:data:`F32_STEM_CONVOLUTIONS` convolutions, at the first tensor that alone carries everything the rest needs
+(:func:`stem_cut`), and the two parts are compiled as two models, the stem with ``f32`` and the body with
+``bf16``, run one after the other (the stem's output tensor passed on without a copy). The CPU device offers no
+per-layer precision for this: the ``precise_0`` runtime attribute (``ov::disable_fp16_compression``) is not
+copyable and is lost when the CPU plugin fuses a Convolution with its bias, and a compiled model with marked
+Convolutions ran every one of them in bf16 all the same (measured with OpenVINO 2026.4.1).
 """
 
 from __future__ import annotations
@@ -36,7 +44,20 @@ from tcsched.engines.base import Engine, EngineInfo, MissingRuntimeError
 RUNTIME = "openvino"
 INSTALL_HINT = "pip install 'openvino==2026.4.1' (the version pinned in pyproject.toml)"
 # precision name -> INFERENCE_PRECISION_HINT (ov::element::Type names)
-PRECISION_HINTS = {"bf16": "bf16"}
+PRECISION_HINTS = {"bf16": "bf16", "bf16_mixed": "bf16"}
+# precisions that need a CPU with native bf16
+BF16_PRECISIONS = ("bf16", "bf16_mixed")
+# bf16_mixed: the leading convolutions run in f32, the stem and first block of a MobileNet-style network
+# (MobileNetV2 features.0-1: conv 3x3 s2, depthwise 3x3, linear 1x1 projection to 16 channels; EfficientNet-Lite0
+# likewise). Measured on MobileNetV2 with uint8 input, OpenVINO 2026.4.1 on an AVX-512 BF16 CPU without AMX,
+# 512 ImageNet images x 8 label-preserving views, against ONNX Runtime fp32: whole-graph bf16 disagreed on 71
+# of 4096 views (6 of the 512 originals) with mean KL 0.0024; f32 up to the first convolution alone, 72 (7) and
+# 0.0023; up to the third, 37 (2) and 0.00072; up to the sixth, 25 (2) and 0.00052. At batch 8 the three-
+# convolution stem cost 0.58x ONNX Runtime fp32 against 0.44x for whole-graph bf16 (40 interleaved rounds).
+F32_STEM_CONVOLUTIONS = 3
+CONVOLUTIONS = ("Convolution", "GroupConvolution")
+# elementwise ops the CPU device fuses into the convolution before them (bias, scale): never cut between them
+FUSED_INTO_CONVOLUTION = ("Add", "Multiply", "Subtract")
 DEFAULT_HINT = "f32"
 # batch sizes up to this get their own static-shape compiled model (module docstring). Measured for MobileNetV2
 # on the 2-core machine: 1..8 together take 4 s (bf16) to 14 s (int8 Q/DQ) to compile and ~200 MB of RSS;
@@ -62,6 +83,64 @@ def inference_precision_hint(precision: str) -> str:
     return PRECISION_HINTS.get(precision, DEFAULT_HINT)
 
 
+def stem_cut(model, convolutions: int = F32_STEM_CONVOLUTIONS) -> tuple[int, int]:
+    """Where ``bf16_mixed`` cuts ``model`` (an ``openvino.Model``): (position in ``model.get_ordered_ops()``,
+    output index) of the first op output, after the ``convolutions``-th Convolution or GroupConvolution, that
+    is the only non-constant tensor crossing the cut (no residual branch or shape computation passes it) and
+    does not feed a bias or scale of its own convolution (:data:`FUSED_INTO_CONVOLUTION`).
+
+    Raises:
+        ValueError: ``convolutions`` < 1, or the graph has fewer convolutions or no such tensor after them.
+    """
+    if convolutions < 1:
+        raise ValueError(f"convolutions must be >= 1, got {convolutions}")
+    ops = list(model.get_ordered_ops())
+    position = {op.get_name(): i for i, op in enumerate(ops)}
+    last_use: dict[tuple[int, int], int] = {}  # (producer position, output index) -> last consumer position
+    for i, op in enumerate(ops):
+        for inp in op.inputs():
+            src = inp.get_source_output()
+            if src.get_node().get_type_name() == "Constant":
+                continue
+            key = (position[src.get_node().get_name()], src.get_index())
+            last_use[key] = max(last_use.get(key, -1), i)
+    seen = 0
+    for i, op in enumerate(ops):
+        if op.get_type_name() in CONVOLUTIONS:
+            seen += 1
+        if seen < convolutions:
+            continue
+        live = [k for k, last in last_use.items() if k[0] <= i < last]
+        if len(live) != 1:
+            continue
+        out = ops[live[0][0]].output(live[0][1])
+        fused = ops[live[0][0]].get_type_name() in CONVOLUTIONS and any(
+            t.get_node().get_type_name() in FUSED_INTO_CONVOLUTION for t in out.get_target_inputs()
+        )
+        if not fused:
+            return live[0]
+    raise ValueError(
+        f"no single-tensor cut after the first {convolutions} convolutions (the graph has {seen})"
+    )
+
+
+def split_at(model, cut: tuple[int, int]) -> tuple[object, object]:
+    """``model`` cut at ``cut`` (:func:`stem_cut`): (the stem, ending in a Result on that tensor; the body,
+    starting from a Parameter of its type and shape). Both are built on clones; ``model`` is left unchanged."""
+    import openvino.opset13 as opset
+
+    ov = import_openvino()
+    stem = model.clone()
+    out = list(stem.get_ordered_ops())[cut[0]].output(cut[1])
+    stem = ov.Model([opset.result(out)], stem.get_parameters(), "f32_stem")
+    body = model.clone()
+    out = list(body.get_ordered_ops())[cut[0]].output(cut[1])
+    param = opset.parameter(out.get_partial_shape(), out.get_element_type(), name="stem_output")
+    for target in list(out.get_target_inputs()):
+        target.replace_source_output(param.output(0))
+    return stem, ov.Model(body.get_results(), [param], "body")
+
+
 def compile_config(precision: str, threads: int | None) -> dict[str, str]:
     """The CPU device properties of :func:`OpenVinoEngine` (strings, as OpenVINO's property parser reads
     them and as Triton's openvino backend passes its ``parameters``)."""
@@ -77,17 +156,20 @@ def compile_config(precision: str, threads: int | None) -> dict[str, str]:
 
 
 class OpenVinoEngine(Engine):
-    """One ONNX classifier compiled by OpenVINO for the CPU: float32 [N, 3, H, W] in, float32 [N, classes] out.
+    """One ONNX classifier compiled by OpenVINO for the CPU: float32 (or uint8) [N, 3, H, W] in, float32
+    [N, classes] out. ``bf16_mixed`` runs as two compiled models, the f32 stem and the bf16 body (module
+    docstring); every other precision as one.
 
     Raises (constructor):
         MissingRuntimeError: openvino is not installed.
-        ValueError: ``precision`` is ``bf16`` and this CPU has no native bf16
-            (:func:`tcsched.engines.capabilities.native_bf16`).
+        ValueError: ``precision`` is ``bf16`` or ``bf16_mixed`` and this CPU has no native bf16
+            (:func:`tcsched.engines.capabilities.native_bf16`); ``bf16_mixed`` on a graph without a stem cut
+            (:func:`stem_cut`).
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, precision: str = "fp32"):
         ov = import_openvino()
-        if precision == "bf16":
+        if precision in BF16_PRECISIONS:
             from tcsched.engines.capabilities import cpu_capabilities
 
             caps = cpu_capabilities()
@@ -96,34 +178,45 @@ class OpenVinoEngine(Engine):
         self.core = ov.Core()
         self.config = compile_config(precision, threads)
         self.model = self.core.read_model(str(path))
-        self.compiled = self.core.compile_model(self.model, "CPU", self.config)
-        self.request = self.compiled.create_infer_request()
-        inp = self.compiled.input(0)
+        # (model, compile properties) run one after the other
+        if precision == "bf16_mixed":
+            stem, body = split_at(self.model, stem_cut(self.model))
+            self.stages = [(stem, compile_config("fp32", threads)), (body, self.config)]
+        else:
+            self.stages = [(self.model, self.config)]
+        compiled = [self.core.compile_model(m, "CPU", c) for m, c in self.stages]
+        self.compiled = compiled[-1]  # the body: its properties are the variant's (runtime_property)
+        self.chain = tuple(c.create_infer_request() for c in compiled)
+        self.request = self.chain[0]
+        inp = compiled[0].input(0)
         self.input_shape = [d.get_length() if d.is_static else str(d) for d in inp.get_partial_shape()]
         if inp.get_element_type() == ov.Type.u8:
             self.input_dtype = np.dtype(np.uint8)
-        # batch size -> infer request of the model compiled for exactly that batch
-        self.static_requests: dict[int, object] = {}
+        # batch size -> the infer requests (one per stage) of the models compiled for exactly that batch
+        self.static_requests: dict[int, tuple] = {}
         self.threads = threads
         self.precision = precision
         self.version = ov.__version__
 
-    def _request_for(self, x: np.ndarray):
-        """The infer request for ``x``'s shape: the static-shape model of its batch size (compiled now if not
-        yet), or the dynamic-shape model when the batch size is above :data:`MAX_STATIC_BATCH`, the graph's batch
-        dimension is already fixed, or the other dimensions are not the graph's."""
+    def _requests_for(self, x: np.ndarray) -> tuple:
+        """The infer requests for ``x``'s shape: the static-shape models of its batch size (compiled now if not
+        yet), or the dynamic-shape models when the batch size is above :data:`MAX_STATIC_BATCH`, the graph's
+        batch dimension is already fixed, or the other dimensions are not the graph's."""
         n = len(x)
-        req = self.static_requests.get(n)
-        if req is not None:
-            return req
+        reqs = self.static_requests.get(n)
+        if reqs is not None:
+            return reqs
         dims = self.model.input(0).get_partial_shape()
         if n > MAX_STATIC_BATCH or dims[0].is_static or list(x.shape[1:]) != self.input_shape[1:]:
-            return self.request
-        static = self.model.clone()
-        static.reshape({static.input(0): [n, *x.shape[1:]]})
-        req = self.core.compile_model(static, "CPU", self.config).create_infer_request()
-        self.static_requests[n] = req
-        return req
+            return self.chain
+        out = []
+        for model, config in self.stages:
+            static = model.clone()
+            rest = [d.get_length() for d in list(static.input(0).get_partial_shape())[1:]]
+            static.reshape({static.input(0): [n, *rest]})
+            out.append(self.core.compile_model(static, "CPU", config).create_infer_request())
+        self.static_requests[n] = reqs = tuple(out)
+        return reqs
 
     def prepare(self, batch_sizes, dims: list[int] | None = None) -> None:
         """Compile the static-shape models of ``batch_sizes`` now (those up to :data:`MAX_STATIC_BATCH`), so
@@ -134,11 +227,14 @@ class OpenVinoEngine(Engine):
                 self.run(np.zeros([n, *shape], dtype=self.input_dtype))
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Logits of an input already checked by :meth:`check_input` (one synchronous ``infer`` on the model
-        compiled for its batch size); a copy, since the request's output buffer is reused by the next call."""
-        req = self._request_for(x)
-        req.infer({0: x}, share_inputs=True)
-        return np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        """Logits of an input already checked by :meth:`check_input` (one synchronous ``infer`` per stage on
+        the models compiled for its batch size, each stage's output tensor the next one's input); a copy, since
+        the last request's output buffer is reused by the next call."""
+        reqs = self._requests_for(x)
+        reqs[0].infer({0: x}, share_inputs=True)
+        for prev, req in zip(reqs, reqs[1:], strict=False):
+            req.infer({0: prev.get_output_tensor(0)}, share_inputs=True)
+        return np.array(reqs[-1].get_output_tensor(0).data, dtype=np.float32, copy=True)
 
     def describe(self) -> EngineInfo:
         return EngineInfo(RUNTIME, self.version.split("-")[0], self.precision, self.threads)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from tcsched.build_tools.quantize import quantize_int8
@@ -126,13 +127,94 @@ def test_bf16_close_to_fp32(graphs):
     assert np.abs(a - b).max() <= 0.03 * float(np.abs(a).max())  # bf16: 8-bit mantissa
 
 
+def _stem_graph(path) -> str:
+    """Input -> Conv+bias -> Relu -> [Conv -> Relu -> Conv, + residual from the Relu] -> Conv+bias -> Relu ->
+    Conv -> GlobalAveragePool -> Flatten -> Gemm: the residual Add ends where a cut after 3 convolutions can be."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    c = 8
+    w = {
+        "w1": (c, 3, 3, 3), "b1": (c,), "w2": (c, 1, 3, 3), "w3": (c, c, 1, 1), "w4": (c, c, 1, 1), "b4": (c,),
+        "w5": (c, 1, 3, 3), "wf": (10, c), "bf": (10,),
+    }  # fmt: skip
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, s).astype(np.float32), n) for n, s in w.items()]
+    conv = helper.make_node
+    nodes = [
+        conv("Conv", ["input", "w1", "b1"], ["c1"], name="stem", pads=[1, 1, 1, 1], strides=[2, 2]),
+        conv("Relu", ["c1"], ["r1"], name="r1"),
+        conv("Conv", ["r1", "w2"], ["c2"], name="dw", pads=[1, 1, 1, 1], group=c),
+        conv("Relu", ["c2"], ["r2"], name="r2"),
+        conv("Conv", ["r2", "w3"], ["c3"], name="project"),
+        conv("Add", ["c3", "r1"], ["res"], name="residual"),
+        conv("Conv", ["res", "w4", "b4"], ["c4"], name="expand"),
+        conv("Relu", ["c4"], ["r4"], name="r4"),
+        conv("Conv", ["r4", "w5"], ["c5"], name="dw2", pads=[1, 1, 1, 1], group=c),
+        conv("GlobalAveragePool", ["c5"], ["gap"], name="gap"),
+        conv("Flatten", ["gap"], ["flat"], name="flatten"),
+        conv("Gemm", ["flat", "wf", "bf"], ["logits"], name="classifier", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "stem",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_stem_cut_after_the_residual(tmp_path):
+    import openvino as ov
+
+    from tcsched.engines.openvino import split_at, stem_cut
+
+    model = ov.Core().read_model(_stem_graph(tmp_path / "stem.onnx"))
+    ops = list(model.get_ordered_ops())
+    pos, out = stem_cut(model, 3)
+    # not inside the residual block (its input is still needed by the Add), at the Add's output
+    assert ops[pos].get_friendly_name() == "residual"
+    # the first convolution's bias Add is fused into it: the cut after 1 convolution is after that Add
+    assert ops[stem_cut(model, 1)[0]].get_type_name() == "Add"
+    with pytest.raises(ValueError, match="no single-tensor cut after the first 9 convolutions"):
+        stem_cut(model, 9)
+    stem, body = split_at(model, (pos, out))
+    assert [list(p.get_partial_shape())[1:] for p in body.get_parameters()] == [[8, 16, 16]]
+    assert len(list(model.get_ordered_ops())) == len(ops)  # the model itself is left as it was
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16")
+def test_bf16_mixed_runs_stem_in_f32(tmp_path):
+    path = _stem_graph(tmp_path / "stem.onnx")
+    x = np.random.default_rng(2).normal(0, 1, (5, 3, 32, 32)).astype(np.float32)
+    ref = load_engine("onnxruntime", path, threads=1)(x)
+    mixed = load_engine("openvino", path, threads=1, precision="bf16_mixed")
+    assert len(mixed.stages) == 2 and mixed.runtime_property("INFERENCE_PRECISION_HINT") in (
+        "bf16",
+        "bfloat16",
+    )
+    stem = mixed.core.compile_model(mixed.stages[0][0], "CPU", mixed.stages[0][1])
+    assert stem.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+    a = mixed(x)
+    assert np.abs(a - ref).max() <= 0.03 * float(np.abs(ref).max())
+    np.testing.assert_array_equal(mixed(x[:2]), a[:2])  # static batch 2, same stages
+    assert sorted(mixed.static_requests) == [2, 5]
+    whole = load_engine("openvino", path, threads=1, precision="bf16")(x)
+    # the f32 stem is closer to fp32 than whole-graph bf16
+    assert np.abs(a - ref).mean() < np.abs(whole - ref).mean()
+
+
 def test_bf16_refused_without_native(graphs, monkeypatch):
     from tcsched.engines import capabilities
 
     no_bf16 = CpuCapabilities(flags=frozenset({"avx2"}), openvino=frozenset({"FP32", "INT8"}))
     monkeypatch.setattr(capabilities, "cpu_capabilities", lambda: no_bf16)
-    with pytest.raises(ValueError, match="bf16 needs a CPU that runs it natively.*avx2"):
-        load_engine("openvino", graphs[0], precision="bf16")
+    for precision in ("bf16", "bf16_mixed"):
+        with pytest.raises(ValueError, match="bf16 needs a CPU that runs it natively.*avx2"):
+            load_engine("openvino", graphs[0], precision=precision)
 
 
 def test_bf16_gate_needs_both_sources():
@@ -161,9 +243,16 @@ def test_openvino_pairs_follow_the_cpu(tmp_path):
     pairs, notes = openvino_pairs(built, with_bf16, openvino_available=True)
     assert [(p.name, p.variant.precision, p.requires_cpu) for p in pairs] == [
         ("bf16_openvino", "bf16", ("bf16",)),
+        ("bf16_mixed_openvino", "bf16_mixed", ("bf16",)),
         ("int8_openvino", "int8", ()),
     ]
     assert pairs[0].variant.layer_plan == {"conv": "bf16"} and notes == []
+    assert pairs[1].variant.layer_plan == {"conv": "fp32"}  # the stem's convolution stays f32
+    assert "first 3 convolutions" in pairs[1].variant.notes[0]
+    # Triton's openvino backend runs one compiled model per model: no bf16_mixed for it
+    pairs, notes = openvino_pairs(built, with_bf16, True, two_model_variants=False)
+    assert [p.name for p in pairs] == ["bf16_openvino", "int8_openvino"]
+    assert "one compiled model" in notes[0]
     without = CpuCapabilities(frozenset({"avx2"}), frozenset({"FP32"}))
     pairs, notes = openvino_pairs(built, without, openvino_available=True)
     assert [(p.name, p.variant.precision) for p in pairs] == [
