@@ -31,7 +31,7 @@ def test_manifest_lists_the_pairs(built_repo):
     for v in vs:
         assert v.latency.runtime == "openvino" and v.accuracy.n_images > 0
         assert v.not_served_reason is None or v.not_served_reason
-        if v.precision == "bf16":
+        if v.precision in ("bf16", "bf16_mixed"):
             assert v.requires_cpu == ["bf16"] and "bf16" in m.build_cpu
     assert m.variant(m.reference_variant).runtime == "onnxruntime"
 
