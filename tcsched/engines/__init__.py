@@ -20,10 +20,12 @@ def load_engine(
 ) -> Engine:
     """An :class:`Engine` for the ONNX file ``path`` on ``runtime`` (one of :data:`CPU_RUNTIMES`).
 
-    ``precision``: the variant's precision; OpenVINO compiles ``bf16`` with ``INFERENCE_PRECISION_HINT=bf16``.
+    ``precision``: the variant's precision; OpenVINO compiles ``bf16`` with ``INFERENCE_PRECISION_HINT=bf16``,
+    and ``bf16_mixed`` likewise except the graph's f32 stem (:mod:`tcsched.engines.openvino`).
 
     Raises:
-        ValueError: unknown runtime, or bf16 on a CPU without native bf16.
+        ValueError: unknown runtime, bf16 or bf16_mixed on a CPU without native bf16, or bf16_mixed on a graph
+            without a stem cut.
         MissingRuntimeError: the runtime is not installed (the message says how to install it).
     """
     if runtime == "onnxruntime":
