@@ -77,13 +77,29 @@ def openvino_pairs(
                 f"OpenVINO runs {graph} in fp32, not bf16: this CPU has no native bf16 ({caps.summary()})"
             )
         for precision in precisions:
-            if precision == "bf16_mixed" and not two_model_variants:
-                notes.append(
-                    "bf16_mixed_openvino not built: Triton's openvino backend runs one compiled model"
+            if precision == "bf16_mixed":
+                why = (
+                    "Triton's openvino backend runs one compiled model"
+                    if not two_model_variants
+                    else _no_stem_cut(v.path)
                 )
-                continue
+                if why:
+                    notes.append(f"bf16_mixed_openvino not built: {why}")
+                    continue
             pairs.append(_pair(v, graph, precision, caps))
     return pairs, notes
+
+
+def _no_stem_cut(path) -> str | None:
+    """Why the graph at ``path`` has no f32 stem for ``bf16_mixed`` (:func:`tcsched.engines.openvino.stem_cut`),
+    or ``None`` when it has one."""
+    from tcsched.engines.openvino import import_openvino, stem_cut
+
+    try:
+        stem_cut(import_openvino().Core().read_model(str(path)))
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _pair(v: BuiltVariant, graph: str, precision: str, caps: CpuCapabilities) -> Pair:

@@ -238,7 +238,7 @@ def _variants(path: Path) -> dict[str, BuiltVariant]:
 
 
 def test_openvino_pairs_follow_the_cpu(tmp_path):
-    built = _variants(tmp_path / "g.onnx")
+    built = _variants(Path(_stem_graph(tmp_path / "g.onnx")))
     with_bf16 = CpuCapabilities(frozenset({"amx_bf16"}), frozenset({"BF16"}))
     pairs, notes = openvino_pairs(built, with_bf16, openvino_available=True)
     assert [(p.name, p.variant.precision, p.requires_cpu) for p in pairs] == [
@@ -262,6 +262,12 @@ def test_openvino_pairs_follow_the_cpu(tmp_path):
     assert "no native bf16" in notes[0]
     pairs, notes = openvino_pairs(built, with_bf16, openvino_available=False)
     assert pairs == [] and "pip install 'openvino==" in notes[0]
+    # a graph with no cut after 3 convolutions (tiny_classifier: 2) gets no bf16_mixed, and the note says why
+    pairs, notes = openvino_pairs(_variants(Path(tiny_classifier(tmp_path / "t.onnx"))), with_bf16, True)
+    assert [p.name for p in pairs] == ["bf16_openvino", "int8_openvino"]
+    assert notes == [
+        "bf16_mixed_openvino not built: no single-tensor cut after the first 3 convolutions (the graph has 2)"
+    ]
 
 
 SPECS = {
