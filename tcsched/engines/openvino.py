@@ -85,12 +85,15 @@ def inference_precision_hint(precision: str) -> str:
 
 def stem_cut(model, convolutions: int = F32_STEM_CONVOLUTIONS) -> tuple[int, int]:
     """Where ``bf16_mixed`` cuts ``model`` (an ``openvino.Model``): (position in ``model.get_ordered_ops()``,
-    output index) of the first op output, after the ``convolutions``-th Convolution or GroupConvolution, that
-    is the only non-constant tensor crossing the cut (no residual branch or shape computation passes it) and
-    does not feed a bias or scale of its own convolution (:data:`FUSED_INTO_CONVOLUTION`).
+    output index) of the first op output, after the ``convolutions``-th Convolution or GroupConvolution and
+    before the next one, that is the only non-constant tensor crossing the cut (no residual branch or shape
+    computation passes it) and does not feed a bias or scale of its own convolution
+    (:data:`FUSED_INTO_CONVOLUTION`).
 
     Raises:
-        ValueError: ``convolutions`` < 1, or the graph has fewer convolutions or no such tensor after them.
+        ValueError: ``convolutions`` < 1, or no such tensor: the graph has fewer convolutions, or a residual
+            branch or a shape computation of the input (``x.view(x.size(0), -1)``: ShapeOf of the input) crosses
+            every point between that convolution and the next.
     """
     if convolutions < 1:
         raise ValueError(f"convolutions must be >= 1, got {convolutions}")
@@ -110,6 +113,8 @@ def stem_cut(model, convolutions: int = F32_STEM_CONVOLUTIONS) -> tuple[int, int
             seen += 1
         if seen < convolutions:
             continue
+        if seen > convolutions:  # the stem would hold more convolutions than asked for
+            break
         live = [k for k, last in last_use.items() if k[0] <= i < last]
         if len(live) != 1:
             continue
@@ -119,8 +124,12 @@ def stem_cut(model, convolutions: int = F32_STEM_CONVOLUTIONS) -> tuple[int, int
         )
         if not fused:
             return live[0]
+    total = sum(op.get_type_name() in CONVOLUTIONS for op in ops)
+    if total < convolutions:
+        raise ValueError(f"no f32 stem of {convolutions} convolutions: the graph has {total}")
     raise ValueError(
-        f"no single-tensor cut after the first {convolutions} convolutions (the graph has {seen})"
+        f"no single-tensor cut between convolution {convolutions} and the next: a residual branch or a shape "
+        "computation crosses every point there"
     )
 
 

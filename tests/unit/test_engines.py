@@ -179,8 +179,11 @@ def test_stem_cut_after_the_residual(tmp_path):
     assert ops[pos].get_friendly_name() == "residual"
     # the first convolution's bias Add is fused into it: the cut after 1 convolution is after that Add
     assert ops[stem_cut(model, 1)[0]].get_type_name() == "Add"
-    with pytest.raises(ValueError, match="no single-tensor cut after the first 9 convolutions"):
+    with pytest.raises(ValueError, match="no f32 stem of 9 convolutions: the graph has 5"):
         stem_cut(model, 9)
+    # inside the residual block (after the depthwise convolution) every point is crossed by the branch
+    with pytest.raises(ValueError, match="between convolution 2 and the next: a residual branch"):
+        stem_cut(model, 2)
     stem, body = split_at(model, (pos, out))
     assert [list(p.get_partial_shape())[1:] for p in body.get_parameters()] == [[8, 16, 16]]
     assert len(list(model.get_ordered_ops())) == len(ops)  # the model itself is left as it was
@@ -265,9 +268,7 @@ def test_openvino_pairs_follow_the_cpu(tmp_path):
     # a graph with no cut after 3 convolutions (tiny_classifier: 2) gets no bf16_mixed, and the note says why
     pairs, notes = openvino_pairs(_variants(Path(tiny_classifier(tmp_path / "t.onnx"))), with_bf16, True)
     assert [p.name for p in pairs] == ["bf16_openvino", "int8_openvino"]
-    assert notes == [
-        "bf16_mixed_openvino not built: no single-tensor cut after the first 3 convolutions (the graph has 2)"
-    ]
+    assert notes == ["bf16_mixed_openvino not built: no f32 stem of 3 convolutions: the graph has 2"]
 
 
 SPECS = {
