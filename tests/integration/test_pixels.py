@@ -80,6 +80,11 @@ def test_served_pixel_variants_equal_the_float_graphs(pixel_repo, imagenet_sampl
                 got = c.infer(v.name, [inp]).as_numpy("logits")
                 if v.runtime == "onnxruntime":  # the same float32 operations in the same order
                     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=v.name)
+                elif v.precision == "bf16_mixed":
+                    # the f32 stem's output differs in its last float bits (normalisation folded or not),
+                    # which moves the bf16 body's rounding by a step (8-bit mantissa: 0.4%) here and there
+                    atol = 0.005 * float(np.abs(want).max())
+                    np.testing.assert_allclose(got, want, rtol=1e-2, atol=atol, err_msg=v.name)
                 else:  # OpenVINO folds the normalisation into the first layer
                     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-2, err_msg=v.name)
                 assert (got.argmax(1) == want.argmax(1)).all(), v.name
