@@ -27,7 +27,8 @@ elsewhere the CPU device would refuse it or emulate it, and neither is what the 
 ``bf16_mixed`` is bf16 with the network's stem in f32: the graph is cut after its first
 :data:`F32_STEM_CONVOLUTIONS` convolutions, at the first tensor that alone carries everything the rest needs
 (:func:`stem_cut`), and the two parts are compiled as two models, the stem with ``f32`` and the body with
-``bf16``, run one after the other (the stem's output tensor passed on without a copy). The CPU device offers no
+``bf16``, run one after the other (the stem's output tensor, converted to bf16, passed on without a copy:
+:func:`split_at`). The CPU device offers no
 per-layer precision for this: the ``precise_0`` runtime attribute (``ov::disable_fp16_compression``) is not
 copyable and is lost when the CPU plugin fuses a Convolution with its bias, and a compiled model with marked
 Convolutions ran every one of them in bf16 all the same (measured with OpenVINO 2026.4.1).
@@ -133,20 +134,29 @@ def stem_cut(model, convolutions: int = F32_STEM_CONVOLUTIONS) -> tuple[int, int
     )
 
 
-def split_at(model, cut: tuple[int, int]) -> tuple[object, object]:
+def split_at(model, cut: tuple[int, int], handover: str | None = None) -> tuple[object, object]:
     """``model`` cut at ``cut`` (:func:`stem_cut`): (the stem, ending in a Result on that tensor; the body,
-    starting from a Parameter of its type and shape). Both are built on clones; ``model`` is left unchanged."""
+    starting from a Parameter of its shape). Both are built on clones; ``model`` is left unchanged.
+
+    ``handover``: an element type (``"bf16"``) the tensor crosses in: the stem converts it at its end and the
+    body converts it back first. For a bf16 body this changes no value, since its first layers round their
+    input to bf16 anyway (MobileNetV2: logits identical, max difference 0), and halves the bytes written and
+    read at the cut (batch 8: 0.57x instead of 0.60x ONNX Runtime fp32, batch 1: 0.63x instead of 0.74x;
+    60 interleaved rounds)."""
     import openvino.opset13 as opset
 
     ov = import_openvino()
     stem = model.clone()
     out = list(stem.get_ordered_ops())[cut[0]].output(cut[1])
-    stem = ov.Model([opset.result(out)], stem.get_parameters(), "f32_stem")
+    end = opset.convert(out, handover).output(0) if handover else out
+    stem = ov.Model([opset.result(end)], stem.get_parameters(), "f32_stem")
     body = model.clone()
     out = list(body.get_ordered_ops())[cut[0]].output(cut[1])
-    param = opset.parameter(out.get_partial_shape(), out.get_element_type(), name="stem_output")
+    crossing = getattr(ov.Type, handover) if handover else out.get_element_type()
+    param = opset.parameter(out.get_partial_shape(), crossing, name="stem_output")
+    start = opset.convert(param, out.get_element_type()).output(0) if handover else param.output(0)
     for target in list(out.get_target_inputs()):
-        target.replace_source_output(param.output(0))
+        target.replace_source_output(start)
     return stem, ov.Model(body.get_results(), [param], "body")
 
 
@@ -189,7 +199,7 @@ class OpenVinoEngine(Engine):
         self.model = self.core.read_model(str(path))
         # (model, compile properties) run one after the other
         if precision == "bf16_mixed":
-            stem, body = split_at(self.model, stem_cut(self.model))
+            stem, body = split_at(self.model, stem_cut(self.model), handover="bf16")
             self.stages = [(stem, compile_config("fp32", threads)), (body, self.config)]
         else:
             self.stages = [(self.model, self.config)]

@@ -186,6 +186,9 @@ def test_stem_cut_after_the_residual(tmp_path):
         stem_cut(model, 2)
     stem, body = split_at(model, (pos, out))
     assert [list(p.get_partial_shape())[1:] for p in body.get_parameters()] == [[8, 16, 16]]
+    stem, body = split_at(model, (pos, out), handover="bf16")
+    assert stem.output(0).get_element_type().get_type_name() == "bf16"
+    assert body.input(0).get_element_type().get_type_name() == "bf16"
     assert len(list(model.get_ordered_ops())) == len(ops)  # the model itself is left as it was
 
 
