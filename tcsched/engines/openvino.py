@@ -28,10 +28,10 @@ elsewhere the CPU device would refuse it or emulate it, and neither is what the 
 :data:`F32_STEM_CONVOLUTIONS` convolutions, at the first tensor that alone carries everything the rest needs
 (:func:`stem_cut`), and the two parts are compiled as two models, the stem with ``f32`` and the body with
 ``bf16``, run one after the other (the stem's output tensor, converted to bf16, passed on without a copy:
-:func:`split_at`). The CPU device offers no
-per-layer precision for this: the ``precise_0`` runtime attribute (``ov::disable_fp16_compression``) is not
-copyable and is lost when the CPU plugin fuses a Convolution with its bias, and a compiled model with marked
-Convolutions ran every one of them in bf16 all the same (measured with OpenVINO 2026.4.1).
+:func:`split_at`). The CPU device offers no per-layer precision for this: the ``precise_0`` runtime attribute
+(``ov::disable_fp16_compression``) is not copyable and is lost when the CPU plugin fuses a Convolution with its
+bias, and a compiled model with marked Convolutions ran every one of them in bf16 all the same (measured with
+OpenVINO 2026.4.1).
 """
 
 from __future__ import annotations
@@ -49,12 +49,13 @@ PRECISION_HINTS = {"bf16": "bf16", "bf16_mixed": "bf16"}
 # precisions that need a CPU with native bf16
 BF16_PRECISIONS = ("bf16", "bf16_mixed")
 # bf16_mixed: the leading convolutions run in f32, the stem and first block of a MobileNet-style network
-# (MobileNetV2 features.0-1: conv 3x3 s2, depthwise 3x3, linear 1x1 projection to 16 channels; EfficientNet-Lite0
-# likewise). Measured on MobileNetV2 with uint8 input, OpenVINO 2026.4.1 on an AVX-512 BF16 CPU without AMX,
+# (MobileNetV2 features.0-1: conv 3x3 s2, depthwise 3x3, linear 1x1 projection to 16 channels). Measured on
+# MobileNetV2 with uint8 input, OpenVINO 2026.4.1 on an AVX-512 BF16 CPU without AMX,
 # 512 ImageNet images x 8 label-preserving views, against ONNX Runtime fp32: whole-graph bf16 disagreed on 71
 # of 4096 views (6 of the 512 originals) with mean KL 0.0024; f32 up to the first convolution alone, 72 (7) and
 # 0.0023; up to the third, 37 (2) and 0.00072; up to the sixth, 25 (2) and 0.00052. At batch 8 the three-
-# convolution stem cost 0.58x ONNX Runtime fp32 against 0.44x for whole-graph bf16 (40 interleaved rounds).
+# convolution stem cost 0.58x ONNX Runtime fp32 against 0.44x for whole-graph bf16 (40 interleaved rounds, the
+# cut crossed in f32; in bf16, split_at, 0.57x against 0.60x in 60 rounds).
 F32_STEM_CONVOLUTIONS = 3
 CONVOLUTIONS = ("Convolution", "GroupConvolution")
 # elementwise ops the CPU device fuses into the convolution before them (bias, scale): never cut between them
