@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from tcsched.build_tools.recipes.base import BuiltVariant
 from tcsched.engines.capabilities import BF16, CpuCapabilities
-from tcsched.engines.openvino import F32_STEM_CONVOLUTIONS
+from tcsched.engines.openvino import BF16_PRECISIONS, F32_STEM_CONVOLUTIONS
 
 OPENVINO = "openvino"
 ONNXRUNTIME = "onnxruntime"
@@ -71,7 +71,7 @@ def openvino_pairs(
         v = built.get(graph)
         if v is None:
             continue
-        if BF16 in precisions and not caps.native_bf16:
+        if not caps.native_bf16 and any(p in BF16_PRECISIONS for p in precisions):
             precisions = ("fp32",)
             notes.append(
                 f"OpenVINO runs {graph} in fp32, not bf16: this CPU has no native bf16 ({caps.summary()})"
@@ -105,7 +105,7 @@ def _no_stem_cut(path) -> str | None:
 def _pair(v: BuiltVariant, graph: str, precision: str, caps: CpuCapabilities) -> Pair:
     """The pair of graph ``v`` on OpenVINO computing in ``precision``: its layer plan (bf16 for the float
     layers of a bf16 pair, except the f32 stem of ``bf16_mixed``), notes and CPU requirement."""
-    requires = (BF16,) if precision in PAIR_ONLY_PRECISIONS else ()
+    requires = (BF16,) if precision in BF16_PRECISIONS else ()  # the engine's own bf16 gate
     stem = F32_STEM_CONVOLUTIONS if precision == "bf16_mixed" else 0
     plan = {}
     for k, p in v.layer_plan.items():  # graph order: the first ``stem`` layers are the stem's convolutions
