@@ -47,6 +47,7 @@ from tcsched.build_tools.measure import (  # noqa: F401 - re-exported: the build
     Measurements,
     _accuracy,
     _tensorrt_graph,
+    all_accuracy,
     measure,
     model_name,
     pixel_graph_note,
@@ -271,6 +272,27 @@ def _eval_description(cfg: BuildConfig, splits: Splits, ctx: BuildContext) -> st
     )
 
 
+def _other_images(
+    cfg: BuildConfig, splits: Splits, ctx: BuildContext, progress: Progress, spec: PreprocessSpec
+) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """(images, labels, description) of the labeled ``--data-dir`` images outside the evaluation split, for the
+    figures on all its images (``tcsched eval`` without ``--evaluation-split`` sees the same ones); None when
+    there are none (``Splits.others``)."""
+    if not splits.others:
+        return None
+    method = cfg.serving.preprocess_method
+    unused = (
+        load_images(splits.unused, progress, "rest of calibration", spec, method) if splits.unused else None
+    )
+    parts = [ctx.calib, *([] if unused is None else [unused]), ctx.select]
+    n = len(splits.others) + len(splits.eval)
+    return (
+        np.concatenate(parts),
+        np.array([it.label for it in splits.others]),
+        f"{cfg.data_dir}: all {n} labeled images (calibration, selection and evaluation splits)",
+    )
+
+
 # -------------------------------------------------------------------------------------------------- repository
 
 
@@ -313,6 +335,7 @@ def _entry(
         file=str(dst.relative_to(tmp)),
         size_bytes=dst.stat().st_size,
         accuracy=_accuracy(m.eval_logits, ref.eval_logits, measurements),
+        accuracy_all_images=all_accuracy(m, ref, measurements),
         latency=LatencyReport(
             device=f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             runtime=m.runtime,
@@ -440,7 +463,14 @@ def build(cfg: BuildConfig, console: Console | None = None, source: Source | Non
         )
         if pair_notes:
             outcome.dropped.append(Dropped("openvino pairs", pair_notes))
-        measurements = measure(ctx, outcome.built, _eval_description(cfg, splits, ctx), pairs, source.name)
+        measurements = measure(
+            ctx,
+            outcome.built,
+            _eval_description(cfg, splits, ctx),
+            pairs,
+            source.name,
+            others=_other_images(cfg, splits, ctx, progress, source.preprocessing),
+        )
         progress.advance(step)
         # every variant is built and measured here: which to serve (the accuracy-latency front) and the
         # confidence cascades calibrated on them are chosen before the manifest entries are written

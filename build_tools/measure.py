@@ -38,7 +38,8 @@ def model_name(variant: str, prefix: str = MODEL_PREFIX) -> str:
 class Measured:
     """One built variant measured: logits float32 [N_eval, classes] on the evaluation split, and ms of one
     ``session.run`` per interleaved round by batch size. ``selection_logits`` (float32 [N_views, classes], on
-    ``BuildContext.select_views``) are computed on first use."""
+    ``BuildContext.select_views``) are computed on first use. ``other_logits`` (float32 [N_others, classes] or
+    None): on the labeled images outside the evaluation split (``Measurements.all_labels``)."""
 
     variant: BuiltVariant
     model_name: str
@@ -47,6 +48,7 @@ class Measured:
     _selection: Callable[[], np.ndarray] = field(repr=False)
     runtime: str = ONNXRUNTIME
     requires_cpu: tuple[str, ...] = ()
+    other_logits: np.ndarray | None = None
 
     @cached_property
     def selection_logits(self) -> np.ndarray:
@@ -63,7 +65,9 @@ class Measurements:
 
     ``select_groups`` int [N_views]: the selection image of each view (views of one image share it);
     ``select_labels`` / ``eval_labels``: int labels or None. ``eval_description``: the images the figures are
-    on (the manifest's accuracy dataset).
+    on (the manifest's accuracy dataset). ``all_labels`` int [N_others + N_eval] (or None): the labels of every
+    labeled image the build loaded, the others first (``Measured.other_logits``) then the evaluation split;
+    ``all_description`` says which images those are.
     """
 
     variants: dict[str, Measured]
@@ -72,6 +76,8 @@ class Measurements:
     select_labels: np.ndarray | None
     eval_labels: np.ndarray | None
     eval_description: str
+    all_labels: np.ndarray | None = None
+    all_description: str = ""
 
     def eval_logits(self) -> dict[str, np.ndarray]:
         return {n: m.eval_logits for n, m in self.variants.items()}
@@ -92,9 +98,12 @@ def measure(
     eval_description: str,
     pairs: Sequence[Pair] = (),
     prefix: str = MODEL_PREFIX,
+    others: tuple[np.ndarray, np.ndarray, str] | None = None,
 ) -> Measurements:
     """Logits of every built variant on the evaluation split, and latencies of all of them interleaved
     (:func:`~tcsched.build_tools.latency.measure_latency`, ``cfg.latency_repeats`` rounds per batch size).
+    ``others``: (float32 [N, C, H, W] images, int [N] labels, description of all the images) of the labeled
+    images outside the evaluation split; their logits make the figures on all images (:func:`all_accuracy`).
 
     Every graph in ``built`` runs on ONNX Runtime; each of ``pairs`` (:mod:`tcsched.build_tools.recipes.pairs`)
     is one of those graphs on another runtime, measured the same way, interleaved with the others. The Triton
@@ -112,8 +121,12 @@ def measure(
 
     task = ctx.progress.add_task("accuracy", total=len(runs))
     logits: dict[str, np.ndarray] = {}
+    other_logits: dict[str, np.ndarray | None] = dict.fromkeys(runs)
     for name in runs:
-        logits[name] = engine(name).predict(ctx.eval_images, batch_size=PREDICT_BATCH)
+        e = engine(name)
+        logits[name] = e.predict(ctx.eval_images, batch_size=PREDICT_BATCH)
+        if others is not None:
+            other_logits[name] = e.predict(others[0], batch_size=PREDICT_BATCH)
         ctx.progress.advance(task)
     paths = {name: v.path for name, (v, _, _) in runs.items()}
     sample = ctx.eval_images[:LATENCY_SAMPLE_IMAGES]
@@ -125,7 +138,9 @@ def measure(
         return lambda: engine(n).predict(ctx.select_views, batch_size=PREDICT_BATCH)
 
     variants = {
-        model_name(n, prefix): Measured(v, model_name(n, prefix), logits[n], lat[n], selection(n), rt, req)
+        model_name(n, prefix): Measured(
+            v, model_name(n, prefix), logits[n], lat[n], selection(n), rt, req, other_logits[n]
+        )
         for n, (v, rt, req) in runs.items()
     }
     n_select = len(ctx.select)
@@ -136,18 +151,45 @@ def measure(
         select_labels=ctx.select_labels,
         eval_labels=ctx.eval_labels,
         eval_description=eval_description,
+        all_labels=None
+        if others is None or ctx.eval_labels is None
+        else np.concatenate([others[1], ctx.eval_labels]),
+        all_description="" if others is None else others[2],
     )
 
 
 def _accuracy(logits: np.ndarray, ref_logits: np.ndarray, measurements: Measurements) -> AccuracyReport:
     """Accuracy of evaluation-split ``logits`` [N, classes] against the labels and the reference's logits."""
-    y = measurements.eval_labels
+    return accuracy_report(logits, ref_logits, measurements.eval_labels, measurements.eval_description)
+
+
+def all_accuracy(m: Measured, ref: Measured, measurements: Measurements) -> AccuracyReport | None:
+    """Accuracy of ``m`` on every labeled image the build loaded (``Measurements.all_labels``), or None when
+    the build had no others (no ``--data-dir``, or unlabeled images). It includes the images the build chose
+    on: it is for comparing with a served figure on the same images (``tcsched eval`` without
+    ``--evaluation-split``), not for choosing between variants."""
+    y = measurements.all_labels
+    if y is None or m.other_logits is None or ref.other_logits is None:
+        return None
+    return accuracy_report(
+        np.concatenate([m.other_logits, m.eval_logits]),
+        np.concatenate([ref.other_logits, ref.eval_logits]),
+        y,
+        measurements.all_description,
+    )
+
+
+def accuracy_report(
+    logits: np.ndarray, ref_logits: np.ndarray, y: np.ndarray | None, dataset: str
+) -> AccuracyReport:
+    """Top-1/top-5 of ``logits`` float32 [N, classes] against the int labels ``y`` [N] (None: unlabeled), and
+    agreement and KL with the reference's ``ref_logits`` [N, classes], with Wilson 95% intervals over N."""
     top1 = topk_accuracy(logits, y, 1) if y is not None else None
     agree = top1_agreement(ref_logits, logits)
     drop = 100.0 * (topk_accuracy(ref_logits, y, 1) - top1) if y is not None else 100.0 * (1.0 - agree)
     n = len(logits)
     return AccuracyReport(
-        dataset=measurements.eval_description,
+        dataset=dataset,
         n_images=n,
         top1=top1,
         top5=topk_accuracy(logits, y, 5) if y is not None else None,

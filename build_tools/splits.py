@@ -6,7 +6,7 @@ method, and the per-channel and per-image statistics of the manifest's drift che
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from rich.progress import Progress
@@ -20,14 +20,29 @@ from tcsched.preprocessing import IMAGENET, PreprocessSpec
 
 @dataclass
 class Splits:
+    """The build's images. ``unused``: the calibration images of ``--data-dir`` past ``calib_limit``, which
+    only the all-images figures see (:attr:`others`)."""
+
     calib: list[ImageItem]
     select: list[ImageItem]
     eval: list[ImageItem]
     description: str
+    unused: list[ImageItem] = field(default_factory=list)
+    whole_folder: bool = False  # every image of --data-dir is in a split (no --eval-limit cut it)
 
     @property
     def labeled(self) -> bool:
         return all(it.label is not None for it in self.eval)
+
+    @property
+    def others(self) -> list[ImageItem]:
+        """Every labeled image of ``--data-dir`` outside the evaluation split (calibration, its unused rest,
+        selection), for the figures on all its images; empty without ``--data-dir``, when ``--eval-limit`` cut
+        the evaluation split, or without labels."""
+        rest = [*self.calib, *self.unused, *self.select]
+        if not self.whole_folder or not self.labeled or any(it.label is None for it in rest):
+            return []
+        return rest
 
 
 def make_splits(cfg: BuildConfig) -> Splits:
@@ -38,16 +53,18 @@ def make_splits(cfg: BuildConfig) -> Splits:
             f"{cfg.data_dir}: hash split of {len(items)} images: calibration {len(calib)}, selection "
             f"{len(select)}, evaluation {len(evaluation)}"
         )
-        calib = calib[: cfg.calib_limit]
+        calib, unused = calib[: cfg.calib_limit], calib[cfg.calib_limit :]
     else:
         calib = (list_images(cfg.calib_dir) if cfg.calib_dir else default_photos())[: cfg.calib_limit]
         select = calib
         evaluation = list_images(cfg.eval_dir) if cfg.eval_dir else list(calib)
         src = cfg.calib_dir or "scikit-image photos"
         desc = f"calibration and selection: {len(calib)} images from {src}; evaluation: {cfg.eval_dir or src}"
+        unused = []
+    whole = cfg.data_dir is not None and not (cfg.eval_limit and cfg.eval_limit < len(evaluation))
     if cfg.eval_limit:
         evaluation = evaluation[: cfg.eval_limit]
-    return Splits(calib, select, evaluation, desc)
+    return Splits(calib, select, evaluation, desc, unused, whole_folder=whole)
 
 
 def load_images(

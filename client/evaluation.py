@@ -63,6 +63,10 @@ class EvalRow:
     errors: int = 0
     variants_used: dict[str, int] = field(default_factory=dict)
     mean_latency_ms: float | None = None
+    # a forced variant's figures in the manifest on the same images (the build's evaluation split, or all its
+    # labeled images), for comparison with the served ones
+    build_top1: float | None = None
+    build_agreement_with_fp32: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -120,6 +124,7 @@ class EvalResult:
             "top-5",
             "agree fp32 [95%]",
             "agree eager",
+            "build: top-1 / agree fp32",
             "escalated (manifest: eval split)",
             "compute ms/img",
             "vs fp32",
@@ -141,6 +146,7 @@ class EvalResult:
                 pct(r.top5),
                 "-" if ci is None else f"{pct(r.agreement_with_fp32)} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]",
                 pct(r.agreement_with_reference),
+                _build_text(r),
                 pct(r.escalation_rate)
                 + ("" if r.manifest_escalation_rate is None else f" ({pct(r.manifest_escalation_rate)})"),
                 "-" if r.compute_ms_per_image is None else f"{r.compute_ms_per_image:.2f}",
@@ -169,6 +175,16 @@ class EvalResult:
                     f"{st['ms_per_image']:.2f}",
                 )
         return t
+
+
+def _build_text(r: EvalRow) -> str:
+    """'84.15% / 97.07% (+0.00 / +0.00)': the build's figures and served minus build, in points."""
+    if r.build_agreement_with_fp32 is None or r.agreement_with_fp32 is None:
+        return "-"
+    top1 = "-" if r.build_top1 is None else f"{100 * r.build_top1:.2f}%"
+    d_top1 = "-" if r.build_top1 is None else f"{100 * (r.top1 - r.build_top1):+.2f}"
+    d_agree = 100 * (r.agreement_with_fp32 - r.build_agreement_with_fp32)
+    return f"{top1} / {100 * r.build_agreement_with_fp32:.2f}% ({d_top1} / {d_agree:+.2f})"
 
 
 def _row(name: str, res: list, labels: np.ndarray, eager_top1: np.ndarray | None, compute_ms: float):
@@ -211,6 +227,21 @@ def _manifest_rates(row: EvalRow, res: list, manifest: Manifest) -> None:
                 row.manifest_calibration_escalation_rate = op.escalation_rate
                 if op.evaluation is not None:
                     row.manifest_escalation_rate = op.evaluation.escalation_rate
+
+
+def _build_figures(row: EvalRow, manifest: Manifest, variant: str, images: str | None) -> None:
+    """The manifest's top-1 and agreement of ``variant`` on ``images`` ("evaluation": the build's evaluation
+    split; "all": every labeled image of its ``--data-dir``), when they were measured on as many images as
+    ``row`` was served."""
+    if images is None:
+        return
+    try:
+        entry = manifest.variant(variant)
+    except KeyError:
+        return
+    report = entry.accuracy if images == "evaluation" else entry.accuracy_all_images
+    if report is not None and report.n_images == row.n_images:
+        row.build_top1, row.build_agreement_with_fp32 = report.top1, report.agreement_with_fp32
 
 
 def _pass(client, data, params, variant_names, concurrency, on_done) -> tuple[list, dict, float]:
@@ -282,11 +313,14 @@ def run_eval(
     concurrency: int = 4,
     rounds: int = 1,
     console: Console | None = None,
+    build_images: str | None = None,
 ) -> EvalResult:
     """Every configuration (name, request parameters) over ``items`` through the ensemble at ``url`` (HTTP).
 
     Args:
         eager: top-5 class indices [N, 5] of an independent reference (torchvision eager), or None.
+        build_images: which of the build's image sets ``items`` are ("evaluation" or "all", None: neither):
+            each forced variant's row then carries the manifest's figures on them.
         rounds: passes of every configuration for the compute ratios (module docstring); >= 1. A row's
             ``errors`` count the failed requests of all its passes.
 
@@ -327,6 +361,8 @@ def run_eval(
                 stage_acc[k], served_acc[k] = {}, len(res) - row.errors
                 _add_deltas(stage_acc[k], deltas)
                 _manifest_rates(row, res, manifest)
+                if "variant" in params:
+                    _build_figures(row, manifest, str(params["variant"]), build_images)
                 if top1 is not None:
                     top1s[len(rows)] = top1
                     if params.get("variant") in (ref_name, "fp32"):

@@ -23,8 +23,8 @@ from tcsched.preprocessing import IMAGENET, PreprocessSpec
 
 # 1.1: cascades, accuracy intervals, Pareto-front flags; 1.2: openvino runtime, CPU capabilities;
 # 1.3: the model's source, its preprocessing and the ensemble's name (absent in older manifests: MobileNetV2,
-# tcsched.preprocessing.IMAGENET, "classifier")
-SCHEMA_VERSION = "1.3"
+# tcsched.preprocessing.IMAGENET, "classifier"); 1.4: each variant's figures on all the build's labeled images
+SCHEMA_VERSION = "1.4"
 MANIFEST_FILENAME = "manifest.json"
 
 Runtime = Literal["onnxruntime", "openvino", "tensorrt"]
@@ -141,6 +141,12 @@ class VariantEntry(_Model):
     file: str = Field(description="path of the model file, relative to the repository root")
     size_bytes: int = Field(ge=0)
     accuracy: AccuracyReport | None = None
+    accuracy_all_images: AccuracyReport | None = Field(
+        default=None,
+        description="the same figures on every labeled image of the build's --data-dir, the images it calibrated "
+        "and chose on included: for comparing with a served figure on those images (tcsched eval without "
+        "--evaluation-split), not for choosing between variants; None without --data-dir",
+    )
     latency: LatencyReport | None = None
     layer_precision: dict[str, str] = Field(
         default_factory=dict, description="per Conv/Gemm layer: 'fp32' | 'fp16' | 'int8' | 'sparse24'"

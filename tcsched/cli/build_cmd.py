@@ -366,16 +366,29 @@ def _build_gpu_repository(cpu_repo: Path, gpu_repo: Path, cuda_graphs: bool) -> 
 
 def _print_manifest(manifest) -> None:
     t = Table(title="variants (measured by this build)")
-    for c in ("variant", "top-1", "top-5", "agree fp32", "KL", "p50 b1 ms", "p50 b8 ms", "size MB"):
+    every = [v.accuracy_all_images for v in manifest.variants if v.accuracy_all_images is not None]
+    n_all = f" (all {every[0].n_images})" if every else ""
+    cols = (
+        "variant",
+        "top-1",
+        "top-5",
+        "agree fp32",
+        f"top-1 / agree{n_all}",
+        "KL",
+        "p50 b1 ms",
+        "p50 b8 ms",
+    )
+    for c in (*cols, "size MB"):
         t.add_column(c, justify="right" if c != "variant" else "left")
     for v in manifest.variants:
-        a, lat = v.accuracy, v.latency
+        a, lat, b = v.accuracy, v.latency, v.accuracy_all_images
         fmt = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
         t.add_row(
             v.name,
             fmt(a.top1),
             fmt(a.top5),
             fmt(a.agreement_with_fp32),
+            "-" if b is None else f"{fmt(b.top1)} / {fmt(b.agreement_with_fp32)}",
             f"{a.kl_vs_fp32:.4f}",
             f"{lat.p50_ms_by_batch.get(1, float('nan')):.2f}",
             f"{lat.p50_ms_by_batch.get(8, float('nan')):.2f}",

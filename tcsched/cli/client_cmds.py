@@ -388,6 +388,8 @@ def evaluate(
             concurrency=concurrency,
             rounds=rounds,
             console=console,
+            # --limit keeps a prefix: of the evaluation split, the one a build with --eval-limit measured
+            build_images="evaluation" if evaluation_split else (None if limit else "all"),
         )
     console.print(result.table(f"{data_dir} ({len(items)} images)"))
     console.print(result.stage_table())

@@ -14,6 +14,8 @@ from tcsched.build_tools import build as build_mod
 from tcsched.build_tools.quantize import quantize_int8
 from tcsched.build_tools.recipes import REGISTRY, BuildContext, BuiltVariant, Dropped, Recipe, RecipeRegistry
 from tcsched.build_tools.recipes.pairs import PAIR_ONLY_PRECISIONS
+from tcsched.build_tools.splits import load_images
+from tcsched.engines import load_engine
 from tcsched.manifest import Manifest
 from tcsched.precision import Precision
 
@@ -237,3 +239,51 @@ def test_a_dropped_recipe_drops_what_needs_it(stages):
         ("refuses", ["it misses the budget", "(measured)"]),
         ("needs_refused", ["needs refuses, which was not kept"]),
     ]
+
+
+def test_figures_on_all_images_cover_every_labeled_image(tmp_path, toy_recipe):
+    """The manifest's figures on all images (accuracy_all_images): every labeled image of --data-dir once, the
+    calibration images past --calib-limit included, so that `tcsched eval` on the whole folder sees the same."""
+    from rich.progress import Progress
+
+    from tcsched.data import default_photos
+    from tcsched.metrics import topk_accuracy
+    from tcsched.preprocessing import IMAGENET
+
+    data = tmp_path / "data"
+    data.mkdir()
+    photos = default_photos()
+    rows = ["file,class_index"]
+    for i in range(36):
+        name = f"img{i:02d}{photos[i % len(photos)].path.suffix}"
+        (data / name).write_bytes(photos[i % len(photos)].read_bytes())
+        rows.append(f"{name},{i % 10}")
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    cfg = _cfg(tmp_path, ("fp32", "int8_percentile"))
+    cfg.data_dir, cfg.calib_limit = data, 3
+    cfg.work_dir.mkdir()
+    splits = build_mod.make_splits(cfg)
+    assert len(splits.calib) == 3 and splits.unused  # the hash split gives calibration more than 3 of 36
+    assert len(splits.others) + len(splits.eval) == 36
+    assert {it.path.name for it in splits.others}.isdisjoint(it.path.name for it in splits.eval)
+    with Progress(console=Console(quiet=True)) as progress:
+        step = progress.add_task("build")
+        ctx = build_mod.prepare(
+            cfg, splits, _tiny_source(tmp_path), cfg.work_dir, progress, progress.console, step
+        )
+        outcome = build_mod.run_recipes(ctx, REGISTRY.resolve(["int8_percentile", "fp32"]))
+        others = build_mod._other_images(cfg, splits, ctx, progress, IMAGENET)
+        m = build_mod.measure(ctx, outcome.built, "tiny", others=others)
+        apart = load_images(splits.others, progress, "apart", method=cfg.serving.preprocess_method)
+    ref, toy = m.variants[m.reference], m.variants["mobilenet_v2_int8_percentile"]
+    every = build_mod.all_accuracy(toy, ref, m)
+    assert every.n_images == 36 and "all 36 labeled images" in every.dataset
+    assert build_mod.all_accuracy(ref, ref, m).agreement_with_fp32 == 1.0
+    # the same figure from the images loaded apart, in the split's own order
+    images = np.concatenate([apart, ctx.eval_images])
+    labels = np.array([it.label for it in [*splits.others, *splits.eval]])
+    logits = load_engine("onnxruntime", toy.variant.path).predict(images)
+    assert every.top1 == pytest.approx(topk_accuracy(logits, labels, 1))
+    # without --data-dir there are no others: no figure on all images
+    cfg2 = _cfg(tmp_path / "b", ("fp32",))
+    assert build_mod.make_splits(cfg2).others == []
