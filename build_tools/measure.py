@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tcsched.build_tools.latency import measure_latency
+from tcsched.build_tools.quantize import int8_requirements
 from tcsched.build_tools.recipes import BuildContext, BuiltVariant
 from tcsched.build_tools.recipes.pairs import ONNXRUNTIME, Pair
 from tcsched.build_tools.tensorrt_graph import TENSORRT_GRAPH_FILENAME, write_tensorrt_form
@@ -109,10 +110,13 @@ def measure(
     is one of those graphs on another runtime, measured the same way, interleaved with the others. The Triton
     names are ``<prefix>_<variant>`` (:func:`model_name`)."""
     cfg = ctx.cfg
+    # an int8 graph with 8-bit weights needs a CPU where they do not saturate (quantize.int8_requirements)
     runs: dict[str, tuple[BuiltVariant, str, tuple[str, ...]]] = {
-        n: (v, ONNXRUNTIME, ()) for n, v in built.items()
+        n: (v, ONNXRUNTIME, int8_requirements(v.path)) for n, v in built.items()
     }
-    runs.update({p.name: (p.variant, p.runtime, p.requires_cpu) for p in pairs})
+    runs.update(
+        {p.name: (p.variant, p.runtime, (*p.requires_cpu, *int8_requirements(p.variant.path))) for p in pairs}
+    )
     engines = {n: (rt, v.precision) for n, (v, rt, _) in runs.items()}
 
     def engine(n: str):

@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from tcsched.build_tools.quantize import REDUCED_WEIGHT_MAX, int8_weight_bits
+
 SUPPORTED_OPS = {
     "QuantizeLinear",
     "DequantizeLinear",
@@ -121,6 +123,10 @@ class QDQTorchGraph:
                     int(numpy_helper.to_array(zp_t)),
                     *_QRANGE[zp_t.data_type],
                 )
+        # a graph with 7-bit weights (reduce_range, for CPUs without VNNI) stays 7-bit
+        self.qrange = dict(_QRANGE)
+        if int8_weight_bits(self.model) == 7:
+            self.qrange[onnx.TensorProto.INT8] = (-REDUCED_WEIGHT_MAX, REDUCED_WEIGHT_MAX)
         self._scale_t = {k: torch.from_numpy(s.scale) for k, s in self.slots.items()}
         self._zp_t = {k: torch.from_numpy(s.zero_point.astype(np.int32)) for k, s in self.slots.items()}
 
@@ -142,7 +148,7 @@ class QDQTorchGraph:
         v = self.params[key]
         if s.qtype == onnx.TensorProto.INT32:  # bias: its rounding error is negligible, train it as float
             return v
-        lo, hi = _QRANGE[s.qtype]
+        lo, hi = self.qrange[s.qtype]
         zp = self._zp_t[key]
         # round with a straight-through gradient, clamp to the integer range (no gradient outside it)
         v_int = torch.clamp(v + (torch.round(v) - v).detach(), lo - zp, hi - zp)
@@ -224,7 +230,7 @@ class QDQTorchGraph:
             v = self.params[key].detach().numpy()
             if s.qtype == onnx.TensorProto.INT32:
                 v = v / s.scale
-            lo, hi = _QRANGE[s.qtype]
+            lo, hi = self.qrange[s.qtype]
             q = np.clip(np.round(v) + s.zero_point, lo, hi)
             dtype = onnx.helper.tensor_dtype_to_np_dtype(s.qtype)
             inits[s.init_name].CopyFrom(numpy_helper.from_array(q.astype(dtype), s.init_name))

@@ -15,6 +15,8 @@ from typing import Literal
 import numpy as np
 import onnx
 
+from tcsched.engines.capabilities import INT8_FULL_RANGE, cpu_capabilities
+
 CalibMethod = Literal["minmax", "percentile", "entropy"]
 # ``percentile`` without a value: the 99.999th percentile of |x| (ONNX Runtime's CalibPercentile default)
 DEFAULT_PERCENTILE = 99.999
@@ -89,6 +91,7 @@ def quantize_int8(
     percentile: float = DEFAULT_PERCENTILE,
     nodes_to_exclude: Sequence[str] = (),
     op_types: Iterable[str] | None = None,
+    reduce_range: bool | None = None,
 ) -> Path:
     """Write a QDQ int8 model: per-channel int8 weights, uint8 activations (asymmetric).
 
@@ -101,6 +104,9 @@ def quantize_int8(
         nodes_to_exclude: node names kept in float (the layer-aware mixed variant uses this).
         op_types: operator types to quantize (``None``: every type ONNX Runtime can quantize, so that Clip folds
             into the ranges and residual Adds stay int8; Conv/Gemm only leaves float islands that cost speed).
+        reduce_range: 7-bit weights (ONNX Runtime's ``reduce_range``), for x86 CPUs without VNNI, where 8-bit
+            weights saturate the u8s8 kernels (:data:`tcsched.engines.capabilities.VNNI_FLAGS`). ``None``: 7-bit
+            exactly when this CPU is one (``CpuCapabilities.int8_saturates``).
 
     Raises:
         ValueError: unknown method or a bad calibration array (before any work).
@@ -121,6 +127,8 @@ def quantize_int8(
         )
     if method not in methods:
         raise ValueError(f"unknown calibration method {method!r}; expected one of {sorted(methods)}")
+    if reduce_range is None:
+        reduce_range = cpu_capabilities().int8_saturates
     reader = ArrayCalibrationReader(input_name, calibration)
     extra: dict = {"ActivationSymmetric": False, "WeightSymmetric": True}
     if method == "percentile":
@@ -138,6 +146,7 @@ def quantize_int8(
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(op_types) if op_types else None,
             per_channel=True,
+            reduce_range=reduce_range,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=methods[method],
@@ -148,6 +157,30 @@ def quantize_int8(
     if strip_output_qdq(model):
         onnx.save(model, str(output))
     return output
+
+
+REDUCED_WEIGHT_MAX = 64  # |int8 weight| bound of reduce_range's symmetric weights (onnxruntime qmin/qmax)
+
+
+def int8_weight_bits(model: onnx.ModelProto) -> int | None:
+    """8 when some int8 weight initializer behind a DequantizeLinear reaches outside [-64, 64], 7 when every
+    one stays inside (``reduce_range``'s symmetric range: with uint8 activations, 2 x 255 x 64 fits int16), None
+    without int8 weights."""
+    inits = {i.name: i for i in model.graph.initializer}
+    widest = None
+    for n in model.graph.node:
+        t = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if t is not None and t.data_type == onnx.TensorProto.INT8:
+            w = onnx.numpy_helper.to_array(t).astype(np.int16)
+            widest = max(widest or 0, int(np.abs(w).max(initial=0)))
+    return None if widest is None else (7 if widest <= REDUCED_WEIGHT_MAX else 8)
+
+
+def int8_requirements(path: str | os.PathLike) -> tuple[str, ...]:
+    """What a graph's int8 needs of the CPU: ``("int8_full_range",)`` for 8-bit weights (they saturate on x86
+    without VNNI, :data:`tcsched.engines.capabilities.VNNI_FLAGS`), else nothing."""
+    model = onnx.load(str(path), load_external_data=False)
+    return (INT8_FULL_RANGE,) if int8_weight_bits(model) == 8 else ()
 
 
 def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:

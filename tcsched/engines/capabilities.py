@@ -31,6 +31,13 @@ RECORDED_FLAGS = (
     "amx_tile",
 )
 BF16 = "bf16"  # the capability name a bf16 variant requires (VariantEntry.requires_cpu)
+# x86 instructions that multiply uint8 activations by int8 weights straight into int32. Without them (AVX2 or
+# AVX-512F only) ONNX Runtime's and oneDNN's u8s8 kernels sum pairs of products in int16 (vpmaddubsw), which
+# saturates with 8-bit weights; ONNX Runtime's quantization guide prescribes 7-bit weights (``reduce_range``)
+# for such CPUs ("Quantize ONNX models": "reduce_range ... for U8S8 format on AVX2 and AVX512 (non-VNNI)").
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+INT8_FULL_RANGE = "int8_full_range"  # the capability name an int8 graph with 8-bit weights requires
+X86 = ("x86_64", "amd64", "i386", "i686")
 
 
 @dataclass(frozen=True)
@@ -41,17 +48,25 @@ class CpuCapabilities:
     flags: frozenset[str]
     openvino: frozenset[str]
     model: str = ""
+    arch: str = ""  # platform.machine(); "" (unknown) counts as a CPU whose int8 does not saturate
 
     @property
     def native_bf16(self) -> bool:
         return "BF16" in self.openvino and any(f in self.flags for f in BF16_FLAGS)
 
+    @property
+    def int8_saturates(self) -> bool:
+        """An x86 CPU without VNNI: int8 graphs need 7-bit weights here (:data:`VNNI_FLAGS`)."""
+        return self.arch.lower() in X86 and not any(f in self.flags for f in VNNI_FLAGS)
+
     def to_list(self) -> list[str]:
         """Capability names, sorted: the recorded CPU flags, ``openvino:<CAP>`` for OpenVINO's, and
-        :data:`BF16` where bf16 is native."""
+        :data:`BF16` where bf16 is native, :data:`INT8_FULL_RANGE` where int8 does not saturate."""
         names = set(self.flags) | {f"openvino:{c}" for c in self.openvino}
         if self.native_bf16:
             names.add(BF16)
+        if not self.int8_saturates:
+            names.add(INT8_FULL_RANGE)
         return sorted(names)
 
     def summary(self) -> str:
@@ -93,6 +108,7 @@ def cpu_capabilities() -> CpuCapabilities:
         flags=flags & frozenset(RECORDED_FLAGS),
         openvino=openvino_cpu_capabilities(),
         model=model or platform.processor() or platform.machine(),
+        arch=platform.machine(),
     )
 
 

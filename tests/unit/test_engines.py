@@ -236,6 +236,24 @@ def test_bf16_gate_needs_both_sources():
     assert missing_capabilities(["bf16"], caps.to_list()) == []
 
 
+def test_int8_full_range_gate_is_vnni_on_x86():
+    """8-bit int8 weights saturate u8s8 kernels on x86 without VNNI (capabilities.VNNI_FLAGS)."""
+    from tcsched.engines.capabilities import INT8_FULL_RANGE
+
+    def caps(flags, arch):
+        return CpuCapabilities(frozenset(flags), frozenset(), arch=arch)
+
+    assert caps({"avx2"}, "x86_64").int8_saturates
+    assert caps({"avx2", "avx512f"}, "x86_64").int8_saturates  # AVX-512 without VNNI still saturates
+    for flag in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        assert not caps({"avx2", flag}, "x86_64").int8_saturates
+    assert not caps(set(), "aarch64").int8_saturates and not caps(set(), "").int8_saturates
+    assert INT8_FULL_RANGE not in caps({"avx2"}, "x86_64").to_list()
+    assert INT8_FULL_RANGE in caps({"avx2", "avx512_vnni"}, "x86_64").to_list()
+    # a repository whose int8 has 8-bit weights, served on a CPU without VNNI: the variant is missing a capability
+    assert missing_capabilities([INT8_FULL_RANGE], caps({"avx2"}, "x86_64").to_list()) == [INT8_FULL_RANGE]
+
+
 def _variants(path: Path) -> dict[str, BuiltVariant]:
     return {
         n: BuiltVariant(n, p, path, {"conv": "fp32" if n == "fp32" else "int8"}, [], True)

@@ -104,3 +104,21 @@ def test_augmented_batches_keep_shape_and_stay_within_the_images_values():
     assert y.shape == x.shape and not torch.equal(y, x)
     # bilinear resizing interpolates: no value outside the batch's range
     assert y.min() >= x.min() - 1e-5 and y.max() <= x.max() + 1e-5
+
+
+def test_seven_bit_weights_stay_seven_bit(tiny, tmp_path):
+    """A graph quantized with reduce_range (for x86 without VNNI) keeps its weights in [-64, 64] when trained."""
+    import torch
+
+    from tcsched.build_tools.quantize import int8_weight_bits
+
+    fp32, _, calib = tiny
+    seven = quantize_int8(fp32, tmp_path / "7.onnx", calib, method="minmax", reduce_range=True)
+    g = QDQTorchGraph(onnx.load(str(seven)))
+    with torch.no_grad():
+        for p in g.weight_parameters():
+            p.mul_(3.0)  # far outside the 7-bit range: clamped, not exported as 8-bit
+    assert int8_weight_bits(g.export()) == 7
+    eight = quantize_int8(fp32, tmp_path / "8.onnx", calib, method="minmax", reduce_range=False)
+    g = QDQTorchGraph(onnx.load(str(eight)))
+    assert int8_weight_bits(g.export()) == 8

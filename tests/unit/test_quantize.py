@@ -2,7 +2,12 @@ import numpy as np
 import onnx
 import pytest
 
-from tcsched.build_tools.quantize import ArrayCalibrationReader, quantize_int8
+from tcsched.build_tools.quantize import (
+    ArrayCalibrationReader,
+    int8_requirements,
+    int8_weight_bits,
+    quantize_int8,
+)
 from tcsched.metrics import mean_kl, sqnr_db, top1_agreement, topk_accuracy, wilson_interval
 from tcsched.ort_runtime import OrtClassifier
 from tests.helpers import tiny_classifier
@@ -80,3 +85,19 @@ def test_calibration_method_specs():
     BuildConfig().validate()  # the defaults are valid
     with pytest.raises(ValueError, match="entropy"):
         BuildConfig(calib_methods=("minmax", "entropy")).validate()
+
+
+def test_seven_bit_weights_where_int8_saturates(tmp_path):
+    """reduce_range (7-bit weights) for x86 CPUs without VNNI; the graph says which it has, and 8-bit weights
+    make the variant require a CPU where they do not saturate."""
+    from tcsched.engines.capabilities import INT8_FULL_RANGE, cpu_capabilities
+
+    fp32 = tiny_classifier(tmp_path / "tiny.onnx")
+    calib = np.random.default_rng(1).normal(0, 1, (16, 3, 32, 32)).astype(np.float32)
+    eight = quantize_int8(fp32, tmp_path / "8.onnx", calib, method="minmax", reduce_range=False)
+    seven = quantize_int8(fp32, tmp_path / "7.onnx", calib, method="minmax", reduce_range=True)
+    assert int8_weight_bits(onnx.load(str(eight))) == 8 and int8_requirements(eight) == (INT8_FULL_RANGE,)
+    assert int8_weight_bits(onnx.load(str(seven))) == 7 and int8_requirements(seven) == ()
+    assert int8_weight_bits(onnx.load(str(fp32))) is None and int8_requirements(fp32) == ()
+    auto = quantize_int8(fp32, tmp_path / "auto.onnx", calib, method="minmax")  # this CPU decides
+    assert int8_weight_bits(onnx.load(str(auto))) == (7 if cpu_capabilities().int8_saturates else 8)
