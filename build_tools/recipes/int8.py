@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from tcsched.build_tools.quantize import parse_calib_method, quantize_int8
+from tcsched.build_tools.quantize import int8_weight_bits, parse_calib_method, quantize_int8
 from tcsched.build_tools.recipes.base import BuildContext, BuiltVariant, Recipe
 from tcsched.build_tools.scoring import Score
 
@@ -46,8 +46,14 @@ def _choose_calibration(ctx: BuildContext) -> Calibrated:
         scores[spec] = ctx.evaluate(paths[spec])
     best = min(scores, key=lambda m: (scores[m].kl, -scores[m].agreement))
     tried = "; ".join(f"{m}: agreement {s.agreement:.3f}, KL {s.kl:.4f}" for m, s in scores.items())
+    bits = int8_weight_bits(onnx.load(str(paths[best]), load_external_data=False))
+    weights = (
+        "7-bit weights (reduce_range: this x86 CPU has no VNNI, and 8-bit weights saturate its u8s8 kernels)"
+        if bits == 7
+        else "8-bit weights"
+    )
     note = (
-        f"onnxruntime quantize_static QDQ, per-channel int8 weights, uint8 activations, every supported op "
+        f"onnxruntime quantize_static QDQ, per-channel int8 {weights}, uint8 activations, every supported op "
         f"(Clip folded into the ranges), logits left float; calibration on {len(ctx.calib)} images; "
         f"method chosen on the selection split by KL vs fp32: {best} ({tried})"
     )
