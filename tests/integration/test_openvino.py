@@ -33,6 +33,10 @@ def test_manifest_lists_the_pairs(built_repo):
         assert v.not_served_reason is None or v.not_served_reason
         if v.precision in ("bf16", "bf16_mixed"):
             assert v.requires_cpu == ["bf16"] and "bf16" in m.build_cpu
+    # int8 weights are 8-bit exactly where the build CPU's int8 does not saturate (VNNI), and then required
+    for v in m.variants:
+        if v.precision == "int8":
+            assert ("int8_full_range" in v.requires_cpu) == ("int8_full_range" in m.build_cpu), v.name
     assert m.variant(m.reference_variant).runtime == "onnxruntime"
 
 
