@@ -110,13 +110,16 @@ def measure(
     is one of those graphs on another runtime, measured the same way, interleaved with the others. The Triton
     names are ``<prefix>_<variant>`` (:func:`model_name`)."""
     cfg = ctx.cfg
-    # an int8 graph with 8-bit weights needs a CPU where they do not saturate (quantize.int8_requirements)
+    # an int8 graph with 8-bit weights needs a CPU where they do not saturate (quantize.int8_requirements); a
+    # pair runs a built graph, so each graph is read once
+    int8_needs = {v.path: int8_requirements(v.path) for v in built.values()}
     runs: dict[str, tuple[BuiltVariant, str, tuple[str, ...]]] = {
-        n: (v, ONNXRUNTIME, int8_requirements(v.path)) for n, v in built.items()
+        n: (v, ONNXRUNTIME, int8_needs[v.path]) for n, v in built.items()
     }
-    runs.update(
-        {p.name: (p.variant, p.runtime, (*p.requires_cpu, *int8_requirements(p.variant.path))) for p in pairs}
-    )
+    for p in pairs:
+        path = p.variant.path
+        needs = int8_needs[path] if path in int8_needs else int8_requirements(path)
+        runs[p.name] = (p.variant, p.runtime, (*p.requires_cpu, *needs))
     engines = {n: (rt, v.precision) for n, (v, rt, _) in runs.items()}
 
     def engine(n: str):
