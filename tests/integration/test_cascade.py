@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from tcsched.confidence import confidence_margin
 from tcsched.data import default_photos, list_images
@@ -43,7 +43,7 @@ def _direct(client, model: str, manifest: Manifest, img: bytes) -> np.ndarray:
     inp = httpclient.InferInput("IMAGE", [1, 1], "BYTES")
     inp.set_data_from_numpy(np.array([[img]], dtype=np.object_))
     x = client.infer("preprocess", [inp]).as_numpy("INPUT")
-    t = httpclient.InferInput(manifest.input.name, list(x.shape), "FP32")
+    t = httpclient.InferInput(manifest.input.name, list(x.shape), np_to_triton_dtype(x.dtype))
     t.set_data_from_numpy(x)
     return client.infer(model, [t]).as_numpy(manifest.output.name).reshape(1, -1)
 
@@ -91,37 +91,52 @@ def _skip_unless_a_cascade_pays(manifest: Manifest, target: float) -> None:
         )
 
 
-def _with_low_margins(client, manifest, images: list[bytes], d: dict, want: int = 2) -> list[bytes]:
-    """``images`` plus up to ``want`` images of the sample whose first-stage margin (called directly) is below
-    the threshold of DECISION ``d``: a cascade that escalates few rows (bf16_mixed: ~5%) may find none among
-    24 images, and the test needs both kinds."""
-    stage = {c.label: c for c in manifest.cascades}[d["cascade"]].stages[0]
-    extra = []
-    for img in _images(200):
-        if len(extra) >= want:
-            break
-        if (
-            img not in images
-            and float(confidence_margin(_direct(client, stage, manifest, img))[0]) < d["threshold"]
-        ):
-            extra.append(img)
-    return images + extra
+# certified targets to try, the default first: the plan the scheduler serves at 0.99 may need no escalation
+TARGETS = (0.99, 0.98, 0.97, 0.995)
+
+
+def _escalating_plan(client, manifest, images: list[bytes], want: int = 2) -> tuple[float, list[bytes]]:
+    """The first target of :data:`TARGETS` whose served cascade escalates some images of the sample, and
+    ``images`` plus up to ``want`` images whose first-stage margin (called directly) is below its threshold.
+
+    At a target the cheapest plan may be a cascade whose first stage alone meets it (threshold 0: OpenVINO fp32
+    flags no calibration image), or one that escalates so few rows (bf16_mixed: ~5%) that 24 images hold none;
+    the test needs both kinds of row. Skips, naming each target's plan, when no target's plan escalates any
+    image of the sample."""
+    labels = {c.label: c for c in manifest.cascades}
+    pool = [img for img in _images(200) if img not in images]
+    seen = []
+    for target in TARGETS:
+        for img in images[:3]:  # warm: the first BLS calls of a fresh stub are slower than the profile
+            _, _, d = _infer(client, img, min_agreement=target)
+        seen.append(f"{target}: {d['cascade'] or 'fp32 alone'}, threshold {d['threshold']}")
+        if d["cascade"] is None or not d["threshold"]:
+            continue
+        stage = labels[d["cascade"]].stages[0]
+        low = []
+        for img in pool:
+            if len(low) >= want:
+                break
+            if float(confidence_margin(_direct(client, stage, manifest, img))[0]) < d["threshold"]:
+                low.append(img)
+        if low:
+            return target, images + low
+    pytest.skip(f"no certified target's plan escalates an image of the sample ({'; '.join(seen)})")
 
 
 def test_low_margin_rows_escalate_and_high_margin_rows_do_not(server, manifest):
     _skip_unless_a_cascade_pays(manifest, 0.99)
-    images = _images()
     seen = {True: 0, False: 0}
     labels = {c.label: c for c in manifest.cascades}
     with httpclient.InferenceServerClient(server.http_url) as client:
-        for img in images[:3]:  # warm: the first BLS calls of a fresh stub are slower than the profile
-            _, _, d = _infer(client, img, min_agreement=0.99)
-        images = _with_low_margins(client, manifest, images, d)
+        target, images = _escalating_plan(client, manifest, _images())
         before = {label: _escalations(server, label) for label in labels}
         counted = dict.fromkeys(labels, 0)
+        plans = set()
         for img in images:
-            logits, variant, d = _infer(client, img, min_agreement=0.99)
-            assert d["cascade"] in labels and d["target_agreement"] == 0.99, d
+            logits, variant, d = _infer(client, img, min_agreement=target)
+            assert d["cascade"] in labels and d["target_agreement"] == target, d
+            plans.add((d["cascade"], d["threshold"]))
             c = labels[d["cascade"]]
             fast = _direct(client, c.stages[0], manifest, img)
             margin = float(confidence_margin(fast)[0])
@@ -134,7 +149,7 @@ def test_low_margin_rows_escalate_and_high_margin_rows_do_not(server, manifest):
             else:
                 assert variant == c.stages[0] and np.allclose(logits, fast, atol=1e-4)
             seen[d["escalated"]] += 1
-    assert seen[True] >= 1 and seen[False] >= 1, seen
+    assert seen[True] >= 1 and seen[False] >= 1, (target, seen, plans)
     # every escalation is counted once per stage it reaches: at least once per escalated row
     assert sum(_escalations(server, label) - before[label] for label in labels) >= sum(counted.values())
 
