@@ -99,8 +99,9 @@ def _escalating_plan(client, manifest, images: list[bytes], want: int = 2) -> tu
     """The first target of :data:`TARGETS` whose served cascade escalates some images of the sample, and
     ``images`` plus up to ``want`` images whose first-stage margin (called directly) is below its threshold.
 
-    At a target the cheapest plan may be a cascade whose first stage alone meets it (threshold 0: OpenVINO fp32
-    flags no calibration image), or one that escalates so few rows (bf16_mixed: ~5%) that 24 images hold none;
+    At a target the cheapest plan may be a cascade whose first stage alone meets it (threshold 0: a first stage
+    that flags no more calibration images than the bound allows, e.g. an OpenVINO fp32 stage faster than ONNX
+    Runtime's fp32), or one that escalates so few rows (bf16_mixed: ~5%) that 24 images hold none;
     the test needs both kinds of row. Skips, naming each target's plan, when no target's plan escalates any
     image of the sample."""
     labels = {c.label: c for c in manifest.cascades}
