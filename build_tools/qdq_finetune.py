@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from tcsched.build_tools.quantize import REDUCED_WEIGHT_MAX, int8_weight_bits
+from tcsched.build_tools.quantize import REDUCED_WEIGHT_MAX, depthwise_weights, int8_weight_bits
 
 SUPPORTED_OPS = {
     "QuantizeLinear",
@@ -102,7 +102,7 @@ class QDQTorchGraph:
             axis = int(_attrs(n).get("axis", 1))
             w = numpy_helper.to_array(q).astype(np.float32)
             shape = [1] * w.ndim
-            if scale.ndim == 1 and w.ndim > 0:
+            if scale.ndim == 1 and scale.size > 1 and w.ndim > 0:  # per-axis; a one-element scale broadcasts
                 shape[axis] = -1
             # int8 weights are trained in units of their own quantization step (w = v * scale), so one learning
             # rate moves every channel by the same fraction of a step (cf. LSQ, Esser et al. 2020,
@@ -123,10 +123,15 @@ class QDQTorchGraph:
                     int(numpy_helper.to_array(zp_t)),
                     *_QRANGE[zp_t.data_type],
                 )
-        # a graph with 7-bit weights (reduce_range, for CPUs without VNNI) stays 7-bit
-        self.qrange = dict(_QRANGE)
-        if int8_weight_bits(self.model) == 7:
-            self.qrange[onnx.TensorProto.INT8] = (-REDUCED_WEIGHT_MAX, REDUCED_WEIGHT_MAX)
+        # integer range of each trained initializer: a graph with 7-bit weights (reduce_range, for CPUs without
+        # VNNI) stays 7-bit, its depthwise weights 8-bit (tcsched.build_tools.quantize.depthwise_weights)
+        seven, dw = int8_weight_bits(self.model) == 7, depthwise_weights(self.model)
+        self.qrange = {
+            k: (-REDUCED_WEIGHT_MAX, REDUCED_WEIGHT_MAX)
+            if seven and s.qtype == onnx.TensorProto.INT8 and s.init_name not in dw
+            else _QRANGE[s.qtype]
+            for k, s in self.slots.items()
+        }
         self._scale_t = {k: torch.from_numpy(s.scale) for k, s in self.slots.items()}
         self._zp_t = {k: torch.from_numpy(s.zero_point.astype(np.int32)) for k, s in self.slots.items()}
 
@@ -148,7 +153,7 @@ class QDQTorchGraph:
         v = self.params[key]
         if s.qtype == onnx.TensorProto.INT32:  # bias: its rounding error is negligible, train it as float
             return v
-        lo, hi = self.qrange[s.qtype]
+        lo, hi = self.qrange[key]
         zp = self._zp_t[key]
         # round with a straight-through gradient, clamp to the integer range (no gradient outside it)
         v_int = torch.clamp(v + (torch.round(v) - v).detach(), lo - zp, hi - zp)
@@ -230,7 +235,7 @@ class QDQTorchGraph:
             v = self.params[key].detach().numpy()
             if s.qtype == onnx.TensorProto.INT32:
                 v = v / s.scale
-            lo, hi = self.qrange[s.qtype]
+            lo, hi = self.qrange[key]
             q = np.clip(np.round(v) + s.zero_point, lo, hi)
             dtype = onnx.helper.tensor_dtype_to_np_dtype(s.qtype)
             inits[s.init_name].CopyFrom(numpy_helper.from_array(q.astype(dtype), s.init_name))

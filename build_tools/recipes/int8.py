@@ -48,7 +48,8 @@ def _choose_calibration(ctx: BuildContext) -> Calibrated:
     tried = "; ".join(f"{m}: agreement {s.agreement:.3f}, KL {s.kl:.4f}" for m, s in scores.items())
     bits = int8_weight_bits(onnx.load(str(paths[best]), load_external_data=False))
     weights = (
-        "7-bit weights (reduce_range: this x86 CPU has no VNNI, and 8-bit weights saturate its u8s8 kernels)"
+        "7-bit weights (reduce_range: this x86 CPU has no VNNI, and 8-bit weights saturate its u8s8 GEMM "
+        "kernels; depthwise Conv weights 8-bit, their kernels accumulate in int32)"
         if bits == 7
         else "8-bit weights"
     )

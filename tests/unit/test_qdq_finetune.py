@@ -107,7 +107,8 @@ def test_augmented_batches_keep_shape_and_stay_within_the_images_values():
 
 
 def test_seven_bit_weights_stay_seven_bit(tiny, tmp_path):
-    """A graph quantized with reduce_range (for x86 without VNNI) keeps its weights in [-64, 64] when trained."""
+    """A graph quantized with reduce_range (for x86 without VNNI) keeps its weights in [-64, 64] when trained,
+    its depthwise weights in [-127, 127]."""
     import torch
 
     from tcsched.build_tools.quantize import int8_weight_bits
@@ -118,7 +119,15 @@ def test_seven_bit_weights_stay_seven_bit(tiny, tmp_path):
     with torch.no_grad():
         for p in g.weight_parameters():
             p.mul_(3.0)  # far outside the 7-bit range: clamped, not exported as 8-bit
-    assert int8_weight_bits(g.export()) == 7
+    out = g.export()
+    assert int8_weight_bits(out) == 7
+    widest = {
+        i.name: int(np.abs(onnx.numpy_helper.to_array(i).astype(np.int16)).max())
+        for i in out.graph.initializer
+        if i.name in ("w1_quantized", "w2_quantized", "w3_quantized")
+    }
+    # the depthwise Conv's weights train in the 8-bit range, the others in the 7-bit one
+    assert widest["w2_quantized"] > 64 and widest["w1_quantized"] <= 64 and widest["w3_quantized"] <= 64
     eight = quantize_int8(fp32, tmp_path / "8.onnx", calib, method="minmax", reduce_range=False)
     g = QDQTorchGraph(onnx.load(str(eight)))
     assert int8_weight_bits(g.export()) == 8

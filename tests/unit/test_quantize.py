@@ -4,12 +4,13 @@ import pytest
 
 from tcsched.build_tools.quantize import (
     ArrayCalibrationReader,
+    depthwise_weights,
     int8_requirements,
     int8_weight_bits,
     quantize_int8,
 )
 from tcsched.metrics import mean_kl, sqnr_db, top1_agreement, topk_accuracy, wilson_interval
-from tcsched.ort_runtime import OrtClassifier
+from tcsched.ort_runtime import OrtClassifier, make_session
 from tests.helpers import tiny_classifier
 
 
@@ -101,3 +102,83 @@ def test_seven_bit_weights_where_int8_saturates(tmp_path):
     assert int8_weight_bits(onnx.load(str(fp32))) is None and int8_requirements(fp32) == ()
     auto = quantize_int8(fp32, tmp_path / "auto.onnx", calib, method="minmax")  # this CPU decides
     assert int8_weight_bits(onnx.load(str(auto))) == (7 if cpu_capabilities().int8_saturates else 8)
+    # the depthwise Conv keeps 8-bit weights in the 7-bit graph; the stem Conv and the Gemm do not
+    widest = _widest_int8(onnx.load(str(seven)))
+    assert depthwise_weights(onnx.load(str(seven))) == {"w2_quantized"}
+    assert widest["w2_quantized"] == 127 and widest["w1_quantized"] <= 64 and widest["w3_quantized"] <= 64
+    scales = {i.name: list(i.dims) for i in onnx.load(str(seven)).graph.initializer}
+    assert scales["w2_scale"] == [8]  # still one scale per output channel
+
+
+def _widest_int8(model: onnx.ModelProto) -> dict[str, int]:
+    return {
+        i.name: int(np.abs(onnx.numpy_helper.to_array(i).astype(np.int16)).max())
+        for i in model.graph.initializer
+        if i.data_type == onnx.TensorProto.INT8 and not i.name.endswith("zero_point")
+    }
+
+
+def _qdq_conv(path, depthwise: bool, channels: int = 64) -> tuple[str, float]:
+    """x -> Q/DQ (uint8, scale 1) -> Conv with int8 weights all 127 (scale 1) -> Q/DQ (uint8): on inputs of 255,
+    each output is ``peak`` = 255 x 127 x (9 taps | 64 channels), exactly 255 after the output Q."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = 3 if depthwise else 1
+    w = np.full((channels, 1 if depthwise else channels, k, k), 127, np.int8)
+    peak = 255.0 * 127 * (k * k if depthwise else channels)
+    inits = [
+        numpy_helper.from_array(a, n)
+        for a, n in [
+            (np.array(1.0, np.float32), "s"),
+            (np.array(0, np.uint8), "zp"),
+            (w, "wq"),
+            (np.ones(channels, np.float32), "ws"),
+            (np.zeros(channels, np.int8), "wzp"),
+            (np.array(peak / 255, np.float32), "ys"),
+        ]
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wzp"], ["wd"], axis=0),
+        helper.make_node("Conv", ["xd", "wd"], ["y"], group=channels if depthwise else 1),
+        helper.make_node("QuantizeLinear", ["y", "ys", "zp"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "ys", "zp"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "saturation",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 4, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path), peak
+
+
+@pytest.mark.parametrize("depthwise", [False, True], ids=["pointwise", "depthwise"])
+def test_int8_kernels_saturate_where_the_cpu_gate_says(tmp_path, depthwise):
+    """The rule behind 7-bit weights, checked on this CPU's real kernels (ONNX Runtime's fused QLinearConv and
+    OpenVINO's int8 convolution) against the float emulation of the same QDQ graph: 8-bit weights saturate a
+    pointwise Conv's u8s8 sums exactly where ``CpuCapabilities.int8_saturates`` (x86 without VNNI), and never a
+    depthwise Conv's (``depthwise_weights``)."""
+    import onnxruntime as ort
+    import openvino as ov
+
+    from tcsched.engines.capabilities import cpu_capabilities
+
+    path, peak = _qdq_conv(tmp_path / "conv.onnx", depthwise)
+    x = np.full((1, 64, 4, 4), 255, np.float32)
+    emulated = ort.SessionOptions()
+    emulated.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(path, emulated, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.allclose(ref, peak)  # the emulation is exact: the graph represents the full sum
+    served = {
+        "onnxruntime": make_session(path).run(None, {"x": x})[0],
+        "openvino": ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x)[0],
+    }
+    saturates = cpu_capabilities().int8_saturates and not depthwise
+    for runtime, y in served.items():
+        assert np.allclose(y, ref) != saturates, (runtime, float(y.max() / peak), saturates)
