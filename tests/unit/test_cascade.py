@@ -346,3 +346,44 @@ def test_zoom_views_of_the_cascade_calibration_are_centre_zooms_and_their_flips(
     z0 = label_preserving_views(x, zoom=EXTRA_ZOOMS[0])
     assert np.array_equal(v[:3], z0[6:9]) and np.array_equal(v[3:6], v[:3][..., ::-1])
     assert not np.array_equal(v[:3], v[6:9])  # the two zooms differ
+
+
+def test_run_names_a_threshold_0_plan_as_its_first_stage_alone():
+    """A cascade whose first stage alone met the target (identical logits: threshold 0) escalates nothing; `tcsched
+    run` says so and shows the build's batch-1 costs instead of a bare '0 of N escalated'."""
+    from types import SimpleNamespace
+
+    from tcsched.cli.client_cmds import _cascade_summary, _cascade_text
+
+    _, ref = synthetic(n=400, seed=5, noise=0.3)
+    m = make_manifest({"m_fp32": ("fp32", 0.0, P50["m_fp32"]), "m_int8": ("int8", 0.0, P50["m_int8"])})
+    m.cascades = plan_serving(
+        {"m_fp32": True, "m_int8": True},
+        "m_fp32",
+        {"m_fp32": ref, "m_int8": ref},
+        np.arange(len(ref)),
+        {"m_fp32": ref, "m_int8": ref},
+        P50,
+        "synthetic",
+        "synthetic",
+    ).cascades
+    m = Manifest.model_validate_json(m.model_dump_json())
+    d = Policy(m).rank(RequestOptions(min_agreement=0.99), batch_size=1)[0]
+    assert d.cascade == "int8>fp32" and d.thresholds[0] == 0.0
+    svc = SchedulerService(Policy(m), RequestOptions(min_agreement=0.99), Stage())
+    rows = [json.loads(s) for s in svc.handle([({}, -np.ones((2, 3, 2, 2), np.float32))])[0].decision_jsons()]
+    assert [r["escalated"] for r in rows] == [False, False] and rows[0]["threshold"] == 0.0
+    assert _cascade_text(rows[0]) == "int8>fp32: int8 alone (threshold 0)"
+    served = [SimpleNamespace(decision=r, escalated=r["escalated"]) for r in rows]
+    line = _cascade_summary(m, served)
+    assert "threshold 0: int8 alone met the target" in line and "2 served" in line
+    assert line.index("int8>fp32 3.00 ms") < line.index("m_fp32 alone 5.00 ms")
+    # a plan that can escalate keeps the count
+    m2 = _cascade_manifest()
+    svc2 = SchedulerService(Policy(m2), RequestOptions(min_agreement=0.99), Stage())
+    x = np.ones((2, 3, 2, 2), np.float32)
+    x[1] = -1.0
+    rows2 = [json.loads(s) for s in svc2.handle([({}, x)])[0].decision_jsons()]
+    served2 = [SimpleNamespace(decision=r, escalated=r["escalated"]) for r in rows2]
+    assert _cascade_summary(m2, served2).endswith("1 of 2 images escalated")
+    assert "escalated (margin" in _cascade_text(rows2[1])
