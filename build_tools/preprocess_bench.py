@@ -36,6 +36,7 @@ from tcsched.data import ImageItem, list_images
 from tcsched.imaging import MAX_SOURCE_PIXELS, decode_image, draft_scale, preprocess_bytes
 from tcsched.jsonio import atomic_write_json, atomic_write_text
 from tcsched.metrics import softmax, wilson_interval
+from tcsched.pixels import PixelDtype
 from tcsched.preprocessing import IMAGENET, METHODS, PreprocessSpec
 
 #: a 12-Mpixel phone photo, 4:3
@@ -63,18 +64,19 @@ def upscaled_jpeg(
 
 
 def time_methods(
-    blobs: Sequence[bytes], spec: PreprocessSpec, runs: int
+    blobs: Sequence[bytes], spec: PreprocessSpec, runs: int, dtype: PixelDtype = "float32"
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per method, per blob: the median wall-clock ms and the median CPU ms of this thread
     (``time.thread_time``: what other jobs on a shared machine take from it does not count) of ``runs`` calls of
-    ``preprocess_bytes``; methods and blobs interleaved in every round, so that a slow stretch hits both."""
+    ``preprocess_bytes`` making ``dtype`` pixels (the served model's); methods and blobs interleaved in every
+    round, so that a slow stretch hits both."""
     wall = {m: [[] for _ in blobs] for m in METHODS}
     cpu = {m: [[] for _ in blobs] for m in METHODS}
     for _ in range(runs):
         for i, data in enumerate(blobs):
             for m in METHODS:
                 t0, c0 = time.perf_counter(), time.thread_time()
-                preprocess_bytes(data, spec=spec, method=m)
+                preprocess_bytes(data, spec=spec, method=m, dtype=dtype)
                 wall[m][i].append((time.perf_counter() - t0) * 1e3)
                 cpu[m][i].append((time.thread_time() - c0) * 1e3)
     med = lambda d: {m: [statistics.median(t) for t in per] for m, per in d.items()}  # noqa: E731
@@ -82,7 +84,10 @@ def time_methods(
 
 
 def _pixel_steps(a: np.ndarray, b: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """|a - b| of normalised pixels in 8-bit steps (x std x 255), per element."""
+    """|a - b| in 8-bit steps, per element: of uint8 pixels as they are, of normalised float32 pixels x std x
+    255."""
+    if a.dtype == np.uint8:
+        return np.abs(a.astype(np.int16) - b.astype(np.int16)).astype(np.float32)
     return np.abs(a - b) * (np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1) * 255.0)
 
 
@@ -93,8 +98,10 @@ def agreement(
     make: Callable[[bytes], bytes] | None = None,
     reference: Callable[[bytes], bytes] | None = None,
     batch: int = 32,
+    dtype: PixelDtype = "float32",
 ) -> dict:
-    """Top-1 of ``classify`` on ``fast`` vs ``exact`` pixels of every item's bytes (through ``make``).
+    """Top-1 of ``classify`` on ``fast`` vs ``exact`` pixels (``dtype``: the input the classifier's graph takes)
+    of every item's bytes (through ``make``).
 
     ``reference``: other bytes of the same picture (e.g. re-encoded at another JPEG quality), whose ``exact``
     top-1 is compared with the ``exact`` top-1 too: how many labels an imperceptible change of the input flips,
@@ -113,10 +120,12 @@ def agreement(
                 drafted += im.format == "JPEG" and draft_scale(*im.size, spec.resize_size) > 1
             for m in METHODS:
                 t0 = time.perf_counter()
-                xs[m].append(preprocess_bytes(data, spec=spec, method=m))
+                xs[m].append(preprocess_bytes(data, spec=spec, method=m, dtype=dtype))
                 ms[m].append((time.perf_counter() - t0) * 1e3)
             if reference is not None:
-                xs["reference"].append(preprocess_bytes(reference(raw), spec=spec, method="exact"))
+                xs["reference"].append(
+                    preprocess_bytes(reference(raw), spec=spec, method="exact", dtype=dtype)
+                )
             d = _pixel_steps(xs["exact"][-1], xs["fast"][-1], spec)
             max_steps.append(float(d.max()))
             mean_steps.append(float(d.mean()))
@@ -172,6 +181,8 @@ def run(
     items = list_images(data_dir)[:limit] if limit else list_images(data_dir)
     clf = OrtClassifier(model, threads=2)
     classify = lambda x: clf.predict(x, batch_size=16)  # noqa: E731
+    # the pixels the served preprocess makes for this graph: uint8 where it normalises them itself (--pixels)
+    pixels: PixelDtype = "uint8" if clf.input_dtype == np.uint8 else "float32"
 
     sources = items[:: max(1, len(items) // 5)][:5]
     large = {
@@ -179,7 +190,7 @@ def run(
     }
     timing = {}
     for q, blobs in large.items():
-        wall, cpu = time_methods(blobs, spec, runs)
+        wall, cpu = time_methods(blobs, spec, runs, pixels)
         timing[f"12mpix_q{q}"] = {
             "images": [it.path.name for it in sources],
             "size": list(LARGE_SIZE),
@@ -188,7 +199,7 @@ def run(
             "median_cpu_ms": {m: statistics.median(v) for m, v in cpu.items()},
             "per_image_ms": wall,
         }
-    wall, cpu = time_methods([it.read_bytes() for it in items[:16]], spec, runs)
+    wall, cpu = time_methods([it.read_bytes() for it in items[:16]], spec, runs, pixels)
     timing["originals_16"] = {
         "median_ms": {m: statistics.median(v) for m, v in wall.items()},
         "median_cpu_ms": {m: statistics.median(v) for m, v in cpu.items()},
@@ -199,6 +210,7 @@ def run(
         "spec": json.loads(spec.to_json()),
         "data_dir": str(data_dir),
         "model": str(model),
+        "pixels": pixels,
         "runs": runs,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -212,7 +224,11 @@ def run(
         result.update({k: v for k, v in earlier.items() if k.startswith("agreement_")})
     else:
         result["agreement_originals"] = agreement(
-            items, classify, spec, reference=lambda d: jpeg_bytes(decode_image(d), REFERENCE_QUALITY)
+            items,
+            classify,
+            spec,
+            reference=lambda d: jpeg_bytes(decode_image(d), REFERENCE_QUALITY),
+            dtype=pixels,
         )
         result[f"agreement_upscaled_x{upscale}"] = agreement(
             items,
@@ -220,6 +236,7 @@ def run(
             spec,
             make=lambda d: upscaled_jpeg(d, factor=upscale),
             reference=lambda d: upscaled_jpeg(d, factor=upscale, quality=REFERENCE_QUALITY),
+            dtype=pixels,
         )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "preprocess_fast.json", result)
@@ -231,7 +248,8 @@ def markdown(r: dict, upscale: int) -> str:
     lines = [
         "# Served preprocessing: `fast` vs `exact`",
         "",
-        f"`python -m tcsched.build_tools.preprocess_bench` on {r['data_dir']}, fp32 model {r['model']}; "
+        f"`python -m tcsched.build_tools.preprocess_bench` on {r['data_dir']}, fp32 model {r['model']} "
+        f"({r.get('pixels', 'float32')} pixels); "
         f"{r['machine']['cores']} cores, load average {r['machine']['load_average_1min']:.1f} at the end.",
         "",
         "## Time per image (in-process `preprocess_bytes`, one thread, median over images of each image's median "
