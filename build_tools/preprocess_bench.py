@@ -249,7 +249,7 @@ def markdown(r: dict, upscale: int) -> str:
         "# Served preprocessing: `fast` vs `exact`",
         "",
         f"`python -m tcsched.build_tools.preprocess_bench` on {r['data_dir']}, fp32 model {r['model']} "
-        f"({r.get('pixels', 'float32')} pixels); "
+        f"({r['pixels']} pixels); "
         f"{r['machine']['cores']} cores, load average {r['machine']['load_average_1min']:.1f} at the end.",
         "",
         "## Time per image (in-process `preprocess_bytes`, one thread, median over images of each image's median "

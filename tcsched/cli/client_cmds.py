@@ -56,15 +56,13 @@ def _cascade_text(d: dict) -> str:
     m, t = d.get("confidence_margin"), d.get("threshold")
     if t == 0 and not d.get("escalated"):
         # a margin is never below 0: the calibration found the first stage alone meets the target
-        first = d["cascade"].split(">")[0]
-        return f"{d['cascade']}: {first} alone (threshold 0)" + (
-            f"; {d['escalation_note']}" if d.get("escalation_note") else ""
+        text = f"{d['cascade']}: {d['cascade'].split('>')[0]} alone (threshold 0)"
+    else:
+        cmp = "<" if d.get("escalated") else ">="
+        what = "escalated" if d.get("escalated") else "not escalated"
+        text = f"{d['cascade']}: {what}" + (
+            f" (margin {m:.3f} {cmp} {t:.3f})" if m is not None and t is not None else ""
         )
-    cmp = "<" if d.get("escalated") else ">="
-    what = "escalated" if d.get("escalated") else "not escalated"
-    text = f"{d['cascade']}: {what}" + (
-        f" (margin {m:.3f} {cmp} {t:.3f})" if m is not None and t is not None else ""
-    )
     if d.get("escalation_note"):
         text += f"; {d['escalation_note']}"
     return text
@@ -247,26 +245,25 @@ def run(
 def _cascade_summary(manifest, cascaded) -> str:
     """`tcsched run`'s line on the cascade that served ``cascaded`` (results whose DECISION names one): how many
     images escalated; for a plan whose first-stage threshold is 0 (its first stage alone met the target on the
-    build's calibration images, so no row can escalate), what it cost by the build's profile at batch 1 beside
-    the other plans certified for the same target (``OperatingPoint.expected_latency_ms_by_batch``, and the
-    reference's own p50, ms)."""
+    build's calibration images, so no row can escalate), the scheduler's own ranking of the plans for that
+    target at batch 1 with their profiled cost in ms (:meth:`tcsched.scheduler.policy.Policy.rank`, no load)."""
+    from tcsched.scheduler.policy import Policy, RequestOptions
+
     d = cascaded[0].decision
     label, target = d["cascade"], d["target_agreement"]
     head = f"confidence cascade {label} (target agreement {target:g}): "
     if not all((r.decision or {}).get("threshold") == 0 for r in cascaded):
         return head + f"{sum(r.escalated for r in cascaded)} of {len(cascaded)} images escalated"
-    costs = {}
-    for c in manifest.cascades:
-        ops = [op for op in c.operating_points if op.met and op.target_agreement >= target - 1e-12]
-        if ops and 1 in (op := min(ops, key=lambda o: o.target_agreement)).expected_latency_ms_by_batch:
-            costs[c.label] = op.expected_latency_ms_by_batch[1]
-    ref = manifest.variant(manifest.reference_variant)
-    if ref.latency is not None and 1 in ref.latency.p50_ms_by_batch:
-        costs[f"{ref.name} alone"] = ref.latency.p50_ms_by_batch[1]
-    ranked = ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(costs.items(), key=lambda kv: kv[1])[:4])
+    plans = Policy(manifest).rank(RequestOptions(min_agreement=target), batch_size=1)[:4]
+    ranked = ", ".join(
+        f"{p.cascade or p.chain[0] + ' alone'} {p.predicted_latency_ms:.2f} ms"
+        for p in plans
+        if p.predicted_latency_ms is not None
+    )
     return head + (
         f"threshold 0: {label.split('>')[0]} alone met the target on the build's calibration images, so no "
-        f"image escalates ({len(cascaded)} served); the build's profile at batch 1: {ranked}"
+        f"image escalates ({len(cascaded)} served); the scheduler's plans at batch 1 by the build's profile: "
+        f"{ranked}"
     )
 
 

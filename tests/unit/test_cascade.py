@@ -199,9 +199,12 @@ def test_pareto_front_drops_slower_and_not_more_accurate():
     assert v["m_better"].on_front  # slower than int8 but significantly more accurate (4 points, n=400)
 
 
-def _cascade_manifest():
-    fast, ref = synthetic(n=800, seed=4, noise=0.3)  # ~25% escalated at 0.99: cheaper than fp32 alone
-    m = make_manifest({"m_fp32": ("fp32", 0.0, P50["m_fp32"]), "m_int8": ("int8", 2.5, P50["m_int8"])})
+def _cascade_manifest(fast=None, ref=None, int8_drop: float = 2.5):
+    """m_fp32 and m_int8 with the int8>fp32 cascade calibrated on synthetic logits (default: ~25% escalated at
+    0.99, cheaper than fp32 alone), through the manifest's JSON round trip."""
+    if fast is None:
+        fast, ref = synthetic(n=800, seed=4, noise=0.3)
+    m = make_manifest({"m_fp32": ("fp32", 0.0, P50["m_fp32"]), "m_int8": ("int8", int8_drop, P50["m_int8"])})
     plan = plan_serving(
         {"m_fp32": True, "m_int8": True},
         "m_fp32",
@@ -213,7 +216,7 @@ def _cascade_manifest():
         "synthetic",
     )
     m.cascades = plan.cascades
-    return Manifest.model_validate_json(m.model_dump_json())  # the manifest's JSON round trip
+    return Manifest.model_validate_json(m.model_dump_json())
 
 
 def test_policy_picks_the_cascade_and_respects_min_agreement_and_budgets():
@@ -356,18 +359,7 @@ def test_run_names_a_threshold_0_plan_as_its_first_stage_alone():
     from tcsched.cli.client_cmds import _cascade_summary, _cascade_text
 
     _, ref = synthetic(n=400, seed=5, noise=0.3)
-    m = make_manifest({"m_fp32": ("fp32", 0.0, P50["m_fp32"]), "m_int8": ("int8", 0.0, P50["m_int8"])})
-    m.cascades = plan_serving(
-        {"m_fp32": True, "m_int8": True},
-        "m_fp32",
-        {"m_fp32": ref, "m_int8": ref},
-        np.arange(len(ref)),
-        {"m_fp32": ref, "m_int8": ref},
-        P50,
-        "synthetic",
-        "synthetic",
-    ).cascades
-    m = Manifest.model_validate_json(m.model_dump_json())
+    m = _cascade_manifest(fast=ref, ref=ref, int8_drop=0.0)
     d = Policy(m).rank(RequestOptions(min_agreement=0.99), batch_size=1)[0]
     assert d.cascade == "int8>fp32" and d.thresholds[0] == 0.0
     svc = SchedulerService(Policy(m), RequestOptions(min_agreement=0.99), Stage())

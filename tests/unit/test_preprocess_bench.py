@@ -44,7 +44,6 @@ def test_agreement_feeds_the_graph_its_own_pixel_dtype(tmp_path, pixels):
     r = agreement(items, lambda x: clf.predict(x, batch_size=2), IMAGENET, batch=2, dtype=pixels)
     assert r["n"] == 3 and r["drafted"] == 1
     assert 0.0 <= r["agreement"] <= 1.0 and r["agreement_95"][0] <= r["agreement"] <= r["agreement_95"][1]
-    assert (
-        0.0 < r["pixel_steps_max"] <= 255.0
-    )  # fast resizes the drafted image differently: some steps differ
+    # fast resizes the drafted image differently: some steps differ
+    assert 0.0 < r["pixel_steps_max"] <= 255.0
     assert set(r["median_ms"]) == {"exact", "fast"} and "top1_fast" in r
